@@ -1,0 +1,174 @@
+"""Ahead-of-time compilation of every kernel configuration for a GPU, without a GPU.
+
+`triton.compile` builds PTX and a cubin for a named target (sm_80 Ampere, sm_90 Hopper) on any machine;
+ptxas and cuobjdump ship inside Triton's wheel. From the cubin we read, per configuration: registers per
+thread, local memory (spills) and stack per thread, static shared memory, and from Triton's metadata the
+shared memory it allocates; from the PTX, which matrix instructions it uses (`mma.sync`, `wgmma`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from nf4.kernels.common import LaunchConfig
+
+ARCHS = (80, 90)
+TABLE_ARGS = frozenset({"code_ptr", "mid_ptr", "nested_code_ptr", "thresholds_ptr"})
+"""Pointer arguments to small constant tables, the only ones that may be indexed with int32."""
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+"""Maximum dynamic shared memory per block, bytes (A100: 163 KB, H100/H200: 227 KB)."""
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    name: str
+    arch: int
+    num_warps: int
+    registers: int
+    spill_bytes: int  # local memory per thread: register spills (and local arrays)
+    stack_bytes: int
+    shared_bytes: int  # what Triton allocates per block (metadata.shared)
+    mma: tuple[str, ...]  # matrix instructions found in the PTX
+    i32_indexed: tuple[str, ...]  # pointer arguments some load/store indexes with 32-bit offsets
+
+    @property
+    def ok(self) -> bool:
+        """No spills, no stack, shared memory within the arch's limit, int64 offsets into tensors."""
+        return (
+            self.spill_bytes == 0
+            and self.stack_bytes == 0
+            and self.shared_bytes <= SHARED_LIMIT[self.arch]
+            and set(self.i32_indexed) <= TABLE_ARGS
+        )
+
+
+def all_configs() -> list[LaunchConfig]:
+    """Every kernel configuration the package can launch."""
+    from nf4.kernels.dequantize import dequantize_configs
+    from nf4.kernels.quantize import quantize_configs
+
+    return quantize_configs() + dequantize_configs()
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_config(cfg: LaunchConfig, arch: int) -> CompileReport:
+    """Compile one configuration for `sm_{arch}` and read its resource usage."""
+    src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg.options)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True, check=True
+        ).stdout
+    fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    ptx = kernel.asm["ptx"]
+    mma = tuple(op for op in ("wgmma", "mma.sync") if re.search(rf"\b{re.escape(op)}\b", ptx))
+    i32_indexed = i32_indexed_args(kernel.asm["ttir"])
+    return CompileReport(
+        name=cfg.name,
+        arch=arch,
+        num_warps=cfg.options.get("num_warps", 4),
+        registers=int(fields["REG"]),
+        spill_bytes=int(fields["LOCAL"]),
+        stack_bytes=int(fields["STACK"]),
+        shared_bytes=int(kernel.metadata.shared),
+        mma=mma,
+        i32_indexed=i32_indexed,
+    )
+
+
+def i32_indexed_args(ttir: str) -> tuple[str, ...]:
+    """Kernel arguments (pointers) that some `tt.addptr` offsets with 32-bit integers.
+
+    Follows each such addptr's base back through addptr / splat / broadcast / expand_dims to the
+    function argument it starts from. Arrays that can exceed 2**31 elements must not appear here.
+    """
+    defs = dict(re.findall(r"^\s*(%[\w.]+) = (.*)$", ttir, flags=re.M))
+    args = dict(re.findall(r"(%[\w.]+): !tt\.ptr<\w+>[^,)]*loc\(\"(\w+)\"", ttir))
+
+    def root(value: str, depth: int = 0) -> str | None:
+        if value in args:
+            return args[value]
+        expr = defs.get(value)
+        if expr is None or depth > 64:
+            return None
+        m = re.match(r"tt\.(?:addptr|splat|broadcast|expand_dims|reshape) (%[\w.]+)", expr)
+        return root(m.group(1), depth + 1) if m else None
+
+    found = set()
+    for base, offset_type in re.findall(r"tt\.addptr (%[\w.]+), %[\w.]+ : [^,]+, (?:tensor<[\dx]*)?(i\d+)", ttir):
+        if offset_type == "i32":
+            found.add(root(base) or "?")
+    return tuple(sorted(found))
+
+
+def _compile_indexed(job: tuple[int, int]) -> CompileReport:
+    index, arch = job
+    return compile_config(all_configs()[index], arch)
+
+
+def compile_all(archs: tuple[int, ...] = ARCHS, workers: int | None = None) -> list[CompileReport]:
+    """Compile every configuration for every arch, `workers` processes at a time (default: CPUs)."""
+    jobs = [(i, arch) for i in range(len(all_configs())) for arch in archs]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        return [_compile_indexed(job) for job in jobs]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_compile_indexed, jobs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nf4.kernels.aot [--json] [--arch 80 90]`: compile everything, print the report.
+
+    Run it in a process without `TRITON_INTERPRET=1` (the interpreter replaces the kernels with
+    Python functions that cannot be compiled).
+    """
+    import argparse
+    import json
+    from dataclasses import asdict
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--json", action="store_true", help="one JSON object per configuration")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    reports = compile_all(tuple(args.arch), args.workers)
+    if args.json:
+        for r in reports:
+            print(json.dumps({**asdict(r), "ok": r.ok}))
+    else:
+        print(format_table(reports))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def format_table(reports: list[CompileReport]) -> str:
+    """A fixed-width table, one row per configuration and arch."""
+    head = f"{'kernel configuration':60} {'arch':>5} {'warps':>5} {'regs':>5} "
+    head += f"{'spill B':>7} {'stack B':>7} {'smem B':>7}  mma"
+    rows = [head, "-" * len(head)]
+    for r in reports:
+        rows.append(
+            f"{r.name:60} {'sm_' + str(r.arch):>5} {r.num_warps:>5} {r.registers:>5} {r.spill_bytes:>7} "
+            f"{r.stack_bytes:>7} {r.shared_bytes:>7}  {','.join(r.mma) or '-'}"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Pieces shared by the kernel files: interpreter detection, launch configurations, rounding helpers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""True when Triton runs kernels through its CPU interpreter (set before this module is imported)."""
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+FLOAT_DTYPES = tuple(TL_DTYPES)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One compiled variant of a kernel: what `triton.compile` needs to build it ahead of time.
+
+    `signature` maps every non-constexpr argument to its Triton type (`"*fp32"`, `"i64"`, ...);
+    `constexprs` holds the meta-parameters; `options` the compile options (num_warps, ...).
+    """
+
+    name: str
+    kernel: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def ptr_type(dtype: torch.dtype) -> str:
+    """Triton signature string of a pointer to `dtype` elements, e.g. `*bf16`."""
+    return (
+        "*"
+        + {
+            torch.float32: "fp32",
+            torch.float16: "fp16",
+            torch.bfloat16: "bf16",
+            torch.uint8: "u8",
+            torch.int32: "i32",
+        }[dtype]
+    )
+
+
+@triton.jit
+def to_f32(x, SOFT_BF16: tl.constexpr):
+    """Widen x (fp32/fp16/bf16) to fp32 exactly.
+
+    NOTE: Triton's interpreter (3.9) converts bf16 subnormals wrongly (254 of the 65536 bf16 values
+    come out as other numbers), so under the interpreter (`SOFT_BF16`) bf16 is widened by moving its
+    bits to the top half of a 32-bit word, which is what the GPU's conversion does too.
+    """
+    if SOFT_BF16 and x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Round fp32 `x` to `dtype` to nearest even.
+
+    NOTE: Triton's interpreter (3.6 and 3.9) truncates fp32 -> bf16 instead of rounding (half of
+    random values come out one ulp low), so under the interpreter (`SOFT_BF16`) bf16 is rounded with
+    integer arithmetic; on a GPU the conversion instruction rounds to nearest even itself.
+    """
+    if SOFT_BF16 and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)

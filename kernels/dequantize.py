@@ -1,0 +1,154 @@
+"""NF4 dequantization, with the double-quantized absmax decoded in the same kernel.
+
+For n elements in blocks of `blocksize`:
+
+    absmax[b] = float32(float32(nested_code[q[b]] * nested_absmax[b // 256]) + offset)   (double quant)
+              = absmax[b]                                                              (plain)
+    out[2k]   = round(NF4[packed[k] >> 4]  * absmax[b])      one float32 product, one rounding to
+    out[2k+1] = round(NF4[packed[k] & 15]  * absmax[b])      the output dtype (fp32/fp16/bf16)
+
+Each program decodes BLOCKS whole blocks: it reads each packed byte once, looks both nibbles up in the
+16-entry table, scales them by the block's absmax (decoded once per block), interleaves the even and odd
+values and writes one contiguous [BLOCKS, blocksize] tile. The absmax decode must not be contracted
+into an FMA (that would round once instead of twice), so the kernel is built with fp fusion off.
+Offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, ptr_type, round_to
+from nf4.kernels.quantize import quantize_config
+
+
+@triton.jit
+def decode_absmax(
+    absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, block, mask, DOUBLE_QUANT: tl.constexpr
+):
+    """float32 absmax of the blocks `block` (int64), decoding the double-quantized form if needed."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + q) * scale + tl.load(nested_offset_ptr)
+    else:
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dequantize_nf4_kernel(
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_offset_ptr,
+    nested_code_ptr,
+    code_ptr,
+    out_ptr,
+    n_elements,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKS: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    absmax = decode_absmax(
+        absmax_ptr,
+        nested_absmax_ptr,
+        nested_offset_ptr,
+        nested_code_ptr,
+        block,
+        block * BLOCKSIZE < n_elements,
+        DOUBLE_QUANT,
+    )
+
+    pair = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    byte = tl.load(packed_ptr + pair, mask=2 * pair < n_elements, other=0x77).to(tl.int32)
+    hi = tl.load(code_ptr + (byte >> 4)) * absmax[:, None]
+    lo = tl.load(code_ptr + (byte & 15)) * absmax[:, None]
+    out = tl.reshape(tl.join(hi, lo), (BLOCKS, BLOCKSIZE))
+
+    offs = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    out = round_to(out, out_ptr.dtype.element_ty, SOFT_BF16)
+    tl.store(out_ptr + offs, out, mask=offs < n_elements)
+
+
+def dequantize_configs() -> list[LaunchConfig]:
+    """Every configuration `dequantize_nf4` can launch (for AOT checks)."""
+    from nf4.tensor import BLOCKSIZES
+
+    out = []
+    for blocksize in BLOCKSIZES:
+        meta = quantize_config(blocksize)
+        for dtype in TL_DTYPES:
+            for double_quant in (False, True):
+                out.append(
+                    LaunchConfig(
+                        name=f"dequantize_nf4[bs={blocksize},{ptr_type(dtype)[1:]},dq={int(double_quant)}]",
+                        kernel=_dequantize_nf4_kernel,
+                        signature={
+                            "packed_ptr": "*u8",
+                            "absmax_ptr": "*u8" if double_quant else "*fp32",
+                            "nested_absmax_ptr": "*fp32",
+                            "nested_offset_ptr": "*fp32",
+                            "nested_code_ptr": "*fp32",
+                            "code_ptr": "*fp32",
+                            "out_ptr": ptr_type(dtype),
+                            "n_elements": "i64",
+                        },
+                        constexprs={
+                            "BLOCKSIZE": blocksize,
+                            "BLOCKS": meta["BLOCKS"],
+                            "DOUBLE_QUANT": double_quant,
+                            "SOFT_BF16": False,
+                        },
+                        options={"num_warps": meta["num_warps"], "enable_fp_fusion": False},
+                    )
+                )
+    return out
+
+
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    n: int,
+    blocksize: int,
+    dtype: torch.dtype,
+    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Dequantize n NF4 codes to a flat `dtype` tensor [n].
+
+    `packed` uint8 [(n + 1) // 2, 1]; `code` float32 [16]; `absmax` float32 [nblocks], or uint8
+    [nblocks] codes with `nested` = (nested_absmax float32 [ceil(nblocks / 256)], offset float32 [],
+    nested_code float32 [256]). All on one device.
+    """
+    assert dtype in TL_DTYPES and n > 0, "validated by nf4.dequantize"
+    out = torch.empty((n,), dtype=dtype, device=packed.device)
+    nblocks = triton.cdiv(n, blocksize)
+    meta = quantize_config(blocksize)
+    if nested is None:
+        nested_absmax = nested_offset = nested_code = absmax  # unused when DOUBLE_QUANT is off
+    else:
+        nested_absmax, nested_offset, nested_code = nested
+        nested_offset = nested_offset.reshape(1)
+    grid = (triton.cdiv(nblocks, meta["BLOCKS"]),)
+    _dequantize_nf4_kernel[grid](
+        packed,
+        absmax,
+        nested_absmax,
+        nested_offset,
+        nested_code,
+        code,
+        out,
+        n,
+        BLOCKSIZE=blocksize,
+        BLOCKS=meta["BLOCKS"],
+        DOUBLE_QUANT=nested is not None,
+        SOFT_BF16=INTERPRET,
+        num_warps=meta["num_warps"],
+        enable_fp_fusion=False,
+    )
+    return out

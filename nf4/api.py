@@ -1,0 +1,136 @@
+"""Public `quantize` / `dequantize`: validation at the boundary, then kernels or reference.
+
+`nf4.dispatch.use_kernels` picks the path; both produce the same bytes and values bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from nf4 import reference
+from nf4.codebook import dynamic_map, nearest_thresholds, nf4_midpoints
+from nf4.dispatch import use_kernels
+from nf4.tensor import FLOAT_DTYPES, NF4Tensor, check_blocksize
+
+_FLOATS = tuple(FLOAT_DTYPES.values())
+# Above this absmax a double-quantized absmax could decode past float32's range: check it.
+_DQ_OVERFLOW_CHECK = 2.0**120
+
+
+@functools.cache
+def _tables(device: torch.device) -> dict[str, torch.Tensor]:
+    """Read-only constant tables, one copy per device."""
+    nested = dynamic_map()
+    return {
+        "midpoints": nf4_midpoints().to(device),
+        "nested_code": nested.to(device),
+        "thresholds": nearest_thresholds(nested).to(device),
+    }
+
+
+def _check_dtype(dtype: torch.dtype, what: str) -> None:
+    if dtype not in _FLOATS:
+        remedy = " (convert with .float() first)" if dtype.is_floating_point else ""
+        raise TypeError(f"{what} must be float32, float16 or bfloat16, got {dtype}{remedy}")
+
+
+def _non_finite_error(tensor: torch.Tensor) -> ValueError:
+    bad = ~torch.isfinite(tensor.detach())
+    nan = int(torch.isnan(tensor.detach()).sum())
+    first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+    return ValueError(
+        f"cannot quantize a tensor with non-finite values: {nan} NaN and {int(bad.sum()) - nan} inf, "
+        f"the first at index {first}; NF4 has no code for them. Fix or mask them before quantizing."
+    )
+
+
+def quantize(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """Quantize a float tensor to NF4 in blocks of `blocksize` consecutive (row-major) elements.
+
+    Args:
+        tensor: float32, float16 or bfloat16, any shape (a view is read in logical order), finite,
+            non-empty. Not modified; its autograd history is ignored.
+        blocksize: one of 32, 64, ..., 4096 (bitsandbytes' set; 64 is what checkpoints use).
+        double_quant: also quantize the per-block absmax to 8 bits (QLoRA's double quantization):
+            4.127 instead of 4.5 bits per parameter at blocksize 64.
+
+    Returns:
+        An `NF4Tensor` on the tensor's device, byte-compatible with bitsandbytes' `quantize_4bit(...,
+        quant_type="nf4", compress_statistics=double_quant)`.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"quantize expects a torch.Tensor, got {type(tensor).__name__}")
+    _check_dtype(tensor.dtype, "quantize: the tensor's dtype")
+    blocksize = check_blocksize(blocksize)
+    if tensor.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor (shape {list(tensor.shape)})")
+    if tensor.dim() == 0:
+        tensor = tensor.reshape(1)
+    x = tensor.detach()
+    tables = _tables(x.device)
+    kernels = use_kernels(x.device)
+    if kernels:
+        from nf4.kernels import quantize_nf4
+
+        packed, absmax = quantize_nf4(x, blocksize, tables["midpoints"])
+    else:
+        packed, absmax = reference.quantize_ref(x, blocksize)
+
+    top = float(absmax.max())  # NaN if any block held a NaN, inf if any held an inf
+    if not math.isfinite(top):
+        raise _non_finite_error(x)
+
+    common = dict(shape=x.shape, dtype=x.dtype, blocksize=blocksize)
+    if not double_quant:
+        return NF4Tensor(packed, absmax, **common)
+
+    offset = reference.absmax_offset(absmax)
+    if kernels:
+        from nf4.kernels import quantize_absmax
+
+        codes, absmax2 = quantize_absmax(absmax, offset, tables["thresholds"])
+    else:
+        codes, absmax2 = reference.double_quantize_ref(absmax, offset, tables["thresholds"])
+    q = NF4Tensor(
+        packed,
+        codes,
+        **common,
+        nested_absmax=absmax2,
+        nested_offset=offset,
+        nested_code=tables["nested_code"].clone(),
+    )
+    if top > _DQ_OVERFLOW_CHECK and not bool(torch.isfinite(decode_absmax(q)).all()):
+        raise ValueError(
+            f"double quantization overflows float32 for a tensor this large (max |x| = {top:.3e}); "
+            "quantize it with double_quant=False"
+        )
+    return q
+
+
+def decode_absmax(q: NF4Tensor) -> torch.Tensor:
+    """The float32 [nblocks] absmax of `q`, decoding double quantization where present."""
+    if not q.double_quant:
+        return q.absmax
+    return reference.dequantize_absmax_ref(q.absmax, q.nested_absmax, q.nested_offset, q.nested_code)
+
+
+def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize `q` to a tensor of its original shape, in `dtype` (default: its original dtype).
+
+    Each value is `NF4[code] * absmax` computed in float32 and rounded once to `dtype`.
+    """
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"dequantize expects an NF4Tensor (from nf4.quantize), got {type(q).__name__}")
+    dtype = q.dtype if dtype is None else dtype
+    _check_dtype(dtype, "dequantize: dtype")
+    n = q.numel()
+    if use_kernels(q.device):
+        from nf4.kernels import dequantize_nf4
+
+        nested = (q.nested_absmax, q.nested_offset, q.nested_code) if q.double_quant else None
+        flat = dequantize_nf4(q.packed, q.absmax, q.code, n, q.blocksize, dtype, nested)
+        return flat.view(q.shape)
+    return reference.dequantize_ref(q.packed, decode_absmax(q), q.blocksize, q.shape, dtype, q.code)

@@ -1,0 +1,142 @@
+"""The fp32 torch reference for the NF4 format: quantize, dequantize, double-quantize.
+
+It follows the format spec literally and is the oracle every kernel is tested against; it is also the
+path CPU tensors take (unless the Triton interpreter is on). Layout, for n elements in blocks of
+`blocksize` (the last block may be partial):
+
+    packed  uint8   [(n + 1) // 2, 1]   element 2k in the high nibble, 2k+1 in the low nibble
+    absmax  float32 [ceil(n / blocksize)]
+
+Quantize, per block b:   absmax[b] = max |x|;  xs = x * (1 / absmax[b]);  code = #{midpoints < xs}
+Dequantize:              out = float32(NF4[code] * absmax[b]), rounded once to the output dtype.
+Double quantization:     offset = mean(absmax);  y = absmax - offset, in blocks of 256:
+                         absmax2 = max |y|;  q = nearest(DYNAMIC, y * (1 / absmax2))
+                         absmax ~= float32(float32(DYNAMIC[q] * absmax2) + offset)
+
+Extreme magnitudes: a block whose absmax is below 2**-64 (or above 2**64) is scaled by 2**64 (or
+2**-64) before the reciprocal. Scaling by a power of two is exact, so every block whose reciprocal is a
+normal float32 gets bit-identical codes, and blocks of subnormal or huge values get the codes an
+unbounded exponent range would give instead of the garbage `x * inf` (see `unit_scale`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nf4.codebook import NF4_CODE, nf4_midpoints
+
+NESTED_BLOCKSIZE = 256
+"""Block size of the second-level (double) quantization of the absmax constants."""
+
+_SMALL, _LARGE = 2.0**-64, 2.0**64
+
+
+def unit_scale(blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """`blocks * (1 / absmax)` per row, float32 [nb, bs]; all-zero rows map to 0.
+
+    `blocks` float32 [nb, bs], `absmax` float32 [nb]. The reciprocal is IEEE (correctly rounded), and
+    rows with absmax outside [2**-64, 2**64] are pre-scaled by an exact power of two (module docstring).
+    """
+    pre = torch.where(
+        absmax < _SMALL,
+        torch.full_like(absmax, _LARGE),
+        torch.where(absmax > _LARGE, torch.full_like(absmax, _SMALL), torch.ones_like(absmax)),
+    )
+    inv = torch.where(absmax > 0, torch.reciprocal(absmax * pre), torch.zeros_like(absmax))
+    return (blocks * pre[:, None]) * inv[:, None]
+
+
+def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """float32 [n] -> [ceil(n / blocksize), blocksize], zero-padded (zeros change no absmax)."""
+    pad = -flat.numel() % blocksize
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, blocksize)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [n] (values 0..15) -> packed uint8 [(n + 1) // 2, 1]; odd n pads a low nibble of 7."""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), 7)])
+    pairs = codes.view(-1, 2)
+    return (pairs[:, 0] << 4 | pairs[:, 1]).view(-1, 1)
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """packed uint8 [(n + 1) // 2, 1] -> int64 codes [n]."""
+    flat = packed.reshape(-1)
+    return torch.stack([flat >> 4, flat & 15], dim=1).view(-1)[:n].long()
+
+
+def quantize_ref(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4-quantize `x` (any shape, fp32/fp16/bf16) in row-major blocks of `blocksize`.
+
+    Returns (packed uint8 [(n + 1) // 2, 1], absmax float32 [ceil(n / blocksize)]). A NaN or inf in a
+    block makes that block's absmax NaN or inf (callers check); `x` is not modified.
+    """
+    flat = x.reshape(-1).to(torch.float32)
+    blocks = _blocks(flat, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = unit_scale(blocks, absmax)
+    midpoints = nf4_midpoints().to(flat.device)
+    codes = torch.searchsorted(midpoints, scaled.reshape(-1)).to(torch.uint8)[: flat.numel()]
+    return pack_nibbles(codes), absmax
+
+
+def dequantize_ref(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    shape: torch.Size | tuple[int, ...],
+    dtype: torch.dtype,
+    code: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`out = NF4[code] * absmax[block]` in float32, rounded once to `dtype`, shaped `shape`.
+
+    `absmax` is the float32 [nblocks] absmax (decode a double-quantized one first with
+    `dequantize_absmax_ref`). `code` is the 16-entry table (defaults to `NF4_CODE`).
+    """
+    n = math.prod(shape)
+    table = (NF4_CODE if code is None else code).to(device=packed.device, dtype=torch.float32)
+    values = table[unpack_nibbles(packed, n)]
+    out = (_blocks(values, blocksize) * absmax[:, None]).reshape(-1)[:n]
+    return out.to(dtype).reshape(shape)
+
+
+def absmax_offset(absmax: torch.Tensor) -> torch.Tensor:
+    """The double-quantization offset: `absmax.mean()` in float32 (what bitsandbytes stores).
+
+    NOTE: a float32 sum of absmax values near float32's maximum overflows; only then is the mean taken
+    in float64 and rounded, so ordinary tensors keep bitsandbytes' offset bit for bit.
+    """
+    offset = absmax.mean()
+    if not bool(torch.isfinite(offset)):
+        offset = absmax.double().mean().float()
+    return offset
+
+
+def double_quantize_ref(
+    absmax: torch.Tensor, offset: torch.Tensor, thresholds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize `absmax - offset` (float32 [nb]) to 8-bit codes in blocks of 256.
+
+    `thresholds` float32 [255] are `codebook.nearest_thresholds(map)` for the sorted 256-entry map, so
+    a code is the exact nearest map entry (ties to the lower). Returns (codes uint8 [nb],
+    nested absmax float32 [ceil(nb / 256)]).
+    """
+    y = absmax - offset
+    blocks = _blocks(y, NESTED_BLOCKSIZE)
+    absmax2 = blocks.abs().amax(dim=1)
+    scaled = unit_scale(blocks, absmax2).reshape(-1)[: y.numel()]
+    codes = torch.searchsorted(thresholds.to(y.device), scaled).to(torch.uint8)
+    return codes, absmax2
+
+
+def dequantize_absmax_ref(
+    codes: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, nested_code: torch.Tensor
+) -> torch.Tensor:
+    """Decode double-quantized absmax: `float32(float32(map[q] * absmax2[b // 256]) + offset)`."""
+    scale = absmax2.repeat_interleave(NESTED_BLOCKSIZE)[: codes.numel()]
+    return nested_code[codes.long()] * scale + offset

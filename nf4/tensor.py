@@ -1,0 +1,364 @@
+"""`NF4Tensor`: a quantized weight in bitsandbytes' NF4 layout, and its serialized form.
+
+A container, not a `torch.Tensor` subclass: it holds the pieces bitsandbytes stores, unchanged, so a
+bitsandbytes checkpoint loads without requantizing and ours loads into bitsandbytes.
+
+    packed         uint8   [(n + 1) // 2, 1]   two codes per byte, element 2k in the high nibble
+    absmax         float32 [nblocks]           (plain), or uint8 [nblocks] (double-quantized codes)
+    code           float32 [16]                the NF4 table (bitsandbytes' `quant_map`)
+    nested_absmax  float32 [ceil(nblocks / 256)]   } double quantization only: absmax is decoded as
+    nested_offset  float32 []                      } nested_code[q] * nested_absmax[b // 256]
+    nested_code    float32 [256]                   }   + nested_offset
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+from collections.abc import Mapping
+
+import torch
+
+from nf4.codebook import NF4_CODE
+from nf4.reference import NESTED_BLOCKSIZE
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""Block sizes the format allows (bitsandbytes' set; checkpoints from transformers use 64)."""
+
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""Original dtypes a quantized tensor may have, by the names bitsandbytes serializes."""
+
+_DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
+_QS_KEY = "quant_state.bitsandbytes__nf4"
+_PIECES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", _QS_KEY)
+
+
+def check_blocksize(blocksize) -> int:
+    """`blocksize` as an int if it is one of `BLOCKSIZES` (ints, numpy ints), else ValueError."""
+    if not isinstance(blocksize, bool):
+        try:
+            value = operator.index(blocksize)
+        except TypeError:
+            value = None
+        if value in BLOCKSIZES:
+            return value
+    raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+
+
+class NF4Tensor:
+    """A tensor quantized to NF4 in blocks, optionally with double-quantized absmax constants.
+
+    Build one with `nf4.quantize(tensor)` or `NF4Tensor.from_bnb_state_dict(...)`; turn it back into a
+    float tensor with `nf4.dequantize(q)` or `q.dequantize()`. Moving it between devices (`.to`,
+    `.cuda()`, `.cpu()`) moves the stored bytes; nothing is requantized. Instances are immutable by
+    convention: operations return new ones and never modify the stored tensors.
+    """
+
+    __slots__ = (
+        "packed",
+        "absmax",
+        "code",
+        "shape",
+        "dtype",
+        "blocksize",
+        "nested_absmax",
+        "nested_offset",
+        "nested_code",
+    )
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        shape: torch.Size | tuple[int, ...],
+        dtype: torch.dtype,
+        blocksize: int,
+        code: torch.Tensor | None = None,
+        nested_absmax: torch.Tensor | None = None,
+        nested_offset: torch.Tensor | None = None,
+        nested_code: torch.Tensor | None = None,
+    ):
+        self.packed = packed
+        self.absmax = absmax
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self.blocksize = blocksize
+        self.code = NF4_CODE.to(packed.device, copy=True) if code is None else code
+        self.nested_absmax = nested_absmax
+        self.nested_offset = nested_offset
+        self.nested_code = nested_code
+        self._validate("")
+
+    # -- size and layout -------------------------------------------------------------------------
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.numel() // self.blocksize)
+
+    @property
+    def double_quant(self) -> bool:
+        """True when the absmax constants are double-quantized (8-bit codes + nested float32)."""
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        pieces = {"packed": self.packed, "absmax": self.absmax, "code": self.code}
+        if self.double_quant:
+            pieces.update(
+                nested_absmax=self.nested_absmax,
+                nested_offset=self.nested_offset,
+                nested_code=self.nested_code,
+            )
+        return pieces
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: packed codes, absmax (and nested absmax, offset) and the code tables."""
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    @property
+    def bits_per_param(self) -> float:
+        """8 * nbytes / numel: 4.127 at blocksize 64 with double quantization (4.5 without)."""
+        return 8.0 * self.nbytes / self.numel()
+
+    # -- conversions -------------------------------------------------------------------------------
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> NF4Tensor:
+        """The same quantized bytes on `device` (no requantization); `self` if already there."""
+        device = torch.device(device)
+        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self._tensors().items()}
+        return NF4Tensor(shape=self.shape, dtype=self.dtype, blocksize=self.blocksize, **moved)
+
+    def cuda(self, device: int | None = None) -> NF4Tensor:
+        return self.to(torch.device("cuda", device) if device is not None else "cuda")
+
+    def cpu(self) -> NF4Tensor:
+        return self.to("cpu")
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Same as `nf4.dequantize(self, dtype)`."""
+        from nf4.api import dequantize
+
+        return dequantize(self, dtype)
+
+    def decoded_absmax(self) -> torch.Tensor:
+        """The float32 [nblocks] absmax, decoded from its double-quantized form where needed."""
+        from nf4.api import decode_absmax
+
+        return decode_absmax(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+            f"double_quant={self.double_quant}, device={self.device}, "
+            f"bits_per_param={self.bits_per_param:.3f})"
+        )
+
+    # -- bitsandbytes' serialized form ---------------------------------------------------------------
+    def to_bnb_state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """bitsandbytes' serialized form (what transformers saves for a 4-bit Linear's weight).
+
+        Keys: `prefix`, `prefix.absmax`, `prefix.quant_map`, `prefix.quant_state.bitsandbytes__nf4`
+        (UTF-8 JSON as uint8) and, with double quantization, `prefix.nested_absmax` and
+        `prefix.nested_quant_map`. Tables are copies, so no two entries share memory (safetensors
+        refuses shared tensors).
+        """
+        state = {"quant_type": "nf4", "blocksize": self.blocksize}
+        state.update(dtype=_DTYPE_NAMES[self.dtype], shape=list(self.shape))
+        out = {
+            prefix: self.packed,
+            f"{prefix}.absmax": self.absmax,
+            f"{prefix}.quant_map": self.code.clone(),
+        }
+        if self.double_quant:
+            out[f"{prefix}.nested_absmax"] = self.nested_absmax
+            out[f"{prefix}.nested_quant_map"] = self.nested_code.clone()
+            state.update(
+                nested_blocksize=NESTED_BLOCKSIZE,
+                nested_dtype="float32",
+                nested_offset=float(self.nested_offset),
+            )
+        blob = json.dumps(state).encode("utf-8")
+        out[f"{prefix}.{_QS_KEY}"] = torch.tensor(list(blob), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_bnb_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "weight") -> NF4Tensor:
+        """Load bitsandbytes' serialized NF4 weight stored under `prefix` in `state_dict`.
+
+        Every piece is checked (presence, dtype, shape, byte count against the shape, blocksize,
+        quant_type, the NF4 table); a mismatch raises `ValueError` naming the key. Keys outside
+        `prefix` are ignored. The packed bytes may be stored as any dtype (bitsandbytes'
+        `quant_storage`); they are reinterpreted as uint8, not converted.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of str to tensors, got {type(state_dict)}")
+        mine = {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+        unknown = sorted(k for k in mine if k not in _PIECES)
+        if unknown:
+            fp4 = [k for k in unknown if k.endswith("bitsandbytes__fp4")]
+            if fp4:
+                raise ValueError(
+                    f"{prefix}.{fp4[0]}: this is an FP4 checkpoint; only NF4 (quant_type='nf4') is "
+                    "supported. Requantize the original weights with nf4.quantize."
+                )
+            raise ValueError(
+                f"unexpected keys under '{prefix}.': {[f'{prefix}.{k}' for k in unknown]}; "
+                f"expected only {[f'{prefix}.{k}' for k in _PIECES]}"
+            )
+        missing = [f"{prefix}.{k}" for k in ("absmax", "quant_map", _QS_KEY) if k not in mine]
+        if prefix not in state_dict:
+            missing.insert(0, prefix)
+        if missing:
+            raise ValueError(f"not a bitsandbytes NF4 state dict: missing {missing}")
+
+        state = _parse_quant_state(mine[_QS_KEY], f"{prefix}.{_QS_KEY}")
+        packed = state_dict[prefix]
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"{prefix}: expected a tensor, got {type(packed)}")
+        packed = packed.reshape(-1).contiguous().view(torch.uint8).reshape(-1, 1)
+        nested = "nested_blocksize" in state
+        kwargs = {}
+        if nested:
+            for k in ("nested_absmax", "nested_quant_map"):
+                if k not in mine:
+                    raise ValueError(f"{prefix}.{k} is missing but the quant state says double quant")
+            kwargs = dict(
+                nested_absmax=mine["nested_absmax"],
+                nested_code=mine["nested_quant_map"],
+                nested_offset=torch.tensor(state["nested_offset"], dtype=torch.float32).to(packed.device),
+            )
+        elif "nested_absmax" in mine or "nested_quant_map" in mine:
+            raise ValueError(
+                f"{prefix}.nested_absmax / nested_quant_map present but the quant state has no "
+                "nested_blocksize / nested_offset: the pieces come from different checkpoints"
+            )
+        q = cls.__new__(cls)
+        q.packed, q.absmax, q.code = packed, mine["absmax"], mine["quant_map"]
+        q.shape, q.dtype, q.blocksize = torch.Size(state["shape"]), state["dtype"], state["blocksize"]
+        q.nested_absmax = kwargs.get("nested_absmax")
+        q.nested_offset = kwargs.get("nested_offset")
+        q.nested_code = kwargs.get("nested_code")
+        q._validate(prefix)
+        return q
+
+    def _validate(self, prefix: str) -> None:
+        """Check every piece against the shape and blocksize; ValueError naming the piece."""
+
+        def name(key):
+            if key is None:  # the packed codes: bitsandbytes stores them under the bare prefix
+                return prefix or "packed"
+            return f"{prefix}.{key}" if prefix else key
+
+        def expect(key, t, dtype, shape, what):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name(key)}: expected a tensor ({what}), got {type(t).__name__}")
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                want = f"{str(dtype).removeprefix('torch.')} {list(shape)}"
+                raise ValueError(f"{name(key)}: expected {want} ({what}), got {_describe(t)}")
+            if t.device != self.packed.device:
+                raise ValueError(f"{name(key)} is on {t.device} but the packed codes are on {self.packed.device}")
+
+        self.blocksize = check_blocksize(self.blocksize)
+        if self.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {list(FLOAT_DTYPES)}, got {self.dtype}")
+        if len(self.shape) == 0 or any(d <= 0 for d in self.shape):
+            raise ValueError(f"shape must have at least one dimension, all positive; got {list(self.shape)}")
+        n = self.numel()
+        expect(
+            None,
+            self.packed,
+            torch.uint8,
+            ((n + 1) // 2, 1),
+            f"{n} 4-bit codes for shape {list(self.shape)}, two per byte",
+        )
+        double = self.nested_absmax is not None
+        expect(
+            "absmax",
+            self.absmax,
+            torch.uint8 if double else torch.float32,
+            (self.nblocks,),
+            f"one {'8-bit code' if double else 'float32'} per {self.blocksize}-element block",
+        )
+        expect("quant_map" if prefix else "code", self.code, torch.float32, (16,), "the NF4 table")
+        check_values = self.packed.device.type != "meta"  # a meta tensor has shapes but no values
+        if check_values and not torch.equal(self.code.cpu(), NF4_CODE):
+            raise ValueError(
+                f"{name('quant_map' if prefix else 'code')}: the table is not NF4 (an FP4 or custom "
+                "map?); only the NF4 table is supported"
+            )
+        if double or self.nested_offset is not None or self.nested_code is not None:
+            if not (double and self.nested_offset is not None and self.nested_code is not None):
+                raise ValueError("double quantization needs nested_absmax, nested_offset and nested_code together")
+            nb2 = -(-self.nblocks // NESTED_BLOCKSIZE)
+            expect(
+                "nested_absmax",
+                self.nested_absmax,
+                torch.float32,
+                (nb2,),
+                f"one float32 per {NESTED_BLOCKSIZE} absmax codes",
+            )
+            expect(
+                "nested_quant_map" if prefix else "nested_code",
+                self.nested_code,
+                torch.float32,
+                (256,),
+                "the 8-bit dynamic map",
+            )
+            expect("nested_offset", self.nested_offset, torch.float32, (), "a float32 scalar")
+            if check_values and not bool(torch.isfinite(self.nested_offset)):
+                raise ValueError(f"{name('nested_offset')} must be finite, got {float(self.nested_offset)}")
+
+
+def _parse_quant_state(blob: torch.Tensor, key: str) -> dict:
+    """Decode and check the JSON quant state stored as a uint8 tensor."""
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
+        got = _describe(blob) if isinstance(blob, torch.Tensor) else type(blob).__name__
+        raise ValueError(f"{key}: expected a 1-D uint8 tensor of UTF-8 JSON, got {got}")
+    try:
+        state = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{key}: not valid UTF-8 JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{key}: expected a JSON object, got {type(state).__name__}")
+    for field in ("quant_type", "blocksize", "dtype", "shape"):
+        if field not in state:
+            raise ValueError(f"{key}: field '{field}' is missing")
+    if state["quant_type"] != "nf4":
+        raise ValueError(f"{key}: quant_type must be 'nf4', got {state['quant_type']!r}")
+    try:
+        check_blocksize(state["blocksize"])
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+    if state["dtype"] not in FLOAT_DTYPES:
+        raise ValueError(f"{key}: dtype must be one of {list(FLOAT_DTYPES)}, got {state['dtype']!r}")
+    state["dtype"] = FLOAT_DTYPES[state["dtype"]]
+    shape = state["shape"]
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
+        raise ValueError(f"{key}: shape must be a non-empty list of positive ints, got {shape!r}")
+    nested_fields = ("nested_blocksize", "nested_dtype", "nested_offset")
+    present = [f for f in nested_fields if f in state]
+    if present:
+        if len(present) != len(nested_fields):
+            raise ValueError(f"{key}: double-quant fields {nested_fields} must all be present, got {present}")
+        if state["nested_blocksize"] != NESTED_BLOCKSIZE:
+            raise ValueError(f"{key}: nested_blocksize must be {NESTED_BLOCKSIZE}, got {state['nested_blocksize']!r}")
+        if state["nested_dtype"] != "float32":
+            raise ValueError(f"{key}: nested_dtype must be 'float32', got {state['nested_dtype']!r}")
+        offset = state["nested_offset"]
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+            raise ValueError(f"{key}: nested_offset must be a finite number, got {offset!r}")
+    return state

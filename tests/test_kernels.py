@@ -1,0 +1,125 @@
+"""Triton quantize/dequantize kernels against the torch reference, bit for bit.
+
+Without a GPU the kernels run through Triton's interpreter on CPU tensors (conftest.py); with one, on
+CUDA tensors. The reference always runs on the CPU.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import nf4
+from helpers import DTYPES, blocksizes, data_kinds, dtypes, make_data, shapes
+from nf4 import reference
+from nf4.codebook import dynamic_map, nearest_thresholds
+
+
+def quantize_both(x, blocksize, double_quant, device):
+    """(kernel NF4Tensor moved to the CPU, reference pieces) for the same input."""
+    try:
+        q = nf4.quantize(x.to(device), blocksize, double_quant).cpu()
+    except ValueError as e:  # only the documented overflow of double-quantizing ~1e38 magnitudes
+        assert double_quant and "overflows float32" in str(e), e
+        return None, None
+    packed, absmax = reference.quantize_ref(x, blocksize)
+    ref = {"packed": packed, "absmax": absmax}
+    if double_quant:
+        offset = reference.absmax_offset(absmax)
+        codes, absmax2 = reference.double_quantize_ref(absmax, offset, nearest_thresholds(dynamic_map()))
+        ref.update(codes=codes, absmax2=absmax2, offset=offset)
+    return q, ref
+
+
+def bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+@given(
+    shape=shapes(max_numel=4000),
+    blocksize=blocksizes,
+    dtype=dtypes,
+    kind=data_kinds,
+    double_quant=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_quantize_kernel_bit_exact(kernel_device, shape, blocksize, dtype, kind, double_quant, seed):
+    x = make_data(shape, dtype, kind, seed, blocksize)
+    q, ref = quantize_both(x, blocksize, double_quant, kernel_device)
+    if q is None:
+        return
+    assert torch.equal(q.packed, ref["packed"])
+    if double_quant:
+        assert torch.equal(q.absmax, ref["codes"])
+        assert torch.equal(bits(q.nested_absmax), bits(ref["absmax2"]))
+        assert torch.equal(bits(q.nested_offset), bits(ref["offset"]))
+    else:
+        assert torch.equal(bits(q.absmax), bits(ref["absmax"]))
+
+
+@given(
+    shape=shapes(max_numel=4000),
+    blocksize=blocksizes,
+    dtype=dtypes,
+    out_dtype=dtypes,
+    kind=data_kinds,
+    double_quant=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_dequantize_kernel_exact(kernel_device, shape, blocksize, dtype, out_dtype, kind, double_quant, seed):
+    x = make_data(shape, dtype, kind, seed, blocksize)
+    q = nf4.quantize(x, blocksize, double_quant=False)  # CPU: the pieces come from the same place
+    if double_quant:
+        try:
+            q = nf4.quantize(x, blocksize, double_quant=True)
+        except ValueError as e:
+            assert "overflows float32" in str(e)
+            return
+    out = nf4.dequantize(q.to(kernel_device), out_dtype).cpu()
+    expect = reference.dequantize_ref(q.packed, q.decoded_absmax(), blocksize, q.shape, out_dtype)
+    assert out.dtype == out_dtype and out.shape == x.shape
+    assert torch.equal(out.view(torch.uint8), expect.view(torch.uint8))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 127, 255, 257, 4095, 4097], ids=lambda n: f"n={n}")
+@pytest.mark.parametrize("blocksize", [32, 64, 4096], ids=lambda b: f"bs={b}")
+def test_partial_blocks_and_odd_counts(kernel_device, n, blocksize):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    q, ref = quantize_both(x, blocksize, True, kernel_device)
+    assert torch.equal(q.packed, ref["packed"]) and torch.equal(q.absmax, ref["codes"])
+    if n % 2:
+        assert q.packed[-1, 0] & 15 == 7  # the pad nibble is the code of 0.0
+    out = nf4.dequantize(q.to(kernel_device)).cpu()
+    assert torch.equal(out, reference.dequantize_ref(ref["packed"], q.decoded_absmax(), blocksize, x.shape, x.dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_zero_tensor(kernel_device, dtype):
+    x = torch.zeros(3, 100, dtype=dtype, device=kernel_device)
+    q = nf4.quantize(x, 64)
+    assert torch.all(q.packed.cpu() == 0x77)
+    assert torch.all(q.decoded_absmax().cpu() == 0)
+    assert torch.equal(nf4.dequantize(q).cpu(), torch.zeros(3, 100, dtype=dtype))
+
+
+def test_bf16_output_rounds_to_nearest_even(kernel_device):
+    # Products whose float32 value lies just above and below bf16 rounding ties.
+    x = torch.linspace(-3, 3, 4096, dtype=torch.float32) * 1.0001
+    q = nf4.quantize(x.to(kernel_device), 64, double_quant=False)
+    out = nf4.dequantize(q, torch.bfloat16).cpu()
+    fp32 = reference.dequantize_ref(q.cpu().packed, q.cpu().absmax, 64, x.shape, torch.float32)
+    assert torch.equal(out, fp32.to(torch.bfloat16))
+    assert not torch.equal(out, (fp32.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("nblocks", [1, 2, 255, 256, 257, 700], ids=lambda n: f"nblocks={n}")
+def test_absmax_kernel_matches_reference(kernel_device, nblocks):
+    from nf4.kernels import quantize_absmax
+
+    g = torch.Generator().manual_seed(nblocks)
+    absmax = torch.rand(nblocks, generator=g) * torch.exp(torch.randn(nblocks, generator=g))
+    offset = reference.absmax_offset(absmax)
+    t = nearest_thresholds(dynamic_map())
+    codes, absmax2 = quantize_absmax(absmax.to(kernel_device), offset.to(kernel_device), t.to(kernel_device))
+    ref_codes, ref_absmax2 = reference.double_quantize_ref(absmax, offset, t)
+    assert torch.equal(codes.cpu(), ref_codes) and torch.equal(absmax2.cpu(), ref_absmax2)
