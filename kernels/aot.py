@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 from nf4.kernels.common import LaunchConfig
 
 ARCHS = (80, 90)
-TABLE_ARGS = frozenset({"code_ptr", "mid_ptr", "nested_code_ptr", "thresholds_ptr"})
+TABLE_ARGS = frozenset({"code_ptr", "mid_ptr", "nested_code_ptr", "pairs_ptr", "thresholds_ptr"})
 """Pointer arguments to small constant tables, the only ones that may be indexed with int32."""
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 """Maximum dynamic shared memory per block, bytes (A100: 163 KB, H100/H200: 227 KB)."""
@@ -39,6 +39,7 @@ class CompileReport:
     shared_bytes: int  # what Triton allocates per block (metadata.shared)
     mma: tuple[str, ...]  # matrix instructions found in the PTX
     i32_indexed: tuple[str, ...]  # pointer arguments some load/store indexes with 32-bit offsets
+    large_m: bool = False  # a large-M tile, expected to use wgmma on sm_90
 
     @property
     def ok(self) -> bool:
@@ -48,15 +49,17 @@ class CompileReport:
             and self.stack_bytes == 0
             and self.shared_bytes <= SHARED_LIMIT[self.arch]
             and set(self.i32_indexed) <= TABLE_ARGS
+            and (not self.large_m or self.arch != 90 or "wgmma" in self.mma or self.name.find("fp32") >= 0)
         )
 
 
 def all_configs() -> list[LaunchConfig]:
     """Every kernel configuration the package can launch."""
     from nf4.kernels.dequantize import dequantize_configs
+    from nf4.kernels.matmul import matmul_configs
     from nf4.kernels.quantize import quantize_configs
 
-    return quantize_configs() + dequantize_configs()
+    return quantize_configs() + dequantize_configs() + matmul_configs()
 
 
 def _tool(name: str) -> str:
@@ -88,31 +91,46 @@ def compile_config(cfg: LaunchConfig, arch: int) -> CompileReport:
         shared_bytes=int(kernel.metadata.shared),
         mma=mma,
         i32_indexed=i32_indexed,
+        large_m=cfg.large_m,
     )
 
 
 def i32_indexed_args(ttir: str) -> tuple[str, ...]:
-    """Kernel arguments (pointers) that some `tt.addptr` offsets with 32-bit integers.
+    """Kernel arguments (pointers) whose first offset is a 32-bit integer.
 
-    Follows each such addptr's base back through addptr / splat / broadcast / expand_dims to the
-    function argument it starts from. Arrays that can exceed 2**31 elements must not appear here.
+    Follows the base of each `tt.addptr` with an i32 offset back through splat / broadcast /
+    expand_dims / reshape. Reaching a function argument that way means the argument itself is indexed
+    with 32 bits; passing an earlier `tt.addptr` first (an int64 offset to a row or tile start) makes the
+    i32 part a local offset within it, which is fine. Arrays that can exceed 2**31 elements must not
+    appear in the result.
     """
     defs = dict(re.findall(r"^\s*(%[\w.]+) = (.*)$", ttir, flags=re.M))
     args = dict(re.findall(r"(%[\w.]+): !tt\.ptr<\w+>[^,)]*loc\(\"(\w+)\"", ttir))
+    offset_types = {}
+    for name, expr in defs.items():
+        m = re.match(r"tt\.addptr %[\w.]+, %[\w.]+ : [^,]+, (?:tensor<[\dx]*)?(i\d+)", expr)
+        if m:
+            offset_types[name] = m.group(1)
 
-    def root(value: str, depth: int = 0) -> str | None:
+    def argument(value: str, depth: int = 0) -> str | None:
+        """The argument `value` is a view of, or None if an addptr comes first."""
         if value in args:
             return args[value]
-        expr = defs.get(value)
-        if expr is None or depth > 64:
+        expr = defs.get(value, "")
+        m = re.match(r"tt\.(splat|broadcast|expand_dims|reshape|addptr) (%[\w.]+)", expr)
+        if m is None or depth > 64:
             return None
-        m = re.match(r"tt\.(?:addptr|splat|broadcast|expand_dims|reshape) (%[\w.]+)", expr)
-        return root(m.group(1), depth + 1) if m else None
+        if m.group(1) == "addptr":
+            return argument(m.group(2), depth + 1) if offset_types.get(value) == "i32" else None
+        return argument(m.group(2), depth + 1)
 
     found = set()
-    for base, offset_type in re.findall(r"tt\.addptr (%[\w.]+), %[\w.]+ : [^,]+, (?:tensor<[\dx]*)?(i\d+)", ttir):
+    for name, offset_type in offset_types.items():
         if offset_type == "i32":
-            found.add(root(base) or "?")
+            base = re.match(r"tt\.addptr (%[\w.]+)", defs[name]).group(1)
+            arg = argument(base)
+            if arg is not None:
+                found.add(arg)
     return tuple(sorted(found))
 
 

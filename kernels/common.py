@@ -30,6 +30,7 @@ class LaunchConfig:
     signature: dict[str, str]
     constexprs: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
+    large_m: bool = False  # a large-M (training / prefill) tile: on sm_90 it must use wgmma
 
 
 def ptr_type(dtype: torch.dtype) -> str:

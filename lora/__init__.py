@@ -1,1 +1,12 @@
-"""LoRA on NF4 weights: autograd functions, drop-in modules for nn.Linear, model conversion."""
+"""LoRA on NF4 weights: the differentiable fused op, drop-in modules for nn.Linear, model conversion.
+
+layer = LoRALinearNF4.from_linear(linear, r=16, lora_alpha=16)   # one layer
+apply_lora(model, r=16, target_modules=["q_proj", "v_proj"])     # a whole model, in place
+quantize_model(model)                                            # inference: LinearNF4 everywhere
+"""
+
+from nf4.lora.convert import apply_lora, quantize_model
+from nf4.lora.functional import lora_linear
+from nf4.lora.modules import LinearNF4, LoRALinearNF4
+
+__all__ = ["LinearNF4", "LoRALinearNF4", "apply_lora", "lora_linear", "quantize_model"]

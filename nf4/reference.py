@@ -140,3 +140,31 @@ def dequantize_absmax_ref(
     """Decode double-quantized absmax: `float32(float32(map[q] * absmax2[b // 256]) + offset)`."""
     scale = absmax2.repeat_interleave(NESTED_BLOCKSIZE)[: codes.numel()]
     return nested_code[codes.long()] * scale + offset
+
+
+def matmul_ref(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    trans: bool = False,
+    u: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    keep_scale: float = 1.0,
+) -> torch.Tensor:
+    """The fused NF4 matmul's reference: one rounding to x's dtype at the end.
+
+        y = x @ w^T (or x @ w with `trans`) + (u @ v) [* mask * keep_scale] + bias
+
+    `x` [M, IN], `w` the dequantized weight [N, K], `u` [M, r], `v` [r, OUT], `bias` [OUT], `mask`
+    [M, OUT] bool. Computed in float32 (float64 when x is float64), whatever the operands' dtypes.
+    """
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = w.to(ct)
+    y = x.to(ct) @ (w if trans else w.t())
+    if u is not None and u.shape[-1] > 0:
+        lora = u.to(ct) @ v.to(ct)
+        y = y + (lora * (mask.to(ct) * keep_scale) if mask is not None else lora)
+    if bias is not None:
+        y = y + bias.to(ct)
+    return y.to(x.dtype)

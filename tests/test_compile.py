@@ -40,3 +40,10 @@ def test_offsets_into_tensors_are_int64(reports):
     bad = [r for r in reports if not set(r["i32_indexed"]) <= TABLE_ARGS]
     assert not bad, "\n".join(f"{r['name']} sm_{r['arch']}: {r['i32_indexed']}" for r in bad)
     assert all(r["ok"] for r in reports)
+
+
+def test_large_m_matmul_uses_wgmma_on_hopper_and_mma_on_ampere(reports):
+    large = [r for r in reports if r["large_m"]]
+    assert large, "no large-M configuration"
+    assert all("wgmma" in r["mma"] for r in large if r["arch"] == 90)
+    assert all("mma.sync" in r["mma"] for r in large if r["arch"] == 80)

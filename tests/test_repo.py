@@ -11,3 +11,14 @@ def test_ci_runs_the_readme_test_command():
     commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv") and "pytest" in line]
     assert len(commands) == 1, commands
     assert commands[0] in ci.splitlines()
+
+
+def test_readme_example_runs():
+    import os
+    import re
+    import subprocess
+    import sys
+
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CPU reference path
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)

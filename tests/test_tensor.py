@@ -130,8 +130,15 @@ def json_blob(**state):
     return torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
 
 
-GOOD = {"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [16, 64],
-        "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.5}  # fmt: skip
+GOOD = {
+    "quant_type": "nf4",
+    "blocksize": 64,
+    "dtype": "float32",
+    "shape": [16, 64],
+    "nested_blocksize": 256,
+    "nested_dtype": "float32",
+    "nested_offset": 0.5,
+}
 QS = "weight.quant_state.bitsandbytes__nf4"
 
 

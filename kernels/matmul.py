@@ -1,0 +1,695 @@
+"""Fused NF4 dequantize-matmul with a low-rank (LoRA) term and bias in the epilogue.
+
+    forward   (trans=False):  y[M, N] = x[M, K] @ W^T      + (U[M, r] @ V[r, N])             + bias[N]
+    backward  (trans=True):   y[M, K] = x[M, N] @ W        + (U[M, r] @ V[r, K]) * mask*keep
+
+W is an NF4 weight of shape [N, K] in bitsandbytes' layout (element (n, k) is code n*K + k of the flat
+tensor, blocks of `blocksize` may cross rows, any K). For LoRA, the launcher's caller passes
+U = scaling * dropout(x) @ A^T and V = B^T (forward), or U = scaling * dy @ B and V = A (the
+input-gradient pass, with the dropout mask applied to the LoRA term). The LoRA term is added to the fp32
+accumulator before the single rounding to the output dtype: no extra pass over the output.
+
+Tiling: each program owns a [BM, BN] output tile and walks the reduction dimension in BK steps. Each
+step loads a [BM, BK] tile of x and decodes the matching [BK, BN] tile of W in registers: the byte
+holding each code (element 2k in the high nibble), the NF4 value from the 16-entry table, the block's
+absmax (double-quantized absmax decoded on the fly), their float32 product rounded to the activation
+dtype, which is exactly what `nf4.dequantize` would produce. The tile goes straight into `tl.dot`
+(tensor cores, fp32 accumulation); the dequantized weight never touches global memory.
+
+Regimes (one launcher, configurations per M bucket):
+- small M (decode, M <= 16): BM = 16 and split-K: programs = N tiles x SPLIT, so that one row keeps
+  every multiprocessor busy. With SPLIT > 1 the programs write fp32 partial sums [SPLIT, M, N] and a
+  second small kernel adds them up, applies the epilogue and rounds.
+- large M: 64- and 128-row tiles with grouped ordering for L2 reuse of W tiles.
+On a GPU the launcher times the candidate configurations of the bucket, plus "dequantize W once, then
+cuBLAS", once per (bucket, shape, dtype) and keeps the fastest (`choose`); under the interpreter it
+takes the first candidate.
+
+Offsets are int64. Flags for the optional epilogue pieces are runtime scalars, so one compiled variant
+serves every combination of LoRA / bias / mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, ptr_type, round_to, to_f32
+from nf4.kernels.dequantize import decode_absmax
+
+RK = tl.constexpr(16)  # rank chunk of the LoRA epilogue: r is walked in steps of 16 (any r works)
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Tile shape and launch parameters of one candidate."""
+
+    BM: int
+    BN: int
+    BK: int
+    num_warps: int
+    num_stages: int
+    GROUP_M: int = 8
+
+    @property
+    def name(self) -> str:
+        return f"{self.BM}x{self.BN}x{self.BK}w{self.num_warps}s{self.num_stages}"
+
+
+SPAN = 64
+"""Longest run of consecutive codes one tile row decodes (BK forward, BN for trans): with blocks of
+at least 32 it touches at most 3 absmax blocks, which the tile decodes as 3 vectors."""
+
+# Candidates per (M bucket, trans); the first is the default where nothing is timed (interpreter, CPU).
+# NOTE: 128x128 tiles spill on sm_80 and sm_90 (the decoded W tile lives in registers next to the
+# accumulator); every tile below compiles without spills (tests/test_compile.py).
+BUCKETS: dict[tuple[str, bool], tuple[MatmulConfig, ...]] = {
+    ("small", False): (MatmulConfig(16, 64, 64, 4, 3), MatmulConfig(16, 128, 64, 8, 3)),
+    ("medium", False): (MatmulConfig(64, 64, 64, 4, 3), MatmulConfig(64, 64, 64, 8, 4)),
+    ("large", False): (MatmulConfig(128, 64, 64, 8, 3), MatmulConfig(128, 64, 64, 8, 4)),
+    ("small", True): (MatmulConfig(16, 64, 64, 4, 3), MatmulConfig(16, 32, 128, 4, 3)),
+    ("medium", True): (MatmulConfig(64, 64, 64, 4, 3),),
+    ("large", True): (MatmulConfig(128, 64, 64, 8, 3), MatmulConfig(128, 64, 32, 8, 3)),
+}
+# fp32 activations: exact fp32 dot products (FMA, no tensor cores), one smaller tile per bucket.
+FP32_BUCKETS: dict[str, MatmulConfig] = {
+    "small": MatmulConfig(16, 64, 32, 4, 2),
+    "medium": MatmulConfig(32, 64, 32, 8, 2),
+    "large": MatmulConfig(64, 32, 32, 8, 2),
+}
+
+
+def bucket(m: int) -> str:
+    """M bucket: 'small' (<= 16 rows), 'medium' (<= 128) or 'large'."""
+    return "small" if m <= 16 else "medium" if m <= 128 else "large"
+
+
+def candidates(m: int, trans: bool, dtype: torch.dtype) -> tuple[MatmulConfig, ...]:
+    """Tile configurations the launcher may pick for this problem."""
+    if dtype == torch.float32:
+        return (FP32_BUCKETS[bucket(m)],)
+    return BUCKETS[(bucket(m), trans)]
+
+
+@triton.jit
+def _absmax_at(
+    absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, block, n_blocks, DOUBLE_QUANT: tl.constexpr
+):
+    return decode_absmax(
+        absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, block, block < n_blocks, DOUBLE_QUANT
+    )
+
+
+@triton.jit
+def dequant_pairs(
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_offset_ptr,
+    nested_code_ptr,
+    pairs_ptr,
+    row_start,
+    p,
+    mask,
+    log2_bs,
+    n_blocks,
+    DOUBLE_QUANT: tl.constexpr,
+):
+    """The two float32 weights held by byte `(row_start + 2p) / 2`: (element row_start + 2p from the
+    high nibble, element row_start + 2p + 1 from the low nibble).
+
+    `row_start` (int64, even) is each tile row's first flat index, `p` (int32) the byte offsets along
+    the rows (2p < SPAN); the two broadcast to the tile shape. Per-element arithmetic stays in 32 bits.
+    A pair never straddles an absmax block (blocks are even), and a row touches blocks b0, b0 + 1 and
+    b0 + 2 only: their absmax is decoded once per row, not per element. `pairs_ptr` is the 256-entry
+    table of both nibbles' NF4 values (`pair_table`): one lookup per byte.
+    """
+    byte = tl.load(packed_ptr + (row_start >> 1) + p, mask=mask, other=0x77).to(tl.int32)
+    b0 = row_start >> log2_bs
+    rel = ((row_start & ((1 << log2_bs) - 1)).to(tl.int32) + 2 * p) >> log2_bs
+    a0 = _absmax_at(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, b0, n_blocks, DOUBLE_QUANT)
+    a1 = _absmax_at(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, b0 + 1, n_blocks, DOUBLE_QUANT)
+    a2 = _absmax_at(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, b0 + 2, n_blocks, DOUBLE_QUANT)
+    absmax = tl.where(rel == 0, a0, tl.where(rel == 1, a1, a2))
+    pair = tl.load(pairs_ptr + byte)
+    high = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    low = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+    return high * absmax, low * absmax
+
+
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 [256]: for byte b, the float32 bits of code[b >> 4] (low word) and code[b & 15] (high word)."""
+    bits = code.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    byte = torch.arange(256, device=code.device)
+    return bits[byte >> 4] | (bits[byte & 15] << 32)
+
+
+@triton.jit
+def _dot(acc, a, b, DOT_F32: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """acc + a @ b: in fp32 (exact products, the interpreter / fp32 activations) or on tensor cores."""
+    if DOT_F32:
+        return tl.dot(to_f32(a, SOFT_BF16), to_f32(b, SOFT_BF16), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _epilogue(
+    acc,
+    offs_m,
+    offs_n,
+    M,
+    OUT,
+    u_ptr,
+    v_ptr,
+    bias_ptr,
+    mask_ptr,
+    r,
+    keep_scale,
+    has_lora,
+    has_bias,
+    has_mask,
+    DOT_F32: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    """acc + (U @ V) [* mask * keep] + bias, all in fp32 (U, V in the activation dtype)."""
+    in_m = offs_m < M
+    in_n = offs_n < OUT
+    if has_lora:
+        lora = tl.zeros(acc.shape, dtype=tl.float32)
+        for r0 in range(0, r, RK):
+            rr = r0 + tl.arange(0, RK)
+            u = tl.load(u_ptr + offs_m[:, None] * r + rr[None, :], mask=in_m[:, None] & (rr < r)[None, :], other=0.0)
+            v_offs = rr[:, None].to(tl.int64) * OUT + offs_n[None, :]
+            v = tl.load(v_ptr + v_offs, mask=(rr < r)[:, None] & in_n[None, :], other=0.0)
+            lora = _dot(lora, u, v, DOT_F32, SOFT_BF16)
+        if has_mask:
+            keep = tl.load(mask_ptr + offs_m[:, None] * OUT + offs_n[None, :], mask=in_m[:, None] & in_n[None, :])
+            lora = lora * (keep.to(tl.float32) * keep_scale)
+        acc += lora
+    if has_bias:
+        acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit(do_not_specialize=["has_lora", "has_bias", "has_mask", "keep_scale"])
+def _nf4_matmul_kernel(
+    # pointers
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_offset_ptr,
+    nested_code_ptr,
+    pairs_ptr,
+    u_ptr,
+    v_ptr,
+    bias_ptr,
+    mask_ptr,
+    out_ptr,
+    # sizes
+    M,
+    IN,
+    OUT,
+    K_W,
+    log2_bs,
+    n_blocks,
+    r,
+    k_per_split,
+    # epilogue
+    keep_scale,
+    has_lora,
+    has_bias,
+    has_mask,
+    # meta-parameters
+    TRANS_W: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BM)
+    tiles_n = tl.cdiv(OUT, BN)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
+
+    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
+    in_m = offs_m < M
+    in_n = offs_n < OUT
+    k_start = pid_k.to(tl.int64) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, IN)
+
+    act = x_ptr.dtype.element_ty
+    HALF_N: tl.constexpr = BN // 2
+    HALF_K: tl.constexpr = BK // 2
+    if TRANS_W:  # output columns come in (even, odd) pairs of one byte: two accumulators
+        acc_even = tl.zeros((BM, HALF_N), dtype=tl.float32)
+        acc_odd = tl.zeros((BM, HALF_N), dtype=tl.float32)
+        p = tl.arange(0, HALF_N)[None, :]
+        in_pair = (pid_n.to(tl.int64) * BN + 2 * p) < OUT
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        p = tl.arange(0, HALF_K)[None, :]
+    for k0 in range(k_start, k_end, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * IN + offs_k[None, :], mask=in_m[:, None] & (offs_k < k_end)[None, :], other=0.0
+        )
+        if TRANS_W:  # tile rows: W[n = reduction index, k = this tile's output columns]
+            row_start = offs_k[:, None] * K_W + pid_n.to(tl.int64) * BN
+            w_even, w_odd = dequant_pairs(
+                packed_ptr,
+                absmax_ptr,
+                nested_absmax_ptr,
+                nested_offset_ptr,
+                nested_code_ptr,
+                pairs_ptr,
+                row_start,
+                p,
+                (offs_k < k_end)[:, None] & in_pair,
+                log2_bs,
+                n_blocks,
+                DOUBLE_QUANT,
+            )
+            acc_even = _dot(acc_even, x, round_to(w_even, act, SOFT_BF16), DOT_F32, SOFT_BF16)
+            acc_odd = _dot(acc_odd, x, round_to(w_odd, act, SOFT_BF16), DOT_F32, SOFT_BF16)
+        else:  # W[n = output index, k = reduction index], decoded as [BN, BK/2] rows; x splits into even/odd k
+            row_start = offs_n[:, None] * K_W + k0
+            w_even, w_odd = dequant_pairs(
+                packed_ptr,
+                absmax_ptr,
+                nested_absmax_ptr,
+                nested_offset_ptr,
+                nested_code_ptr,
+                pairs_ptr,
+                row_start,
+                p,
+                in_n[:, None] & (k0 + 2 * p < k_end),
+                log2_bs,
+                n_blocks,
+                DOUBLE_QUANT,
+            )
+            x_even, x_odd = tl.split(tl.reshape(x, (BM, HALF_K, 2)))
+            acc = _dot(acc, x_even, tl.trans(round_to(w_even, act, SOFT_BF16)), DOT_F32, SOFT_BF16)
+            acc = _dot(acc, x_odd, tl.trans(round_to(w_odd, act, SOFT_BF16)), DOT_F32, SOFT_BF16)
+    if TRANS_W:
+        acc = tl.reshape(tl.join(acc_even, acc_odd), (BM, BN))
+
+    if PARTIAL:
+        offs = (pid_k.to(tl.int64) * M + offs_m[:, None]) * OUT + offs_n[None, :]
+        tl.store(out_ptr + offs, acc, mask=in_m[:, None] & in_n[None, :])
+    else:
+        acc = _epilogue(
+            acc,
+            offs_m,
+            offs_n,
+            M,
+            OUT,
+            u_ptr,
+            v_ptr,
+            bias_ptr,
+            mask_ptr,
+            r,
+            keep_scale,
+            has_lora,
+            has_bias,
+            has_mask,
+            DOT_F32,
+            SOFT_BF16,
+        )
+        out = round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16)
+        tl.store(out_ptr + offs_m[:, None] * OUT + offs_n[None, :], out, mask=in_m[:, None] & in_n[None, :])
+
+
+@triton.jit(do_not_specialize=["has_lora", "has_bias", "has_mask", "keep_scale"])
+def _splitk_reduce_kernel(
+    partial_ptr,
+    u_ptr,
+    v_ptr,
+    bias_ptr,
+    mask_ptr,
+    out_ptr,
+    M,
+    OUT,
+    r,
+    split,
+    keep_scale,
+    has_lora,
+    has_bias,
+    has_mask,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    tile = offs_m[:, None] * OUT + offs_n[None, :]
+    inside = (offs_m < M)[:, None] & (offs_n < OUT)[None, :]
+    plane = M.to(tl.int64) * OUT
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for s in range(0, split):
+        acc += tl.load(partial_ptr + s * plane + tile, mask=inside, other=0.0)
+    acc = _epilogue(
+        acc,
+        offs_m,
+        offs_n,
+        M,
+        OUT,
+        u_ptr,
+        v_ptr,
+        bias_ptr,
+        mask_ptr,
+        r,
+        keep_scale,
+        has_lora,
+        has_bias,
+        has_mask,
+        DOT_F32,
+        SOFT_BF16,
+    )
+    tl.store(out_ptr + tile, round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=inside)
+
+
+REDUCE_TILE = (16, 64)
+
+
+def _signature(dtype: torch.dtype, double_quant: bool) -> dict[str, str]:
+    act = ptr_type(dtype)
+    return {
+        "x_ptr": act,
+        "packed_ptr": "*u8",
+        "absmax_ptr": "*u8" if double_quant else "*fp32",
+        "nested_absmax_ptr": "*fp32",
+        "nested_offset_ptr": "*fp32",
+        "nested_code_ptr": "*fp32",
+        "pairs_ptr": "*i64",
+        "u_ptr": act,
+        "v_ptr": act,
+        "bias_ptr": "*fp32",
+        "mask_ptr": "*u8",
+        "out_ptr": act,  # or *fp32 partials: see matmul_configs
+        "M": "i32",
+        "IN": "i32",
+        "OUT": "i32",
+        "K_W": "i64",
+        "log2_bs": "i32",
+        "n_blocks": "i64",
+        "r": "i32",
+        "k_per_split": "i64",
+        "keep_scale": "fp32",
+        "has_lora": "i32",
+        "has_bias": "i32",
+        "has_mask": "i32",
+    }
+
+
+def matmul_configs() -> list[LaunchConfig]:
+    """Every configuration the launcher can run, for the ahead-of-time checks."""
+    out = []
+    for dtype in TL_DTYPES:
+        dname = ptr_type(dtype)[1:]
+        for (bucket_name, trans), _ in BUCKETS.items():
+            m = {"small": 1, "medium": 64, "large": 4096}[bucket_name]
+            for cfg in candidates(m, trans, dtype):
+                for double_quant in (False, True):
+                    for partial in (False, True) if bucket_name == "small" else (False,):
+                        sig = _signature(dtype, double_quant)
+                        if partial:
+                            sig["out_ptr"] = "*fp32"
+                        out.append(
+                            LaunchConfig(
+                                name=f"nf4_matmul[{bucket_name},{cfg.name},{dname},trans={int(trans)},"
+                                f"dq={int(double_quant)},partial={int(partial)}]",
+                                kernel=_nf4_matmul_kernel,
+                                signature=sig,
+                                constexprs=dict(
+                                    TRANS_W=trans,
+                                    DOUBLE_QUANT=double_quant,
+                                    PARTIAL=partial,
+                                    BM=cfg.BM,
+                                    BN=cfg.BN,
+                                    BK=cfg.BK,
+                                    GROUP_M=cfg.GROUP_M,
+                                    DOT_F32=dtype == torch.float32,
+                                    SOFT_BF16=False,
+                                ),
+                                options={
+                                    "num_warps": cfg.num_warps,
+                                    "num_stages": cfg.num_stages,
+                                    "enable_fp_fusion": False,
+                                },
+                                large_m=bucket_name == "large" and dtype != torch.float32,
+                            )
+                        )
+        act = ptr_type(dtype)
+        out.append(
+            LaunchConfig(
+                name=f"splitk_reduce[{dname}]",
+                kernel=_splitk_reduce_kernel,
+                signature={
+                    "partial_ptr": "*fp32",
+                    "u_ptr": act,
+                    "v_ptr": act,
+                    "bias_ptr": "*fp32",
+                    "mask_ptr": "*u8",
+                    "out_ptr": act,
+                    "M": "i32",
+                    "OUT": "i32",
+                    "r": "i32",
+                    "split": "i32",
+                    "keep_scale": "fp32",
+                    "has_lora": "i32",
+                    "has_bias": "i32",
+                    "has_mask": "i32",
+                },
+                constexprs=dict(BM=REDUCE_TILE[0], BN=REDUCE_TILE[1], DOT_F32=dtype == torch.float32, SOFT_BF16=False),
+                options={"num_warps": 4, "enable_fp_fusion": False},
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# launcher
+
+
+def _split_for(m: int, in_dim: int, out_dim: int, cfg: MatmulConfig, device: torch.device) -> int:
+    """Split-K factor for the small-M bucket: about two programs per multiprocessor, each walking at
+    least 4 BK steps."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(out_dim, cfg.BN)
+    return max(1, min(triton.cdiv(2 * sms, tiles), in_dim // (4 * cfg.BK)))
+
+
+DEQUANT = "dequantize+matmul"
+"""The strategy that dequantizes W with `nf4.kernels.dequantize_nf4`, then calls torch.matmul."""
+
+_CHOSEN: dict[tuple, MatmulConfig | str] = {}
+
+
+def choose(key: tuple, options: dict[str, object], run) -> object:
+    """The fastest of `options` (name -> option) for `key`, timed once with `run(option)` on the GPU.
+
+    Where nothing can be timed (no CUDA: the interpreter) the first option is taken. The choice is
+    cached per key for the process.
+    """
+    if key not in _CHOSEN:
+        names = list(options)
+        if len(names) == 1 or key[-1].type != "cuda":
+            _CHOSEN[key] = options[names[0]]
+        else:
+            times = {name: triton.testing.do_bench(lambda o=options[name]: run(o), warmup=5, rep=20) for name in names}
+            _CHOSEN[key] = options[min(times, key=times.get)]
+    return _CHOSEN[key]
+
+
+def nf4_matmul(
+    x: torch.Tensor,
+    weight: tuple[torch.Tensor | None, ...],
+    shape: tuple[int, int],
+    blocksize: int,
+    trans: bool = False,
+    u: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    keep_scale: float = 1.0,
+    config: MatmulConfig | str | None = None,
+    split: int | None = None,
+) -> torch.Tensor:
+    """`x @ W^T` (or `x @ W` with `trans`) + `(u @ v) [* mask * keep_scale]` + `bias`, fused.
+
+    Args:
+        x: [M, IN] activations, fp32/fp16/bf16; IN = K (forward) or N (trans).
+        weight: (packed, absmax, code, nested_absmax, nested_offset, nested_code), the NF4Tensor's
+            pieces (the nested three None without double quantization); W has `shape` (N, K).
+        u, v: the low-rank term, [M, r] and [r, OUT] (any float dtype; used in x's dtype), or None.
+        bias: [OUT] or None. mask: [M, OUT] bool dropout mask applied to the low-rank term, or None.
+        config, split: force a tile configuration (or `DEQUANT`) and a split-K factor (tests,
+            benchmarks). By default the configuration is chosen per (M bucket, shape, dtype) by `choose`
+            and split-K by `_split_for`. An odd K always takes `DEQUANT` (rows of W do not start on
+            byte boundaries).
+    Returns:
+        [M, OUT] in x's dtype.
+    """
+    n, k = shape
+    m, in_dim = x.shape
+    assert in_dim == (n if trans else k) and x.dtype in TL_DTYPES, "checked by the caller"
+    args = (x.contiguous(), weight, shape, blocksize, trans, u, v, bias, mask, keep_scale)
+    if k % 2:
+        config = DEQUANT
+    if config is None:
+        options = {c.name: c for c in candidates(m, trans, x.dtype)}
+        if bucket(m) != "small" and x.dtype != torch.float32:
+            options[DEQUANT] = DEQUANT
+        key = (bucket(m), in_dim, n, k, x.dtype, trans, weight[3] is not None, blocksize, x.device)
+        config = choose(key, options, lambda c: _run(*args, c, split))
+    return _run(*args, config, split)
+
+
+def _run(x, weight, shape, blocksize, trans, u, v, bias, mask, keep_scale, config, split):
+    if config == DEQUANT:
+        return dequantize_then_matmul(x, weight, shape, blocksize, trans, u, v, bias, mask, keep_scale)
+    return _fused(x, weight, shape, blocksize, trans, u, v, bias, mask, keep_scale, config, split)
+
+
+def dequantize_then_matmul(x, weight, shape, blocksize, trans, u, v, bias, mask, keep_scale) -> torch.Tensor:
+    """The unfused strategy: W dequantized to x's dtype, torch.matmul, then the epilogue in fp32."""
+    from nf4.kernels.dequantize import dequantize_nf4
+
+    n, k = shape
+    packed, absmax, code, nested_absmax, nested_offset, nested_code = weight
+    nested = (nested_absmax, nested_offset, nested_code) if nested_absmax is not None else None
+    w = dequantize_nf4(packed, absmax, code, n * k, blocksize, x.dtype, nested).view(n, k)
+    y = x @ (w if trans else w.t())
+    if (u is None or u.shape[1] == 0) and bias is None:
+        return y
+    y = y.float()
+    if u is not None and u.shape[1] > 0:
+        lora = u.to(x.dtype).float() @ v.to(x.dtype).float()
+        y = y + (lora * (mask * keep_scale) if mask is not None else lora)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+_PAIRS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _pairs(code: torch.Tensor) -> torch.Tensor:
+    """The pair table of `code`, cached per device (the code is always the NF4 table)."""
+    cached = _PAIRS.get(code.device)
+    if cached is None or not torch.equal(cached[0], code):
+        cached = _PAIRS[code.device] = (code.clone(), pair_table(code))
+    return cached[1]
+
+
+def _fused(x, weight, shape, blocksize, trans, u, v, bias, mask, keep_scale, cfg, split):
+    n, k = shape
+    m, in_dim = x.shape
+    out_dim = k if trans else n
+    out = torch.empty((m, out_dim), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    assert (cfg.BN if trans else cfg.BK) <= SPAN and blocksize >= 32, "a tile row spans at most 3 blocks"
+    packed, absmax, code, nested_absmax, nested_offset, nested_code = weight
+    double_quant = nested_absmax is not None
+    if not double_quant:
+        nested_absmax = nested_offset = nested_code = absmax
+    else:
+        nested_offset = nested_offset.reshape(1)
+    has_lora = u is not None and u.shape[1] > 0
+    dummy = x.new_empty(0)
+    u = u.to(x.dtype).contiguous() if has_lora else dummy
+    v = v.to(x.dtype).contiguous() if has_lora else dummy
+    bias_f32 = bias.to(torch.float32).contiguous() if bias is not None else dummy.float()
+    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else dummy.to(torch.uint8)
+    r = u.shape[1] if has_lora else 0
+
+    if split is None:
+        split = _split_for(m, in_dim, out_dim, cfg, x.device) if bucket(m) == "small" else 1
+    k_per_split = triton.cdiv(triton.cdiv(in_dim, split), cfg.BK) * cfg.BK
+    split = triton.cdiv(in_dim, k_per_split)
+    target = out if split == 1 else torch.empty((split, m, out_dim), dtype=torch.float32, device=x.device)
+    epilogue = dict(
+        keep_scale=float(keep_scale),
+        has_lora=int(has_lora),
+        has_bias=int(bias is not None),
+        has_mask=int(mask is not None and has_lora),
+    )
+    dot_f32 = INTERPRET or x.dtype == torch.float32
+    grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(out_dim, cfg.BN), split)
+    _nf4_matmul_kernel[grid](
+        x,
+        packed,
+        absmax,
+        nested_absmax,
+        nested_offset,
+        nested_code,
+        _pairs(code),
+        u,
+        v,
+        bias_f32,
+        mask_u8,
+        target,
+        m,
+        in_dim,
+        out_dim,
+        k,
+        int(math.log2(blocksize)),
+        triton.cdiv(n * k, blocksize),
+        r,
+        k_per_split,
+        **epilogue,
+        TRANS_W=trans,
+        DOUBLE_QUANT=double_quant,
+        PARTIAL=split > 1,
+        BM=cfg.BM,
+        BN=cfg.BN,
+        BK=cfg.BK,
+        GROUP_M=cfg.GROUP_M,
+        DOT_F32=dot_f32,
+        SOFT_BF16=INTERPRET,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        enable_fp_fusion=False,
+    )
+    if split > 1:
+        bm, bn = REDUCE_TILE
+        _splitk_reduce_kernel[(triton.cdiv(m, bm), triton.cdiv(out_dim, bn))](
+            target,
+            u,
+            v,
+            bias_f32,
+            mask_u8,
+            out,
+            m,
+            out_dim,
+            r,
+            split,
+            **epilogue,
+            BM=bm,
+            BN=bn,
+            DOT_F32=dot_f32,
+            SOFT_BF16=INTERPRET,
+            num_warps=4,
+            enable_fp_fusion=False,
+        )
+    return out

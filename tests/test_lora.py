@@ -1,0 +1,285 @@
+"""The LoRA op's forward and gradients, and the LinearNF4 / LoRALinearNF4 modules."""
+
+import math
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import nf4
+from nf4.lora import LinearNF4, LoRALinearNF4, lora_linear
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def reference_forward(x, q, a, b, bias, scaling, mask, keep):
+    """The formula in float64 with torch autograd: the oracle for the values and all gradients."""
+    w = nf4.dequantize(q, torch.float32).double()
+    xd = x if mask is None else x * mask * keep
+    y = x @ w.t()
+    if a is not None:
+        y = y + scaling * (xd @ a.t()) @ b.t()
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def run_op(x, q, a, b, bias, scaling, mask, keep):
+    y, _ = torch.ops.nf4.lora_linear(
+        x,
+        q.packed,
+        q.absmax,
+        q.code,
+        q.nested_absmax,
+        q.nested_offset,
+        q.nested_code,
+        q.shape[0],
+        q.blocksize,
+        a,
+        b,
+        bias,
+        scaling,
+        mask,
+        keep,
+    )
+    return y
+
+
+def leaf(t, device, dtype=None):
+    return None if t is None else t.to(device=device, dtype=dtype or t.dtype).detach().requires_grad_(True)
+
+
+def tolerance(dtype, scale):
+    """Errors torch itself makes in `dtype`: a few ulps per output, growing with the reduction size."""
+    return 8 * torch.finfo(dtype).eps * scale + 1e-6
+
+
+@given(
+    lead=st.sampled_from([(1,), (5,), (2, 3), (2, 1, 4)]),
+    n=st.integers(1, 48),
+    k=st.integers(1, 100),
+    r=st.sampled_from([0, 1, 4, 16]),
+    dtype=st.sampled_from(DTYPES),
+    bias=st.booleans(),
+    dropout=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_forward_and_gradients(kernel_device, lead, n, k, r, dtype, bias, dropout, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = nf4.quantize(torch.randn(n, k, generator=g), 64)
+    x = torch.randn(*lead, k, generator=g)
+    a = torch.randn(r, k, generator=g) / math.sqrt(k) if r else None
+    b = torch.randn(n, r, generator=g) if r else None
+    bias_t = torch.randn(n, generator=g) if bias else None
+    mask = (torch.rand(*lead, k, generator=g) > 0.25) if dropout and r else None
+    keep = 1 / 0.75 if mask is not None else 1.0
+    dy = torch.randn(*lead, n, generator=g)
+
+    d = kernel_device
+    xs, as_, bs, biass = leaf(x, d, dtype), leaf(a, d), leaf(b, d), leaf(bias_t, d)
+    y = run_op(xs, q.to(d), as_, bs, biass, 1.5, None if mask is None else mask.to(d), keep)
+    y.backward(dy.to(d, dtype))
+
+    xr, ar, br, biasr = (
+        leaf(x, "cpu", torch.float64),
+        leaf(a, "cpu", torch.float64),
+        leaf(b, "cpu", torch.float64),
+        leaf(bias_t, "cpu", torch.float64),
+    )
+    yr = reference_forward(xr, q, ar, br, biasr, 1.5, mask, keep)
+    yr.backward(dy.double())
+
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    assert (y.cpu().double() - yr).abs().max() <= tolerance(dtype, yr.abs().max().item() + 1)
+    assert (xs.grad.cpu().double() - xr.grad).abs().max() <= tolerance(dtype, xr.grad.abs().max().item() + 1)
+    if r:
+        # adapter gradients are computed in float32 from activations in `dtype`
+        for got, want in ((as_.grad, ar.grad), (bs.grad, br.grad)):
+            assert got.dtype == torch.float32
+            assert (got.cpu().double() - want).abs().max() <= tolerance(dtype, want.abs().max().item() + 1) * 4
+    if bias:
+        assert (biass.grad.cpu().double() - biasr.grad).abs().max() <= tolerance(
+            dtype, biasr.grad.abs().max().item() + 1
+        )
+
+
+def test_gradcheck_float64_reference_path(reference_path):
+    g = torch.Generator().manual_seed(0)
+    q = nf4.quantize(torch.randn(6, 10, generator=g), 32)
+    x = torch.randn(3, 10, dtype=torch.float64, generator=g, requires_grad=True)
+    a = torch.randn(2, 10, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(6, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    mask = torch.rand(3, 10, generator=g) > 0.5
+    assert torch.autograd.gradcheck(lambda x, a, b, bias: run_op(x, q, a, b, bias, 0.7, mask, 2.0), (x, a, b, bias))
+    assert torch.autograd.gradcheck(lambda x, bias: run_op(x, q, None, None, bias, 1.0, None, 1.0), (x, bias))
+
+
+def test_weight_gets_no_gradient_and_no_dequantized_copy_is_saved(reference_path):
+    layer = LoRALinearNF4.from_linear(nn.Linear(64, 32), r=4)
+    x = torch.randn(8, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+        y = layer(x)
+    assert not any(t.dtype.is_floating_point and t.shape == (32, 64) for t in saved)
+    y.sum().backward()
+    assert all(not b.requires_grad for b in layer.buffers())
+
+
+# -- modules ----------------------------------------------------------------------------------------
+
+
+def test_fresh_adapter_leaves_output_unchanged(kernel_device):
+    linear = nn.Linear(96, 40).to(kernel_device)
+    base = LinearNF4.from_linear(linear)
+    lora = LoRALinearNF4.from_linear(linear, r=8, lora_alpha=16)
+    x = torch.randn(2, 7, 96, device=kernel_device)
+    assert torch.equal(base(x), lora(x))
+    assert torch.equal(lora.lora_B, torch.zeros(40, 8, device=kernel_device))
+    bound = 1 / math.sqrt(96)  # kaiming-uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))
+    assert lora.lora_A.abs().max() <= bound and lora.lora_A.std() > bound / 3
+    assert lora.scaling == 2.0
+    assert LoRALinearNF4.from_linear(linear, r=16, lora_alpha=8, use_rslora=True).scaling == 2.0
+
+
+def test_linear_nf4_matches_dequantized_linear(kernel_device):
+    linear = nn.Linear(130, 33)
+    layer = LinearNF4.from_linear(linear).to(kernel_device)
+    x = torch.randn(4, 130)
+    expect = nn.functional.linear(x, nf4.dequantize(nf4.quantize(linear.weight.detach())), linear.bias.detach())
+    assert torch.allclose(layer(x.to(kernel_device)).cpu(), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_in_train_mode_only(reference_path):
+    layer = LoRALinearNF4.from_linear(nn.Linear(32, 16), r=4, lora_dropout=0.5)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(64, 32)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    torch.manual_seed(0)
+    a = layer(x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, layer(x))
+    with torch.no_grad():
+        assert layer(x).requires_grad is False
+
+
+def test_state_dict_round_trip_and_bitsandbytes_keys(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    layer = LoRALinearNF4.from_linear(nn.Linear(64, 48), r=4, blocksize=32)
+    nn.init.normal_(layer.lora_B)
+    sd = layer.state_dict()
+    assert set(sd) == {
+        "bias",
+        "lora_A",
+        "lora_B",
+        "weight",
+        "weight.absmax",
+        "weight.quant_map",
+        "weight.nested_absmax",
+        "weight.nested_quant_map",
+        "weight.quant_state.bitsandbytes__nf4",
+    }
+    save_file(sd, tmp_path / "layer.safetensors")
+    fresh = LoRALinearNF4(64, 48, r=4)
+    fresh.load_state_dict(load_file(tmp_path / "layer.safetensors"))
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), layer(x)) and fresh.weight.blocksize == 32
+
+
+def test_state_dict_loads_into_bitsandbytes_and_back():
+    linear = nn.Linear(128, 64)
+    ours = LinearNF4.from_linear(linear)
+    theirs = bnb.nn.Linear4bit(128, 64, quant_type="nf4", compress_statistics=True, compute_dtype=torch.float32)
+    theirs.load_state_dict(linear.state_dict())
+    theirs = theirs.to("cpu")
+    # bitsandbytes' checkpoint into ours
+    loaded = LinearNF4(128, 64)
+    loaded.load_state_dict(theirs.state_dict())
+    assert torch.equal(loaded.weight.packed, ours.weight.packed)
+    x = torch.randn(5, 128)
+    assert torch.allclose(loaded(x), theirs(x), atol=1e-5, rtol=1e-5)
+    # ours into bitsandbytes (the way transformers loads a pre-quantized 4-bit checkpoint)
+    sd = ours.state_dict()
+    back = bnb.nn.Linear4bit(128, 64, quant_type="nf4", compute_dtype=torch.float32)
+    stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
+    back.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu", module=back)
+    back.bias = nn.Parameter(sd["bias"])
+    assert torch.allclose(back(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+def test_load_refuses_a_mismatched_checkpoint():
+    sd = LinearNF4.from_linear(nn.Linear(64, 48)).state_dict()
+    with pytest.raises(RuntimeError, match=r"weight has shape \[48, 64\], this module expects \[32, 64\]"):
+        LinearNF4(64, 32, bias=False).load_state_dict({k: v for k, v in sd.items() if k != "bias"})
+    sd["weight.absmax"] = sd["weight.absmax"][:-1]
+    with pytest.raises(RuntimeError, match=r"weight.absmax: expected uint8 \[48\]"):
+        LinearNF4(64, 48).load_state_dict(sd)
+    missing = LinearNF4(64, 48).load_state_dict({"bias": torch.zeros(48)}, strict=False)
+    assert missing.missing_keys == ["weight"]
+
+
+def test_casts_and_moves_never_touch_the_format():
+    layer = LoRALinearNF4.from_linear(nn.Linear(64, 32), r=4, double_quant=False)
+    before = {k: v.clone() for k, v in layer.weight.to_bnb_state_dict().items()}
+    layer.half()
+    assert layer.lora_A.dtype == torch.float16 and layer.weight_absmax.dtype == torch.float32
+    assert all(torch.equal(before[k], v) for k, v in layer.weight.to_bnb_state_dict().items())
+    layer.to(torch.bfloat16).to("cpu").float()
+    assert all(torch.equal(before[k], v) for k, v in layer.weight.to_bnb_state_dict().items())
+    assert layer.to("meta").weight_packed.device.type == "meta"
+
+
+@pytest.mark.gpu
+def test_cuda_move_without_requantizing():
+    layer = LoRALinearNF4.from_linear(nn.Linear(64, 32), r=4)
+    packed = layer.weight_packed.clone()
+    layer.cuda()
+    assert layer.weight_packed.is_cuda and torch.equal(layer.weight_packed.cpu(), packed)
+    assert layer(torch.randn(2, 64, device="cuda")).is_cuda
+
+
+def test_repr_and_weight_view():
+    layer = LoRALinearNF4.from_linear(nn.Linear(64, 32, dtype=torch.bfloat16), r=4, lora_alpha=8)
+    text = repr(layer)
+    assert "in_features=64, out_features=32, bias=True, blocksize=64, double_quant=True, dtype=bfloat16" in text
+    assert "r=4, lora_alpha=8, scaling=2, lora_dropout=0.0, use_rslora=False" in text
+    assert layer.weight.shape == (32, 64) and layer.weight.dtype == torch.bfloat16
+    assert layer.dequantize_weight().dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(r=0), ValueError, "r must be a positive int"),
+        (dict(r=2.5), ValueError, "r must be a positive int"),
+        (dict(lora_dropout=1.0), ValueError, r"lora_dropout must be in \[0, 1\)"),
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        LoRALinearNF4.from_linear(nn.Linear(8, 8), **kwargs)
+
+
+def test_bad_input():
+    layer = LinearNF4.from_linear(nn.Linear(16, 4))
+    with pytest.raises(ValueError, match=r"expected input \[\.\.\., 16\], got \[3, 15\]"):
+        layer(torch.randn(3, 15))
+    with pytest.raises(TypeError, match="expected a floating-point input"):
+        layer(torch.ones(3, 16, dtype=torch.int64))
+    with pytest.raises(TypeError, match="from_linear expects an nn.Linear"):
+        LinearNF4.from_linear(nn.Conv1d(1, 1, 1))
+
+
+def test_functional_api(kernel_device):
+    q = nf4.quantize(torch.randn(12, 40)).to(kernel_device)
+    x = torch.randn(3, 40, device=kernel_device)
+    a, b = torch.randn(2, 40, device=kernel_device), torch.randn(12, 2, device=kernel_device)
+    y = lora_linear(x, q, a, b, scaling=0.5)
+    expect = x @ nf4.dequantize(q).t() + 0.5 * (x @ a.t()) @ b.t()
+    assert torch.allclose(y, expect, atol=1e-4, rtol=1e-4)

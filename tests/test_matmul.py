@@ -1,0 +1,157 @@
+"""The fused NF4 matmul + LoRA kernel against the fp32/float64 reference.
+
+Tolerance: at most twice the error torch itself makes computing the same thing in the same dtype
+(dequantized weight and operands in that dtype), plus two ulps at the output's scale.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import nf4
+from nf4 import reference
+from nf4.kernels.matmul import BUCKETS, DEQUANT, FP32_BUCKETS, nf4_matmul
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def pieces(q):
+    return (q.packed, q.absmax, q.code, q.nested_absmax, q.nested_offset, q.nested_code)
+
+
+def problem(m, n, k, r, dtype, trans, bias, use_mask, blocksize, double_quant, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = nf4.quantize(torch.randn(n, k, generator=g), blocksize, double_quant)
+    in_dim, out_dim = (n, k) if trans else (k, n)
+    x = torch.randn(m, in_dim, generator=g).to(dtype)
+    u = torch.randn(m, r, generator=g) if r else None
+    v = torch.randn(r, out_dim, generator=g) / 4 if r else None
+    b = torch.randn(out_dim, generator=g) if bias else None
+    mask = torch.rand(m, out_dim, generator=g) > 0.3 if use_mask else None
+    return q, x, u, v, b, mask
+
+
+def check(y, q, x, trans, u, v, b, mask, keep):
+    dtype = x.dtype
+    w = nf4.dequantize(q, torch.float32)
+    exact = reference.matmul_ref(x.double(), w.double(), trans, u, v, b, mask, keep)
+    # torch in the same dtype: operands rounded to it, products accumulated by torch, rounded again
+    wd = w.to(dtype)
+    torch_y = x @ (wd if trans else wd.t())
+    if u is not None:
+        lora = u.to(dtype) @ v.to(dtype)
+        torch_y = torch_y + (lora * (mask * keep).to(dtype) if mask is not None else lora)
+    if b is not None:
+        torch_y = torch_y + b.to(dtype)
+    torch_err = (torch_y.double() - exact).abs().max().item() if exact.numel() else 0.0
+    ulp = torch.finfo(dtype).eps * (exact.abs().max().item() if exact.numel() else 0.0)
+    err = (y.double() - exact).abs().max().item() if exact.numel() else 0.0
+    assert y.dtype == dtype and y.shape == exact.shape
+    assert err <= 2 * torch_err + 2 * ulp, (err, torch_err, ulp)
+
+
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 80),
+    k=st.integers(1, 200),
+    r=st.sampled_from([0, 1, 3, 16, 20]),
+    dtype=st.sampled_from(DTYPES),
+    trans=st.booleans(),
+    bias=st.booleans(),
+    use_mask=st.booleans(),
+    blocksize=st.sampled_from([32, 64, 128, 256]),
+    double_quant=st.booleans(),
+    split=st.sampled_from([None, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_matmul_matches_reference(
+    kernel_device, m, n, k, r, dtype, trans, bias, use_mask, blocksize, double_quant, split, seed
+):
+    q, x, u, v, b, mask = problem(m, n, k, r, dtype, trans, bias, use_mask, blocksize, double_quant, seed)
+    mask = mask if trans and r else None
+    d = kernel_device
+    y = nf4_matmul(
+        x.to(d),
+        pieces(q.to(d)),
+        (n, k),
+        blocksize,
+        trans,
+        None if u is None else u.to(d),
+        None if v is None else v.to(d),
+        None if b is None else b.to(d),
+        None if mask is None else mask.to(d),
+        1 / 0.7,
+        split=split,
+    )
+    check(y.cpu(), q, x, trans, u, v, b, mask, 1 / 0.7)
+
+
+ALL_CONFIGS = sorted(
+    {(c, trans) for (_, trans), cs in BUCKETS.items() for c in cs}
+    | {(c, trans) for c in FP32_BUCKETS.values() for trans in (False, True)},
+    key=lambda ct: (ct[0].name, ct[1]),
+)
+
+
+@pytest.mark.parametrize("config,trans", ALL_CONFIGS, ids=[f"{c.name}-trans={int(t)}" for c, t in ALL_CONFIGS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_tile_configuration(kernel_device, config, trans, dtype):
+    # shapes that leave partial tiles in every dimension, K not a multiple of 64 or of 16
+    q, x, u, v, b, mask = problem(37, 70, 150, 5, dtype, trans, True, trans, 64, True, seed=1)
+    d = kernel_device
+    y = nf4_matmul(
+        x.to(d),
+        pieces(q.to(d)),
+        (70, 150),
+        64,
+        trans,
+        u.to(d),
+        v.to(d),
+        b.to(d),
+        None if mask is None else mask.to(d),
+        1.25,
+        config=config,
+    )
+    check(y.cpu(), q, x, trans, u, v, b, mask, 1.25)
+
+
+@pytest.mark.parametrize("trans", [False, True])
+def test_dequantize_then_matmul_strategy(kernel_device, trans):
+    q, x, u, v, b, mask = problem(20, 48, 96, 4, torch.float16, trans, True, trans, 64, True, seed=2)
+    d = kernel_device
+    y = nf4_matmul(
+        x.to(d),
+        pieces(q.to(d)),
+        (48, 96),
+        64,
+        trans,
+        u.to(d),
+        v.to(d),
+        b.to(d),
+        None if mask is None else mask.to(d),
+        2.0,
+        config=DEQUANT,
+    )
+    check(y.cpu(), q, x, trans, u, v, b, mask, 2.0)
+
+
+def test_empty_batch(kernel_device):
+    q = nf4.quantize(torch.randn(16, 64)).to(kernel_device)
+    y = nf4_matmul(torch.zeros(0, 64, device=kernel_device), pieces(q), (16, 64), 64)
+    assert y.shape == (0, 16)
+
+
+def test_choose_times_once_and_caches(monkeypatch):
+    from nf4.kernels import matmul
+
+    calls = []
+    monkeypatch.setattr(matmul, "_CHOSEN", {})
+    timings = {"a": 3.0, "b": 1.0, "c": 2.0}
+    monkeypatch.setattr(matmul.triton.testing, "do_bench", lambda fn, **kw: (calls.append(fn()), timings[calls[-1]])[1])
+    key = ("large", 64, 64, 64, torch.bfloat16, False, True, 64, torch.device("cuda"))
+    options = {"a": "a", "b": "b", "c": "c"}
+    assert matmul.choose(key, options, lambda o: o) == "b"
+    assert matmul.choose(key, options, lambda o: o) == "b" and len(calls) == 3  # cached, not re-timed
+    cpu_key = key[:-1] + (torch.device("cpu"),)
+    assert matmul.choose(cpu_key, options, lambda o: o) == "a"  # nothing to time: the first option
