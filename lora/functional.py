@@ -44,6 +44,12 @@ def _matmul(x2, q: NF4Tensor, trans, u, v, bias, mask, keep_scale) -> Tensor:
 
         pieces = (q.packed, q.absmax, q.code, q.nested_absmax, q.nested_offset, q.nested_code)
         return nf4_matmul(x2, pieces, tuple(q.shape), q.blocksize, trans, u, v, bias, mask, keep_scale)
+    if x2.device.type == "cpu":
+        from nf4.cpu import matmul_cpu
+
+        y = matmul_cpu(x2, q, trans, u, v, bias, mask, keep_scale)
+        if y is not None:
+            return y
     from nf4.api import dequantize
 
     return reference.matmul_ref(x2, dequantize(q, torch.float32), trans, u, v, bias, mask, keep_scale)

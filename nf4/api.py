@@ -12,6 +12,7 @@ import torch
 
 from nf4 import reference
 from nf4.codebook import dynamic_map, nearest_thresholds, nf4_midpoints
+from nf4.cpu import dequantize_cpu
 from nf4.dispatch import use_kernels
 from nf4.tensor import FLOAT_DTYPES, NF4Tensor, check_blocksize
 
@@ -133,4 +134,9 @@ def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         nested = (q.nested_absmax, q.nested_offset, q.nested_code) if q.double_quant else None
         flat = dequantize_nf4(q.packed, q.absmax, q.code, n, q.blocksize, dtype, nested)
         return flat.view(q.shape)
-    return reference.dequantize_ref(q.packed, decode_absmax(q), q.blocksize, q.shape, dtype, q.code)
+    absmax = decode_absmax(q)
+    if q.device.type == "cpu":
+        flat = dequantize_cpu(q.packed, absmax, n, q.blocksize, dtype)
+        if flat is not None:
+            return flat.view(q.shape)
+    return reference.dequantize_ref(q.packed, absmax, q.blocksize, q.shape, dtype, q.code)

@@ -57,8 +57,9 @@ def linspace32(start: float, end: float, steps: int) -> np.ndarray:
 
     NOTE: torch's compiled loop contracts `start + step * i` into one fused multiply-add (one
     rounding); a product of a float32 and a small integer is exact in float64, so a float64 sum
-    rounded once to float32 reproduces it. With two float32 roundings, 13 points from 0 to 2.5063145
-    differ from torch at index 9.
+    rounded once to float32 reproduces it (with two float32 roundings, 13 points from 0 to 2.5063145
+    differ from torch at index 9). This matches torch on the points the derivations use (tested);
+    elsewhere torch's rounding depends on which SIMD code path its kernel takes.
     """
     if steps < 2:
         raise ValueError(f"linspace32 needs at least 2 steps, got {steps}")

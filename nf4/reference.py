@@ -162,9 +162,15 @@ def matmul_ref(
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = w.to(ct)
     y = x.to(ct) @ (w if trans else w.t())
+    return matmul_epilogue(y, u, v, bias, mask, keep_scale).to(x.dtype)
+
+
+def matmul_epilogue(y, u=None, v=None, bias=None, mask=None, keep_scale: float = 1.0) -> torch.Tensor:
+    """`y + (u @ v) [* mask * keep_scale] + bias` in y's dtype (the fused matmul's epilogue)."""
+    ct = y.dtype
     if u is not None and u.shape[-1] > 0:
         lora = u.to(ct) @ v.to(ct)
         y = y + (lora * (mask.to(ct) * keep_scale) if mask is not None else lora)
     if bias is not None:
         y = y + bias.to(ct)
-    return y.to(x.dtype)
+    return y

@@ -4,8 +4,6 @@ import bitsandbytes.functional as bnbf
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 from nf4.codebook import (
     FP4_CODE,
@@ -73,9 +71,12 @@ def test_dynamic_map_equals_bitsandbytes():
     assert ours[0] == pytest.approx(-0.99296874) and int((ours < 0).sum()) == 127
 
 
-@given(st.floats(-10, 10, width=32), st.floats(-10, 10, width=32), st.integers(2, 16))
-def test_linspace32_matches_torch_scalar_path(start, end, steps):
-    # torch takes its scalar (spec'd) path for fewer than 2 SIMD vectors of elements.
+@pytest.mark.parametrize("steps", range(2, 20))
+@pytest.mark.parametrize("start,end", [(NF4_OFFSET, 0.5), (0.0, 2.506314516067505), (0.1, 1.0)], ids=str)
+def test_linspace32_matches_torch(start, end, steps):
+    # The NF4 derivation's ranges (and one where two float32 roundings instead of torch's fused
+    # multiply-add would be off by an ulp). torch's own rounding elsewhere depends on its SIMD path
+    # (see nf4/codebook.py), so this checks the points the codebook uses, not arbitrary inputs.
     ours = torch.from_numpy(linspace32(start, end, steps))
     assert torch.equal(bits(ours), bits(torch.linspace(start, end, steps)))
 
