@@ -139,9 +139,11 @@ def _compile_indexed(job: tuple[int, int]) -> CompileReport:
     return compile_config(all_configs()[index], arch)
 
 
-def compile_all(archs: tuple[int, ...] = ARCHS, workers: int | None = None) -> list[CompileReport]:
-    """Compile every configuration for every arch, `workers` processes at a time (default: CPUs)."""
-    jobs = [(i, arch) for i in range(len(all_configs())) for arch in archs]
+def compile_all(archs: tuple[int, ...] = ARCHS, workers: int | None = None, match: str = "") -> list[CompileReport]:
+    """Compile every configuration (whose name contains `match`) for every arch, `workers` processes at a
+    time (default: one per CPU)."""
+    configs = all_configs()
+    jobs = [(i, arch) for i, cfg in enumerate(configs) if match in cfg.name for arch in archs]
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         return [_compile_indexed(job) for job in jobs]
@@ -150,7 +152,7 @@ def compile_all(archs: tuple[int, ...] = ARCHS, workers: int | None = None) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m nf4.kernels.aot [--json] [--arch 80 90]`: compile everything, print the report.
+    """`python -m nf4.kernels.aot [--json] [--arch 80 90] [--match NAME]`: compile, print the report.
 
     Run it in a process without `TRITON_INTERPRET=1` (the interpreter replaces the kernels with
     Python functions that cannot be compiled).
@@ -163,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration")
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--match", default="", help="only configurations whose name contains this")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    reports = compile_all(tuple(args.arch), args.workers)
+    reports = compile_all(tuple(args.arch), args.workers, args.match)
     if args.json:
         for r in reports:
             print(json.dumps({**asdict(r), "ok": r.ok}))

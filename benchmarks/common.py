@@ -1,0 +1,49 @@
+"""Builders shared by the matmul and training benchmarks: the same layer in each implementation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class One(nn.Module):
+    """A model holding one linear layer named `proj` (what PEFT wraps)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def peft_bnb(linear: nn.Linear, r: int, compute_dtype: torch.dtype, device: torch.device):
+    """PEFT's LoRA (r, lora_alpha = r) on a bitsandbytes NF4 Linear4bit (double quant, blocksize 64),
+    with B randomised so the adapter is not a no-op. None when bitsandbytes or peft is missing."""
+    try:
+        import bitsandbytes as bnb
+        import peft
+    except ImportError:
+        return None
+    layer = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        quant_type="nf4",
+        compress_statistics=True,
+    )
+    layer.load_state_dict(linear.state_dict())
+    model = One(layer).to(device)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=r, target_modules=["proj"], lora_dropout=0.0))
+    nn.init.normal_(model.base_model.model.proj.lora_B["default"].weight, std=0.01)
+    return model
+
+
+def ours(linear: nn.Linear, r: int, device: torch.device):
+    """LoRALinearNF4 (r, lora_alpha = r) with B randomised."""
+    from nf4.lora import LoRALinearNF4
+
+    layer = LoRALinearNF4.from_linear(linear, r=r, lora_alpha=r).to(device)
+    nn.init.normal_(layer.lora_B, std=0.01)
+    return layer

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The one-shot GPU check. On the GPU machine (no registry; torch, triton, pytest, hypothesis, peft,
+# transformers preinstalled; bitsandbytes carried as a wheel in .whl/), from the repository root:
+#
+#     bash benchmarks/gpu_check.sh            # GPU tests + full benchmark + static report, < 8 minutes
+#     bash benchmarks/gpu_check.sh --dry-run  # on any machine: every step, tiny, without a GPU
+#
+# PYTHON selects the interpreter (default python3; the dry run here: PYTHON=.venv/bin/python).
+# Everything it produces goes to $OUT (default ./gpu-check-out), flat, at most 8 files:
+# env.txt, pytest.txt, table.txt, results.jsonl, speedup.png (where matplotlib exists),
+# static_report.txt, log.txt. Steps that fail are reported and the next ones still run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=0
+unset TRITON_INTERPRET
+PY=${PYTHON:-python3}
+case $PY in /*) ;; */*) PY="$PWD/$PY" ;; esac  # the tests run from $OUT: keep a relative path valid
+REPO=$PWD
+status=0
+step() { echo "== $(date -u +%H:%M:%S) $*"; }
+
+step "import tree (no install: the machine has no registry for a build backend)"
+TREE=$(mktemp -d)
+cp -r nf4 "$TREE/nf4"
+ln -s "$REPO/kernels" "$TREE/nf4/kernels"
+ln -s "$REPO/lora" "$TREE/nf4/lora"
+export PYTHONPATH="$TREE${PYTHONPATH:+:$PYTHONPATH}"  # no empty entry: that would mean the cwd
+if ls .whl/bitsandbytes-*.whl >/dev/null 2>&1; then
+  step "bitsandbytes from .whl/"
+  SITE=$(mktemp -d)
+  "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/bitsandbytes-*.whl || status=1
+  export PYTHONPATH="$PYTHONPATH:$SITE"
+fi
+export NF4_COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+# Python runs from $OUT: from the repository root, the folder kernels/ would be importable as a
+# top-level `kernels` and shadow Hugging Face's package of that name (bitsandbytes imports it).
+cd "$OUT"
+
+step "environment"
+{
+  date -u
+  echo "commit $NF4_COMMIT"
+  nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+  "$PY" -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
+  "$PY" -c "import nf4, nf4.kernels, nf4.lora; print('nf4 from', nf4.__file__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if [ $DRY = 1 ]; then
+  step "tests (dry run: the GPU-marked tests, skipped without a GPU)"
+  timeout 600 "$PY" -m pytest -q -p no:cacheprovider -m gpu "$REPO/tests" > "$OUT/pytest.txt" 2>&1
+else
+  step "tests (the whole suite: kernels on CUDA tensors against the CPU reference)"
+  timeout 270 "$PY" -m pytest -q -p no:cacheprovider -x --durations=15 "$REPO/tests" > "$OUT/pytest.txt" 2>&1
+fi
+rc=$?
+tail -5 "$OUT/pytest.txt"
+# pytest exits 5 when every selected test was deselected; with -m gpu and no GPU they are skipped (0)
+[ $rc -ne 0 ] && { echo "tests exited $rc"; status=1; }
+
+step "benchmarks"
+QUICK=""
+[ $DRY = 1 ] && QUICK="--quick"
+timeout 330 "$PY" "$REPO/benchmarks/run_all.py" $QUICK --out-dir "$OUT" || { echo "benchmarks failed or timed out"; status=1; }
+
+step "static kernel report"
+MATCH=""
+[ $DRY = 1 ] && MATCH="--match quantize_absmax"
+timeout 120 "$PY" "$REPO/benchmarks/static_report.py" $MATCH --out "$OUT/static_report.txt" > /dev/null || status=1
+tail -1 "$OUT/static_report.txt"
+
+step "done (status $status); files in $OUT:"
+ls -la "$OUT"
+exit $status

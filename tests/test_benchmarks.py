@@ -1,0 +1,33 @@
+"""The benchmark tooling runs end to end (tiny shapes); benchmarks themselves never assert on speed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def clean_env():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_gpu_check_dry_run(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"],
+        env={**clean_env(), "OUT": str(tmp_path), "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"env.txt", "pytest.txt", "table.txt", "results.jsonl", "static_report.txt", "log.txt"} <= files
+    assert len(files) <= 8  # what the GPU machine sends back
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["bench"] for r in records} == {"quantize", "matmul", "train_step"}
+    for r in records:
+        assert r["median_ms"] > 0 and {"device", "torch", "triton", "commit", "date"} <= set(r["env"])
+    table = (tmp_path / "table.txt").read_text()
+    assert "CPU run" in table.splitlines()[0] and "nf4 fused" in table and "bitsandbytes" in table
