@@ -5,8 +5,20 @@ apply_lora(model, r=16, target_modules=["q_proj", "v_proj"])     # a whole model
 quantize_model(model)                                            # inference: LinearNF4 everywhere
 """
 
+from nf4.lora.adapter import load_adapter, save_adapter
 from nf4.lora.convert import apply_lora, quantize_model
 from nf4.lora.functional import lora_linear
+from nf4.lora.merge import merge_and_unload, merged_weight
 from nf4.lora.modules import LinearNF4, LoRALinearNF4
 
-__all__ = ["LinearNF4", "LoRALinearNF4", "apply_lora", "lora_linear", "quantize_model"]
+__all__ = [
+    "LinearNF4",
+    "LoRALinearNF4",
+    "apply_lora",
+    "load_adapter",
+    "lora_linear",
+    "merge_and_unload",
+    "merged_weight",
+    "quantize_model",
+    "save_adapter",
+]

@@ -7,13 +7,12 @@ when its name equals an entry or ends with "." + entry (PEFT's suffix rule: "que
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Iterable
 
 from torch import nn
 
 from nf4.lora.modules import LinearNF4, LoRALinearNF4
+from nf4.progress import Progress
 
 
 def _matches(name: str, targets: Iterable[str] | None) -> bool:
@@ -38,33 +37,11 @@ def _targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Linear]]:
     return found
 
 
-class _Progress:
-    """A one-line progress bar on stderr (only when stderr is a terminal, or when forced)."""
-
-    def __init__(self, total: int, label: str, enabled: bool | None):
-        self.total, self.label, self.done = total, label, 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.start = time.perf_counter()
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        width = 30
-        filled = width * self.done // self.total
-        elapsed = time.perf_counter() - self.start
-        bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {elapsed:5.1f}s {what[-40:]:40}")
-        if self.done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def _replace(model: nn.Module, target_modules, make, label: str, progress: bool | None) -> nn.Module:
     targets = _targets(model, target_modules)
     for param in model.parameters():
         param.requires_grad_(False)
-    bar = _Progress(len(targets), label, progress)
+    bar = Progress(len(targets), label, progress)
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

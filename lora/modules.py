@@ -233,6 +233,7 @@ class LoRALinearNF4(LinearNF4):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=adapter_dtype, device=device))
         self.reset_lora_parameters()
+        self._unmerged: NF4Tensor | None = None  # the weight before `merge`, for `unmerge`
 
     def reset_lora_parameters(self) -> None:
         """PEFT's initialisation: A kaiming-uniform (a = sqrt(5)), B zero."""
@@ -264,6 +265,8 @@ class LoRALinearNF4(LinearNF4):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:  # the adapter is inside the weight
+            return super().forward(x)
         self._check_input(x)
         mask, keep_scale = dropout_mask(x, self.lora_dropout, self.training)
         y, _ = torch.ops.nf4.lora_linear(
@@ -271,8 +274,47 @@ class LoRALinearNF4(LinearNF4):
         )
         return y
 
+    # -- merging -------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        """True between `merge()` and `unmerge()`: the weight holds the adapter, which is skipped."""
+        return self._unmerged is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        """The adapter's update `scaling * lora_B @ lora_A`, float32 [out_features, in_features]."""
+        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    def merge(self) -> dict[str, float]:
+        """Fold the adapter into the NF4 weight: `W' = quantize(dequant(W) + scaling * B @ A)`.
+
+        Lossy: the update is usually smaller than the NF4 rounding step, so much of it is rounded away.
+        Returns the weight-space measurements: `update_norm` = ||dW||, `error_norm` =
+        ||dequant(W') - (dequant(W) + dW)||, and `update_lost` = their ratio (1.0 means the merged
+        weight is as far from the intended one as the whole update is large). `unmerge()` restores the
+        previous weight exactly; for an exact merge use `nf4.lora.merge_and_unload` (16-bit weights).
+        """
+        if self.merged:
+            raise RuntimeError("this layer is already merged; unmerge() first")
+        q = self.weight
+        base = q.dequantize(torch.float32)
+        delta = self.delta_weight()
+        target = base + delta
+        merged = quantize(target.to(q.dtype), q.blocksize, q.double_quant)
+        error = merged.dequantize(torch.float32) - target
+        self._unmerged = q
+        self._set_weight(merged)
+        update, err = float(delta.norm()), float(error.norm())
+        return {"update_norm": update, "error_norm": err, "update_lost": err / update if update else 0.0}
+
+    def unmerge(self) -> None:
+        """Restore the weight from before `merge()`, byte for byte (the adapter was never changed)."""
+        if not self.merged:
+            raise RuntimeError("this layer is not merged")
+        self._set_weight(self._unmerged)
+        self._unmerged = None
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
-            f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}"
+            f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}" + (", merged=True" if self.merged else "")
         )

@@ -8,9 +8,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv") and "pytest" in line]
-    assert len(commands) == 1, commands
-    assert commands[0] in ci.splitlines()
+    setup = [line for line in readme.splitlines() if line.startswith("python3 -m venv")]
+    assert len(setup) == 2, setup  # exactly two: the main job and the tests
+    tests = [line for line in setup if line.endswith("pytest")]
+    assert len(tests) == 1 and tests[0] in ci.splitlines()
+    assert any(line.endswith("nf4 demo") for line in setup)
 
 
 def test_readme_example_runs():

@@ -1,0 +1,224 @@
+"""Adapters in PEFT's on-disk format, both ways.
+
+A directory with `adapter_model.safetensors` (keys `base_model.model.<module path>.lora_A.weight`
+[r, in_features] and `...lora_B.weight` [out_features, r]) and `adapter_config.json` (PEFT's
+LoraConfig: r, lora_alpha, lora_dropout, target_modules, use_rslora, rank_pattern, alpha_pattern, ...).
+`save_adapter` writes what `peft.PeftModel.from_pretrained` loads onto the unquantized model;
+`load_adapter` reads what PEFT's `save_pretrained` wrote. Files are read with safetensors (or
+`torch.load(weights_only=True)` for a legacy `adapter_model.bin`): nothing in them can run code.
+Everything is checked before the model is touched, so a bad file never leaves a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nf4.lora.modules import LinearNF4, LoRALinearNF4
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinearNF4]:
+    """The model's LoRALinearNF4 layers by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinearNF4)}
+
+
+def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's adapters to `directory` in PEFT's format; returns the directory.
+
+    Ranks and alphas that differ between layers go to `rank_pattern` / `alpha_pattern` (full module
+    paths), as PEFT does. Layers must agree on `use_rslora` (PEFT has one flag per adapter).
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRALinearNF4 layers: nothing to save (use nf4.lora.apply_lora first)")
+    rslora = {m.use_rslora for m in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError("PEFT stores one use_rslora flag per adapter, but these layers mix both settings")
+    r = Counter(m.r for m in layers.values()).most_common(1)[0][0]
+    alpha = Counter(m.lora_alpha for m in layers.values()).most_common(1)[0][0]
+    dropout = Counter(m.lora_dropout for m in layers.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(layers),
+        "rank_pattern": {name: m.r for name, m in layers.items() if m.r != r},
+        "alpha_pattern": {name: m.lora_alpha for name, m in layers.items() if m.lora_alpha != alpha},
+        "use_rslora": rslora.pop(),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    tensors = {}
+    for name, m in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous().clone()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous().clone()
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a PEFT adapter directory")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: expected a LoRA adapter (peft_type 'LORA'), got {config.get('peft_type')!r}")
+    unsupported = {
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "trainable_token_indices": None,
+    }
+    bad = [f"{k}={config[k]!r}" for k, ok in unsupported.items() if config.get(k) not in (ok, None, [], {})]
+    if config.get("bias", "none") != "none":
+        bad.append(f"bias={config['bias']!r}")
+    if bad:
+        raise ValueError(f"{path}: adapter options not supported here: {', '.join(bad)}")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(config.get(field), (int, float)) or isinstance(config.get(field), bool):
+            raise ValueError(f"{path}: '{field}' must be a number, got {config.get(field)!r}")
+    return config
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    safetensors_path, bin_path = directory / WEIGHTS_NAME, directory / LEGACY_WEIGHTS_NAME
+    if safetensors_path.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(safetensors_path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(
+                f"{safetensors_path} is not a readable safetensors file (truncated or corrupted?): {e}"
+            ) from None
+    if bin_path.is_file():
+        try:
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure: refuse the file
+            raise ValueError(f"{bin_path} could not be loaded safely (weights_only=True): {e}") from None
+    raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
+
+
+def _pattern(patterns: dict, path: str, default):
+    """PEFT's rank/alpha pattern lookup: a key matches a module path that ends with it."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load a PEFT LoRA adapter from `directory` into `model` (in place); returns the model.
+
+    Each adapted layer may be an nn.Linear (quantized to NF4 here, blocksize 64, double
+    quantization), a LinearNF4 (its NF4 weight is kept as is) or a LoRALinearNF4 (its adapter is
+    replaced). Names or shapes that do not match the model raise ValueError listing every mismatch;
+    nothing is changed then.
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    tensors = _read_weights(directory)
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    errors = []
+    for key, value in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            errors.append(f"{key}: not a LoRA weight key (expected {PREFIX}<module>.lora_A.weight / lora_B.weight)")
+            continue
+        pairs.setdefault(m.group("path"), {})[m.group("part")] = value
+    modules = dict(model.named_modules())
+    plan = []
+    for path, parts in sorted(pairs.items()):
+        if set(parts) != {"lora_A", "lora_B"}:
+            errors.append(f"{path}: has {sorted(parts)} but needs both lora_A and lora_B")
+            continue
+        module = modules.get(path)
+        if module is None:
+            errors.append(f"{path}: no such module in the model")
+            continue
+        if not isinstance(module, (nn.Linear, LinearNF4)):
+            errors.append(f"{path}: is a {type(module).__name__}, not a Linear layer")
+            continue
+        r = int(_pattern(config.get("rank_pattern"), path, config["r"]))
+        a, b = parts["lora_A"], parts["lora_B"]
+        want_a, want_b = (r, module.in_features), (module.out_features, r)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            errors.append(
+                f"{path}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit this layer "
+                f"(expected {list(want_a)} / {list(want_b)} for r={r})"
+            )
+            continue
+        plan.append((path, module, r, _pattern(config.get("alpha_pattern"), path, config["lora_alpha"]), a, b))
+    if errors:
+        raise ValueError(f"the adapter in {directory} does not fit this model:\n  " + "\n  ".join(errors))
+    if not plan:
+        raise ValueError(f"the adapter in {directory} holds no LoRA weights")
+
+    for path, module, r, alpha, a, b in plan:
+        layer = _with_adapter(
+            module, r, alpha, float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora"))
+        )
+        with torch.no_grad():
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+        if layer is not module:
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return model
+
+
+def _with_adapter(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> LoRALinearNF4:
+    """A LoRALinearNF4 with an adapter of rank r for `module` (quantizing an nn.Linear if needed)."""
+    if type(module) is nn.Linear:
+        return LoRALinearNF4.from_linear(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora)
+    q = module.weight
+    layer = LoRALinearNF4(
+        module.in_features,
+        module.out_features,
+        bias=module.bias is not None,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        use_rslora=rslora,
+        blocksize=q.blocksize,
+        double_quant=q.double_quant,
+        dtype=q.dtype,
+        device=q.device,
+        adapter_dtype=getattr(module, "lora_A", torch.empty(0)).dtype,
+    )
+    layer._set_weight(q)
+    if module.bias is not None:
+        layer.bias = module.bias
+    layer.train(module.training)
+    return layer
