@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from harness import Results, Timer, banner, bnb_available, copy_bandwidth, environment, format_table
+from harness import Results, Timer, bench_main, bnb_available, copy_bandwidth, format_table
 
 import nf4
 
@@ -95,23 +95,5 @@ def table(rows: list[dict]) -> str:
     return format_table(rows, COLUMNS)
 
 
-def main(argv=None) -> None:
-    import argparse
-    from pathlib import Path
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke test)")
-    parser.add_argument("--out", type=Path, help="append JSON lines here")
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = Results(environment(device))
-    print(banner(results.env))
-    rows = run(device, args.quick, results)
-    print(f"copy bandwidth (read + write): {rows[0]['copy_gb_per_s']:.1f} GB/s")
-    print(table(rows))
-    if args.out:
-        results.write_jsonl(args.out)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_main(__doc__, run, table))

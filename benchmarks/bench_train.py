@@ -16,7 +16,7 @@ import sys
 
 import torch
 from common import ours, peft_bnb
-from harness import Results, Timer, banner, environment, format_table
+from harness import Results, Timer, bench_main, format_table
 from torch import nn
 
 GPU_CASES = [((4096, 4096), 4096), ((4096, 4096), 16384), ((14336, 4096), 4096), ((14336, 4096), 16384)]
@@ -88,21 +88,5 @@ def table(rows: list[dict]) -> str:
     return format_table(rows, COLUMNS)
 
 
-def main(argv=None) -> None:
-    import argparse
-    from pathlib import Path
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke test)")
-    parser.add_argument("--out", type=Path, help="append JSON lines here")
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = Results(environment(device))
-    print(banner(results.env))
-    print(table(run(device, args.quick, results)))
-    if args.out:
-        results.write_jsonl(args.out)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_main(__doc__, run, table))

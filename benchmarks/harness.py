@@ -177,3 +177,19 @@ def bnb_available(device: torch.device) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure: report the baseline as unavailable
         return False
+
+
+def bench_main(doc: str, run, table, argv=None) -> None:
+    """The command line every benchmark script shares: `[--quick] [--out results.jsonl]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke test)")
+    parser.add_argument("--out", type=Path, help="append JSON lines here")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = Results(environment(device))
+    print(banner(results.env))
+    print(table(run(device, args.quick, results)))
+    if args.out:
+        results.write_jsonl(args.out)

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, ptr_type, round_to, to_f32
 from nf4.kernels.dequantize import decode_absmax
+from nf4.reference import matmul_epilogue
 
 RK = tl.constexpr(16)  # rank chunk of the LoRA epilogue: r is walked in steps of 16 (any r works)
 
@@ -581,13 +582,9 @@ def dequantize_then_matmul(x, weight, shape, blocksize, trans, u, v, bias, mask,
     y = x @ (w if trans else w.t())
     if (u is None or u.shape[1] == 0) and bias is None:
         return y
-    y = y.float()
-    if u is not None and u.shape[1] > 0:
-        lora = u.to(x.dtype).float() @ v.to(x.dtype).float()
-        y = y + (lora * (mask * keep_scale) if mask is not None else lora)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    if u is not None:  # the fused kernel's epilogue reads u and v in the activation dtype
+        u, v = u.to(x.dtype), v.to(x.dtype)
+    return matmul_epilogue(y.float(), u, v, bias, mask, keep_scale).to(x.dtype)
 
 
 _PAIRS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

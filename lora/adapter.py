@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nf4.lora.convert import replace_module
 from nf4.lora.modules import LinearNF4, LoRALinearNF4
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -193,8 +194,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
         if layer is not module:
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            replace_module(model, path, layer)
     return model
 
 

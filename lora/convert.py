@@ -21,6 +21,12 @@ def _matches(name: str, targets: Iterable[str] | None) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` (a dotted path) is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def _targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Linear]]:
     if isinstance(target_modules, str):
         target_modules = [target_modules]
@@ -43,9 +49,7 @@ def _replace(model: nn.Module, target_modules, make, label: str, progress: bool 
         param.requires_grad_(False)
     bar = Progress(len(targets), label, progress)
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(linear))
+        replace_module(model, name, make(linear))
         bar.step(name)
     return model
 

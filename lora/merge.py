@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nf4.lora.convert import replace_module
 from nf4.lora.modules import LinearNF4, LoRALinearNF4
 
 
@@ -42,6 +43,5 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, include
             linear.weight.copy_(weight)
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias.to(weight.dtype))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, linear)
+        replace_module(model, name, linear)
     return model
