@@ -37,8 +37,18 @@ def peft_model(linear, r, alpha, double_quant):
     return peft.get_peft_model(model, config)
 
 
+def bnb_cpu_dequantize_is_wrong(k: int, blocksize: int = 64) -> bool:
+    """bitsandbytes 0.50's CPU dequantize (AVX-512 path) returns wrong values for these row lengths
+    (nf4-format.md section 6): at K = 96 its Linear4bit output is off by ~5% of the output's scale."""
+    return k % 16 == 0 and k % blocksize != 0 and blocksize < 2048
+
+
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
-@pytest.mark.parametrize("shape,r", [((96, 40), 8), ((130, 64), 16), ((64, 33), 1)], ids=["96x40", "130x64", "64x33"])
+@pytest.mark.parametrize(
+    "shape,r",
+    [((100, 40), 8), ((130, 64), 16), ((64, 33), 1), ((96, 40), 8)],
+    ids=["100x40", "130x64", "64x33", "96x40"],
+)
 def test_outputs_and_gradients_agree_with_peft(kernel_device, shape, r, double_quant):
     torch.manual_seed(0)
     k, n = shape
@@ -73,9 +83,14 @@ def test_outputs_and_gradients_agree_with_peft(kernel_device, shape, r, double_q
     eps = torch.finfo(torch.float32).eps
 
     def close(got, want, oracle):
-        fp32_err = (want.double() - oracle).abs().max().item()
-        tol = 2 * fp32_err + eps * (oracle.abs().max().item() + 1)
-        assert (got.detach().cpu().double() - want.detach().double()).abs().max().item() <= 2 * tol
+        """Ours within a few fp32 ulps of the float64 oracle, and (where bitsandbytes computes the right
+        thing) within twice PEFT's own error of PEFT."""
+        scale = oracle.abs().max().item() + 1
+        got = got.detach().cpu().double()
+        assert (got - oracle).abs().max().item() <= 64 * eps * scale
+        if not bnb_cpu_dequantize_is_wrong(k):
+            peft_err = (want.detach().double() - oracle).abs().max().item()
+            assert (got - want.detach().double()).abs().max().item() <= 2 * peft_err + 2 * eps * scale
 
     close(y_ours, y_theirs, exact)
     dx_exact = dy.double() @ w + ours.scaling * (dy.double() @ b) @ a
