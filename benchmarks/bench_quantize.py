@@ -89,10 +89,7 @@ COLUMNS = [
 
 
 def table(rows: list[dict]) -> str:
-    for r in rows:
-        r["spread"] = f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}"
-        r["shape"] = "x".join(map(str, r["shape"])) if isinstance(r["shape"], list) else r["shape"]
-    return format_table(rows, COLUMNS)
+    return format_table([{**r, "spread": f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}"} for r in rows], COLUMNS)
 
 
 if __name__ == "__main__":

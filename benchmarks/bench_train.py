@@ -83,8 +83,6 @@ COLUMNS = [
 
 
 def table(rows: list[dict]) -> str:
-    for r in rows:
-        r["shape"] = "x".join(map(str, r["shape"])) if isinstance(r["shape"], list) else r["shape"]
     return format_table(rows, COLUMNS)
 
 

@@ -146,12 +146,15 @@ class Results:
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """Fixed-width table: `columns` = (header, key, format spec); missing values print as '-'."""
+    """Fixed-width table: `columns` = (header, key, format spec); missing values print as '-', shapes
+    (lists) as 4096x4096."""
 
     def cell(row, key, spec):
         value = row.get(key)
         if value is None:
             return "-"
+        if isinstance(value, (list, tuple)):
+            return "x".join(map(str, value))
         return format(value, spec) if spec else str(value)
 
     body = [[cell(r, k, s) for _, k, s in columns] for r in rows]

@@ -39,13 +39,14 @@ def plot(rows: list[dict], path: Path) -> str:
     except ImportError:
         return "speedup.png: matplotlib is not installed here; plot results.jsonl elsewhere"
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    shapes = sorted({r["shape"] for r in rows if r["bench"] == "matmul"})
+    shapes = sorted({tuple(r["shape"]) for r in rows if r["bench"] == "matmul"})
     for shape in shapes:
         for impl, style in (("nf4 fused", "-o"), ("bnb + PEFT", "--x")):
-            mine = [r for r in rows if r["bench"] == "matmul" and r["shape"] == shape and r["impl"] == impl]
+            mine = [r for r in rows if r["bench"] == "matmul" and tuple(r["shape"]) == shape and r["impl"] == impl]
             pts = sorted((r["m"], r["x_vs_torch_bf16"]) for r in mine if r["r"] == 16)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{impl} {shape}")
+                label = f"{impl} {'x'.join(map(str, shape))}"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("M (rows of x)")
