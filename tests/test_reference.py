@@ -42,7 +42,9 @@ def test_special_data_bit_exact_with_bitsandbytes(blocksize, kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(256, 512), (1000, 333), (4096, 64)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(256, 512), (1000, 333), (4096, 64), (4096, 4096)], ids=lambda s: "x".join(map(str, s))
+)
 def test_nested_codes_against_bitsandbytes_and_exact_nearest(shape, dtype):
     x = make_data(shape, dtype, "normal", seed=2)
     _, absmax = reference.quantize_ref(x, 64)
@@ -50,11 +52,22 @@ def test_nested_codes_against_bitsandbytes_and_exact_nearest(shape, dtype):
     _, state = bnb_quantize(x, 64, double_quant=True)
     assert offset.item() == state.offset.item()
     assert torch.equal(absmax2, state.state2.absmax)
-    # bitsandbytes' CPU build looks codes up in an approximate 65536-entry table: off by one, rarely.
-    diff = (codes.int() - state.absmax.int()).abs()
-    assert diff.max() <= 1 and diff.float().mean() < 0.01
+    # bitsandbytes' CPU build looks codes up in an approximate 65536-entry table over [-1, 1]: about
+    # 0.2% of its codes differ from the exact nearest entry, by one step, or by a few steps near zero
+    # where the map's entries are closer together than the table's 2/65536 resolution. Where the two
+    # differ, ours is nearer the value and theirs within that resolution of ours.
+    code_map = dynamic_map()
+    differ = codes != state.absmax
+    assert differ.float().mean() < 0.005
+    v = reference.unit_scale(
+        torch.nn.functional.pad(absmax - offset, (0, -absmax.numel() % 256)).view(-1, 256), absmax2
+    ).reshape(-1)[: absmax.numel()]
+    ours_map, theirs_map = code_map[codes.long()][differ], code_map[state.absmax.long()][differ]
+    assert torch.all((v[differ] - ours_map).abs() <= (v[differ] - theirs_map).abs())
+    steps = (codes.int() - state.absmax.int())[differ].abs()
+    assert torch.all((steps <= 1) | ((ours_map - theirs_map).abs() <= 2 / 65536))
     # Ours is the exact nearest map entry, ties to the lower one.
-    code_map = dynamic_map().double()
+    code_map = code_map.double()
     y = (absmax - offset).double()
     scale = absmax2.double().repeat_interleave(256)[: y.numel()]
     exact = ((y / scale)[:, None] - code_map[None, :]).abs().argmin(dim=1)
