@@ -4,17 +4,22 @@
     backward  (trans=True):   y[M, K] = x[M, N] @ W        + (U[M, r] @ V[r, K]) * mask*keep
 
 W is an NF4 weight of shape [N, K] in bitsandbytes' layout (element (n, k) is code n*K + k of the flat
-tensor, blocks of `blocksize` may cross rows, any K). For LoRA, the launcher's caller passes
+tensor, blocks of `blocksize` may cross rows). The kernel needs an even K (each row then starts on a
+byte); an odd K takes the "dequantize, then matmul" strategy. For LoRA, the launcher's caller passes
 U = scaling * dropout(x) @ A^T and V = B^T (forward), or U = scaling * dy @ B and V = A (the
 input-gradient pass, with the dropout mask applied to the LoRA term). The LoRA term is added to the fp32
 accumulator before the single rounding to the output dtype: no extra pass over the output.
 
 Tiling: each program owns a [BM, BN] output tile and walks the reduction dimension in BK steps. Each
-step loads a [BM, BK] tile of x and decodes the matching [BK, BN] tile of W in registers: the byte
-holding each code (element 2k in the high nibble), the NF4 value from the 16-entry table, the block's
-absmax (double-quantized absmax decoded on the fly), their float32 product rounded to the activation
-dtype, which is exactly what `nf4.dequantize` would produce. The tile goes straight into `tl.dot`
-(tensor cores, fp32 accumulation); the dequantized weight never touches global memory.
+step loads a [BM, BK] tile of x and decodes the matching tile of W in registers one byte at a time:
+a 256-entry table gives both nibbles' NF4 values in one lookup (`dequant_pairs`), each tile row
+decodes its (at most three) absmax blocks once, double-quantized absmax included, and the float32
+products are rounded to the activation dtype, exactly what `nf4.dequantize` produces. The two
+halves of a byte are the even and odd elements of a row, so the forward pass splits x's tile into its
+even and odd columns and runs two `tl.dot`s, and the input-gradient pass keeps two accumulators for
+the even and odd output columns, interleaved once at the end. Dots run on tensor cores (mma.sync;
+wgmma on sm_90 for 64- and 128-row tiles) with fp32 accumulation; the dequantized weight never touches
+global memory.
 
 Regimes (one launcher, configurations per M bucket):
 - small M (decode, M <= 16): BM = 16 and split-K: programs = N tiles x SPLIT, so that one row keeps
