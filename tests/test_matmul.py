@@ -51,6 +51,14 @@ def check(y, q, x, trans, u, v, b, mask, keep):
     assert err <= 2 * torch_err + 2 * ulp, (err, torch_err, ulp)
 
 
+def run_and_check(device, q, x, trans, u, v, b, mask, keep, **launch):
+    """Run the launcher on `device` (inputs moved there) and check the result against the oracle."""
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    y = nf4_matmul(on(x), pieces(q.to(device)), tuple(q.shape), q.blocksize, trans, on(u), on(v), on(b), on(mask),
+                   keep, **launch)  # fmt: skip
+    check(y.cpu(), q, x, trans, u, v, b, mask, keep)
+
+
 @given(
     m=st.integers(1, 40),
     n=st.integers(1, 80),
@@ -70,21 +78,7 @@ def test_fused_matmul_matches_reference(
 ):
     q, x, u, v, b, mask = problem(m, n, k, r, dtype, trans, bias, use_mask, blocksize, double_quant, seed)
     mask = mask if trans and r else None
-    d = kernel_device
-    y = nf4_matmul(
-        x.to(d),
-        pieces(q.to(d)),
-        (n, k),
-        blocksize,
-        trans,
-        None if u is None else u.to(d),
-        None if v is None else v.to(d),
-        None if b is None else b.to(d),
-        None if mask is None else mask.to(d),
-        1 / 0.7,
-        split=split,
-    )
-    check(y.cpu(), q, x, trans, u, v, b, mask, 1 / 0.7)
+    run_and_check(kernel_device, q, x, trans, u, v, b, mask, 1 / 0.7, split=split)
 
 
 ALL_CONFIGS = sorted(
@@ -99,41 +93,13 @@ ALL_CONFIGS = sorted(
 def test_every_tile_configuration(kernel_device, config, trans, dtype):
     # shapes that leave partial tiles in every dimension, K not a multiple of 64 or of 16
     q, x, u, v, b, mask = problem(37, 70, 150, 5, dtype, trans, True, trans, 64, True, seed=1)
-    d = kernel_device
-    y = nf4_matmul(
-        x.to(d),
-        pieces(q.to(d)),
-        (70, 150),
-        64,
-        trans,
-        u.to(d),
-        v.to(d),
-        b.to(d),
-        None if mask is None else mask.to(d),
-        1.25,
-        config=config,
-    )
-    check(y.cpu(), q, x, trans, u, v, b, mask, 1.25)
+    run_and_check(kernel_device, q, x, trans, u, v, b, mask, 1.25, config=config)
 
 
 @pytest.mark.parametrize("trans", [False, True])
 def test_dequantize_then_matmul_strategy(kernel_device, trans):
     q, x, u, v, b, mask = problem(20, 48, 96, 4, torch.float16, trans, True, trans, 64, True, seed=2)
-    d = kernel_device
-    y = nf4_matmul(
-        x.to(d),
-        pieces(q.to(d)),
-        (48, 96),
-        64,
-        trans,
-        u.to(d),
-        v.to(d),
-        b.to(d),
-        None if mask is None else mask.to(d),
-        2.0,
-        config=DEQUANT,
-    )
-    check(y.cpu(), q, x, trans, u, v, b, mask, 2.0)
+    run_and_check(kernel_device, q, x, trans, u, v, b, mask, 2.0, config=DEQUANT)
 
 
 def test_empty_batch(kernel_device):
