@@ -9,9 +9,14 @@ blocksize 64, adapter rank r), at M = 1, 16, 128, 4096, 16384 rows on a GPU:
   torch bf16           torch.nn.functional.linear on the unquantized bf16 weight, no adapter (cuBLAS)
   bnb + PEFT           PEFT's LoRA on bitsandbytes' Linear4bit (what QLoRA users run today)
 
-Reported: time, TFLOP/s of the base matmul (2*M*N*K), speed-up against torch bf16 and against
+Reported: time per call, TFLOP/s of the base matmul (2*M*N*K), speed-up against torch bf16 and against
 bnb + PEFT, and the weight bytes streamed per second as a fraction of the copy bandwidth (the limit
-in the memory-bound decode regime). On the CPU: one 4096x4096 layer, M = 1, 16, 128, our CPU path.
+in the memory-bound decode regime). On a GPU the time is GPU time from CUDA-graph replay with the L2
+flushed before every call (`median ms`; every rate and ratio comes from it, for every implementation
+alike), next to the eager time a user without graphs sees (`eager ms`, CPU launch cost included); an
+implementation that cannot be captured is timed eagerly and marked `graph` False (harness.py). The
+fused path's top kernels at r = 16 go to the kernel breakdown. On the CPU: one 4096x4096 layer,
+M = 1, 16, 128, our CPU path.
 
     python benchmarks/bench_matmul.py [--quick] [--out results.jsonl]
 """
@@ -81,9 +86,12 @@ def run(device: torch.device, quick: bool, results: Results) -> list[dict]:
                 times = {}
                 with torch.no_grad():
                     for impl, fn in impls.items():
-                        t = timer(fn, min_seconds=0.3 if gpu else 0.0, repeats=25 if gpu else 5)
+                        t = timer(fn, min_seconds=0.15 if gpu else 0.0, repeats=25 if gpu else 5)
                         times[impl] = t.median_ms
                         rows.append(results.add("matmul", case, impl, t))
+                        if impl == "nf4 fused" and r == ranks[0]:
+                            title = f"matmul {n}x{k}, M = {m}, r = {r}, {impl}: graph {t.median_ms:.4f} ms"
+                            results.kernel_breakdown(f"{title}, eager {t.eager_ms:.4f} ms", fn)
                 for row in rows[-len(impls) :]:
                     t = row["median_ms"] * 1e-3
                     row["tflops"] = 2 * m * n * k / t / 1e12
@@ -101,6 +109,8 @@ COLUMNS = [
     ("r", "r", ""),
     ("impl", "impl", ""),
     ("median ms", "median_ms", ".4f"),
+    ("eager ms", "eager_ms", ".4f"),
+    ("graph", "graph", ""),
     ("TFLOP/s", "tflops", ".2f"),
     ("x vs bf16", "x_vs_torch_bf16", ".2f"),
     ("x vs bnb+PEFT", "x_vs_bnb_peft", ".2f"),

@@ -2,10 +2,15 @@
 
 `LoRALinearNF4` (fused forward, hand-written backward: dx through the fused transposed kernel, dA, dB)
 against PEFT's LoRA on bitsandbytes' Linear4bit (bnb's matmul_4bit and autograd), r = 16, bf16
-activations, the adapter in float32 in both. Reported: time per step and, on a GPU, peak memory
-allocated during the step beyond what was allocated before it. GPU: M = 4096 and 16384 rows through a
-4096x4096 and a 4096->14336 layer. CPU: M = 256 and 1024 through one 1024x1024 layer (peak memory is
-not tracked on the CPU).
+activations, the adapter in float32 in both. A step is forward + backward: the gradients of x, lora_A
+and lora_B are set to None at its start, so backward allocates them afresh; there is no optimizer step,
+for any implementation. Reported: time per step and, on a GPU, peak memory allocated during the step
+beyond what was allocated before it. On a GPU the step is timed as harness.py times a call: GPU time
+from replaying a CUDA graph of whole steps (forward and backward captured, with the L2 flushed before
+each step; `median ms`, which `x vs bnb+PEFT` compares), next to the eager time (`eager ms`); our
+step's top kernels go to the kernel breakdown. GPU: M = 4096 and 16384 rows through a 4096x4096 and a
+4096->14336 layer. CPU: M = 256 and 1024 through one 1024x1024 layer (peak memory is not tracked on
+the CPU).
 
     python benchmarks/bench_train.py [--quick] [--out results.jsonl]
 """
@@ -66,6 +71,9 @@ def run(device: torch.device, quick: bool, results: Results) -> list[dict]:
             rows.append(
                 results.add("train_step", {"shape": [n, k], "m": m, "r": 16}, impl, t, peak_mb=_peak_mb(device, step))
             )
+            if impl == "nf4 LoRALinearNF4":
+                title = f"train step {n}x{k}, M = {m}, r = 16, {impl}: graph {t.median_ms:.3f} ms"
+                results.kernel_breakdown(f"{title}, eager {t.eager_ms:.3f} ms", step)
         for row in rows[-len(impls) :]:
             base = times.get("bnb + PEFT")
             row["x_vs_bnb_peft"] = base / row["median_ms"] if base else None
@@ -77,6 +85,8 @@ COLUMNS = [
     ("M", "m", ""),
     ("impl", "impl", ""),
     ("median ms", "median_ms", ".3f"),
+    ("eager ms", "eager_ms", ".3f"),
+    ("graph", "graph", ""),
     ("x vs bnb+PEFT", "x_vs_bnb_peft", ".2f"),
     ("peak MB", "peak_mb", ".0f"),
 ]

@@ -3,9 +3,11 @@
     python benchmarks/run_all.py [--quick] [--out-dir DIR]
 
 Without --out-dir the results go to benchmarks/results/<date>-<device>-<commit>/: results.jsonl (one
-object per measurement, with the environment), table.txt (what was printed) and speedup.png (needs
-matplotlib; skipped with a note where it is missing). Runs on a GPU when one is present, else the CPU
-paths at smaller shapes, and says which in the first line.
+object per measurement, with the environment), table.txt (what was printed), profile.txt (on a GPU:
+torch.profiler's top kernels of one call of each fused path; on the CPU a line saying it was skipped)
+and speedup.png (needs matplotlib; skipped with a note where it is missing). Runs on a GPU when one is
+present, else the CPU paths at smaller shapes, and says which in the first line. Interrupted (Ctrl-C,
+or `timeout -s INT`), it still writes every measurement taken so far, and says it was cut short.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ import bench_train
 import torch
 from harness import ROOT, Results, banner, environment
 
-BENCHES = [
-    ("quantize / dequantize", bench_quantize),
-    ("fused matmul + LoRA", bench_matmul),
-    ("LoRA training step", bench_train),
+BENCHES = [  # (title, module, the `bench` field of its records)
+    ("quantize / dequantize", bench_quantize, "quantize"),
+    ("fused matmul + LoRA", bench_matmul, "matmul"),
+    ("LoRA training step", bench_train, "train_step"),
 ]
 
 
 def plot(rows: list[dict], path: Path) -> str:
-    """Speed-up of the fused kernel (and of bnb + PEFT) over torch bf16 against M, one line per shape."""
+    """Speed-up of the fused kernel (and of bnb + PEFT) over torch bf16 against M, one line per shape, from
+    `median_ms` (GPU time from CUDA graphs on a GPU)."""
     try:
         import matplotlib
 
@@ -38,12 +41,14 @@ def plot(rows: list[dict], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "speedup.png: matplotlib is not installed here; plot results.jsonl elsewhere"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     shapes = sorted({tuple(r["shape"]) for r in rows if r["bench"] == "matmul"})
+    if not shapes:
+        return "speedup.png: no matmul measurement to plot"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for shape in shapes:
         for impl, style in (("nf4 fused", "-o"), ("bnb + PEFT", "--x")):
             mine = [r for r in rows if r["bench"] == "matmul" and tuple(r["shape"]) == shape and r["impl"] == impl]
-            pts = sorted((r["m"], r["x_vs_torch_bf16"]) for r in mine if r["r"] == 16)
+            pts = sorted((r["m"], r["x_vs_torch_bf16"]) for r in mine if r["r"] == 16 and r.get("x_vs_torch_bf16"))
             if pts:
                 label = f"{impl} {'x'.join(map(str, shape))}"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
@@ -72,22 +77,36 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     lines = [banner(env)]
     print(lines[0], flush=True)
-    all_rows = []
-    for title, bench in BENCHES:
-        start = time.perf_counter()
-        rows = bench.run(device, args.quick, results)
-        all_rows += rows
-        text = f"\n## {title} ({time.perf_counter() - start:.0f} s)\n{bench.table(rows)}"
-        if bench is bench_quantize and rows:
-            text += f"\ncopy bandwidth measured in this run (read + write): {rows[0]['copy_gb_per_s']:.1f} GB/s"
-        print(text, flush=True)
-        lines.append(text)
-    lines.append("\n" + plot(all_rows, args.out_dir / "speedup.png"))
+    done = 0
+    try:
+        for title, bench, name in BENCHES:
+            start = time.perf_counter()
+            bench.run(device, args.quick, results)
+            lines.append(f"\n## {title} ({time.perf_counter() - start:.0f} s)\n{_table(results, bench, name)}")
+            print(lines[-1], flush=True)
+            done += 1
+    except KeyboardInterrupt:
+        for title, bench, name in BENCHES[done:]:
+            lines.append(f"\n## {title} (INTERRUPTED: what was measured)\n{_table(results, bench, name)}")
+            print(lines[-1], flush=True)
+        lines.append("\nINTERRUPTED: the run was cut short")
+        print(lines[-1], flush=True)
+    lines.append("\n" + plot(results.records, args.out_dir / "speedup.png"))
     print(lines[-1])
     (args.out_dir / "table.txt").write_text("\n".join(lines) + "\n")
-    results.write_jsonl(args.out_dir / "results.jsonl")
-    print(f"\nresults in {args.out_dir}")
-    return 0
+    results.write_jsonl(args.out_dir / "results.jsonl", mode="w")
+    (args.out_dir / "profile.txt").write_text(results.breakdown_text() + "\n")
+    print(f"\n{results.breakdown_text()}\n\nresults in {args.out_dir}")
+    return 0 if done == len(BENCHES) else 1
+
+
+def _table(results: Results, bench, name: str) -> str:
+    """The bench's table over its records so far (a run cut short leaves some ratios unset)."""
+    rows = [r for r in results.records if r["bench"] == name]
+    text = bench.table(rows) if rows else "(nothing measured)"
+    if bench is bench_quantize and rows:
+        text += f"\ncopy bandwidth measured in this run (read + write): {rows[0]['copy_gb_per_s']:.1f} GB/s"
+    return text
 
 
 if __name__ == "__main__":
