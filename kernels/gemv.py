@@ -1,0 +1,528 @@
+"""NF4 decode kernel (M <= 16): `x @ dequant(W)^T + u @ v + bias`, streaming W at the memory-bandwidth limit.
+
+    y[M, N] = x[M, K] @ W[N, K]^T + u[M, r] @ v[r, N] + bias[N]          (M = 1 .. 16)
+    W[n, k] = NF4[code(n*K + k)] * absmax[(n*K + k) // blocksize]
+
+W is an `NF4Tensor` in bitsandbytes' layout: element (n, k) is code n*K + k of the flat tensor, byte i
+holds codes 2i (high nibble) and 2i + 1 (low nibble), blocks of `blocksize` (32 .. 4096) consecutive codes
+may cross rows, and absmax may be double-quantized (`absmax = nested_code[q] * nested_absmax[b // 256]
++ offset`).
+
+Tiling. Program (i, s) owns the BN = 256 rows (output features) [i*BN, (i+1)*BN) and the s-th slice of
+the reduction dimension (split-K: `k_per_split` elements, a multiple of the step). Each step of its loop
+takes BK = 64 columns (32 bytes) of every row, or 32 columns (16 bytes) where blocksize is 32 or
+K % 64 == 32 (`step_k`): 16-byte loads of packed bytes (a thread holds two whole row pieces with 4
+warps; Triton's pipeliner copies them with 16-byte cp.async two steps ahead), the matching [16, BK] tile
+of x (M rows padded to 16), and one `tl.dot` [BN, BK] x [BK, 16] on tensor cores (W is the A operand:
+wgmma on sm_90, mma.sync on sm_80).
+
+Decode ("aligned" path, K % 32 == 0). Every byte is looked up in a 256-entry pair table (`pair_table`):
+entry b holds both nibbles' NF4 values, already in the activation dtype for fp16/bf16 (two 16-bit halves
+of one int32: one 32-bit gather per byte, from L1, and the two halves are the two neighbouring weights
+the dot operand wants, so no conversion instruction is needed), or as two float32 words (int64 entries)
+for fp32 activations. Since K % 32 == 0, the BK codes a row contributes to a step start at a multiple of
+BK in the flat tensor and lie in ONE absmax block (BK <= blocksize): the scale factors out,
+
+    partial[n, m] = sum_{k in step} NF4[code(n, k)] * x[m, k]      (the dot, fp32 accumulation)
+    acc[n, m]    += partial[n, m] * absmax[block(n, step)]           (one FMA per output per step)
+
+so absmax (double-quantized included) is decoded once per row and step, never per element.
+
+General path (K % 32 != 0, odd K included): rows do not start on byte or 32-code boundaries, so each
+element is located on its own (byte = f >> 1, nibble by the parity of f = n*K + k, block = f >> log2_bs),
+decoded as `nf4.dequantize` does (float32 product, one rounding to the activation dtype) and fed to the
+same dot. Correct for every shape; not tuned (such shapes are rare in models).
+
+Split-K and epilogue. Each program writes its fp32 partial sums to `partial[s, M, N]` (no atomics: the
+result is deterministic); a second small kernel sums the `split` slices, adds u @ v (r rank-1 updates in
+fp32) and bias, and rounds once to x's dtype. The LoRA term costs r*(M + N) loads: 0.7% of W's bytes at
+N = K = 8192, r = 16, so it rides in the epilogue rather than in the streaming kernel.
+
+Numerics: fp32 accumulation, one rounding at the end. With fp16/bf16 activations the NF4 value enters
+the dot rounded to that dtype and absmax multiplies in fp32 (the unfactored `nf4.dequantize` rounds the
+product instead: the same relative error, 2**-9 for bf16). fp32 activations use exact fp32 codes and an
+IEEE fp32 dot. Under the interpreter (`SOFT_BF16`) every dot runs on fp32 operands holding the same
+values (`tl.dot` on bf16 is wrong there).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, ptr_type, round_to, to_f32
+
+BM = 16  # rows of x per program: M <= 16 padded to the smallest tensor-core tile
+BK = 32  # smallest reduction step: 16 bytes of each W row, in one absmax block (blocksize >= 32)
+MAX_M = 16
+NUM_WARPS = 4
+EPILOGUE_BN = 128
+
+
+def block_n(dtype: torch.dtype, aligned: bool = True) -> int:
+    """Rows of W per program. Aligned path: 256 for fp16/bf16 (two 16-byte rows per thread with 4 warps),
+    64 for fp32, whose exact fp32 dot runs on FMA units and holds its operands in registers. General
+    path: 32 (it keeps an int64 index per element).
+
+    NOTE: the general path at 256 rows spilled 300-3000 bytes per thread (sm_80 and sm_90, triton 3.9);
+    at 32 rows it compiles without spills or stack.
+    """
+    if not aligned:
+        return 32
+    return 64 if dtype == torch.float32 else 256
+
+
+# --------------------------------------------------------------------------------------------------
+# jit helpers
+
+
+@triton.jit
+def _absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, block, mask, DOUBLE_QUANT: tl.constexpr):
+    """float32 absmax of blocks `block` (int64), decoding the double-quantized form if needed; `mask`
+    None means every block exists."""
+    if mask is None:
+        mask = tl.full(block.shape, True, tl.int1)
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + (block >> 8), mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + q) * scale + tl.load(nested_offset_ptr)
+    else:
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot(w, x, DOT_F32: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """w [BN, BK] @ x[16, BK]^T in fp32: on tensor cores, or exactly in fp32 (fp32 data, interpreter)."""
+    if DOT_F32:
+        return tl.dot(to_f32(w, SOFT_BF16), tl.trans(to_f32(x, SOFT_BF16)), input_precision="ieee")
+    else:
+        return tl.dot(w, tl.trans(x))
+
+
+@triton.jit(do_not_specialize=["M", "N"])
+def _nf4_gemv_kernel(
+    # pointers
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_offset_ptr,
+    nested_code_ptr,
+    pairs_ptr,
+    code_ptr,
+    partial_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    KB,
+    stride_xm,
+    log2_bs,
+    n_blocks,
+    k_per_split,
+    kb_per_split,
+    # meta-parameters
+    ALIGNED: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    CODE_F32: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    pid_k = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, 16)
+    in_n = offs_n < N
+    in_m = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    act = x_ptr.dtype.element_ty
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BN, 16), dtype=tl.float32)  # transposed: W is the dot's A operand
+    if ALIGNED:
+        # K % 32 == 0: byte offsets of a step are row * KB + kb0 + [0, 16), with KB, the loop's start
+        # (pid_k * kb_per_split) and step multiples of 16: what lets Triton emit 16-byte loads. Rows past
+        # N read row N - 1 (their sums are never stored), so the loads need no mask.
+        HALF: tl.constexpr = BK // 2
+        rows = tl.minimum(offs_n, N - 1)
+        row_bytes = packed_ptr + (rows * KB)[:, None] + tl.arange(0, HALF)[None, :]
+        first_code = rows * K  # flat index of each row's first code
+        kb_start = pid_k * kb_per_split
+        kb_end = tl.minimum(kb_start + kb_per_split, KB)
+        for kb0 in range(kb_start, kb_end, HALF):
+            byte = tl.load(row_bytes + kb0)
+            entry = tl.load(pairs_ptr + byte.to(tl.int32))
+            if CODE_F32:
+                even = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+                odd = (entry >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+            else:
+                even = (entry & 0xFFFF).to(tl.uint16).to(act, bitcast=True)
+                odd = ((entry >> 16) & 0xFFFF).to(tl.uint16).to(act, bitcast=True)
+            w = tl.reshape(tl.join(even, odd), (BN, BK))  # [BN, BK] codes in natural order
+            x = tl.load(x_rows + 2 * kb0 + tl.arange(0, BK)[None, :], mask=in_m[:, None], other=0.0)
+            block = (first_code + 2 * kb0) >> log2_bs
+            scale = _absmax(
+                absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, block, None, DOUBLE_QUANT
+            )
+            acc += _dot(w, x, DOT_F32, SOFT_BF16) * scale[:, None]
+    else:
+        for k0 in range(k_start, k_end, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            in_k = offs_k < k_end
+            f = offs_n[:, None] * K + offs_k[None, :]  # flat code index, int64
+            valid = in_n[:, None] & in_k[None, :]
+            byte = tl.load(packed_ptr + (f >> 1), mask=valid, other=0x77).to(tl.int32)
+            nibble = tl.where((f & 1) == 0, byte >> 4, byte & 15)
+            scale = _absmax(
+                absmax_ptr,
+                nested_absmax_ptr,
+                nested_offset_ptr,
+                nested_code_ptr,
+                f >> log2_bs,
+                valid & ((f >> log2_bs) < n_blocks),
+                DOUBLE_QUANT,
+            )
+            w = round_to(tl.load(code_ptr + nibble) * scale, act, SOFT_BF16)  # as nf4.dequantize rounds it
+            x = tl.load(x_rows + offs_k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
+            acc += _dot(w, x, DOT_F32, SOFT_BF16)
+    offs = (pid_k * M + offs_m[None, :]) * N + offs_n[:, None]
+    tl.store(partial_ptr + offs, acc, mask=in_m[None, :] & in_n[:, None])
+
+
+@triton.jit(do_not_specialize=["M", "N", "has_bias"])
+def _nf4_gemv_epilogue_kernel(
+    partial_ptr,
+    u_ptr,
+    v_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    r,
+    split,
+    stride_split,
+    stride_um,
+    stride_ur,
+    stride_vr,
+    stride_vn,
+    has_bias,
+    BN: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    """out = sum_s partial[s] + u @ v + bias, rounded once; r = 0 means no LoRA term."""
+    offs_m = tl.arange(0, 16)
+    offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    in_m = offs_m < M
+    in_n = offs_n < N
+    inside = in_m[:, None] & in_n[None, :]
+    tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((16, BN), dtype=tl.float32)
+    slice_ptr = partial_ptr + tile
+    for _ in range(0, split):  # pointer increments (stride_split = M*N is an i64 argument) are 64-bit
+        acc += tl.load(slice_ptr, mask=inside, other=0.0)
+        slice_ptr += stride_split
+    u_col = u_ptr + offs_m.to(tl.int64) * stride_um
+    v_row = v_ptr + offs_n * stride_vn
+    for _ in range(0, r):
+        u = to_f32(tl.load(u_col, mask=in_m, other=0.0), SOFT_BF16)
+        v = to_f32(tl.load(v_row, mask=in_n, other=0.0), SOFT_BF16)
+        acc += u[:, None] * v[None, :]
+        u_col += stride_ur
+        v_row += stride_vr
+    if has_bias:
+        acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0)[None, :]
+    tl.store(out_ptr + tile, round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=inside)
+
+
+# --------------------------------------------------------------------------------------------------
+# configurations (for the ahead-of-time report)
+
+
+def _main_signature(dtype: torch.dtype, double_quant: bool) -> dict[str, str]:
+    return {
+        "x_ptr": ptr_type(dtype),
+        "packed_ptr": "*u8",
+        "absmax_ptr": "*u8" if double_quant else "*fp32",
+        "nested_absmax_ptr": "*fp32",
+        "nested_offset_ptr": "*fp32",
+        "nested_code_ptr": "*fp32",
+        "pairs_ptr": "*i64" if dtype == torch.float32 else "*i32",
+        "code_ptr": "*fp32",
+        "partial_ptr": "*fp32",
+        "M": "i32",
+        "N": "i32",
+        "K": "i64",
+        "KB": "i64",
+        "stride_xm": "i64",
+        "log2_bs": "i32",
+        "n_blocks": "i64",
+        "k_per_split": "i64",
+        "kb_per_split": "i64",
+    }
+
+
+def step_k(k: int, blocksize: int) -> int:
+    """Reduction elements per loop step: 64 (two 16-byte loads per row) where blocksize >= 64 and
+    K % 64 == 0, else 32. NOTE: 64 halves the per-step scale FMAs and loop overhead per byte of W:
+    the sm_90 bf16 loop went from 8.9 to the count in tests/test_gemv.py (lane-instructions per byte)."""
+    return 64 if blocksize >= 64 and k % 64 == 0 else BK
+
+
+def _main_constexprs(dtype: torch.dtype, aligned: bool, double_quant: bool, soft_bf16: bool, bk: int) -> dict:
+    return dict(
+        ALIGNED=aligned,
+        DOUBLE_QUANT=double_quant,
+        BN=block_n(dtype, aligned),
+        BK=bk,
+        CODE_F32=dtype == torch.float32,
+        DOT_F32=soft_bf16 or dtype == torch.float32,
+        SOFT_BF16=soft_bf16,
+    )
+
+
+# NOTE: fp fusion stays on here (the other kernels turn it off): it fuses the per-step `partial * absmax`
+# into the accumulator (one FFMA instead of FMUL + FADD per output) and the double-quantized absmax
+# decode into one FFMA, which can differ from `nf4.dequantize`'s two roundings by 1 ulp of a float32
+# absmax (6e-8 relative), far below the bf16/fp16 rounding of the codes and inside the fp32 tests'
+# tolerance (tests/test_gemv.py).
+_OPTIONS = {"num_warps": NUM_WARPS, "num_stages": 3, "enable_fp_fusion": True}
+
+
+def _options(aligned: bool, dtype: torch.dtype, bk: int) -> dict:
+    """Compile options. The fp16/bf16 aligned path with 64-column steps uses 3 stages (Triton's pipeliner
+    then copies W with 16-byte cp.async two steps ahead: 128 B in flight per thread).
+
+    NOTE: 3 stages elsewhere gave 8-byte stack frames: the general path on sm_80 (triton 3.9), the
+    32-column aligned path with double quant on sm_80 (triton 3.6); fp32 aligned took 8 bytes with 2 or
+    3 stages on sm_90 (triton 3.9). The stage counts below compile without stack or spills.
+    """
+    if dtype == torch.float32 and aligned:
+        stages = 1
+    else:
+        stages = 3 if aligned and bk == 64 else 2
+    return {**_OPTIONS, "num_stages": stages}
+
+
+def _epilogue_signature(dtype: torch.dtype) -> dict[str, str]:
+    act = ptr_type(dtype)
+    return {
+        "partial_ptr": "*fp32",
+        "u_ptr": act,
+        "v_ptr": act,
+        "bias_ptr": "*fp32",
+        "out_ptr": act,
+        "M": "i32",
+        "N": "i32",
+        "r": "i32",
+        "split": "i32",
+        "stride_split": "i64",
+        "stride_um": "i64",
+        "stride_ur": "i64",
+        "stride_vr": "i64",
+        "stride_vn": "i64",
+        "has_bias": "i32",
+    }
+
+
+def gemv_configs() -> list[LaunchConfig]:
+    """Every compiled variant `nf4_gemv` can launch on a GPU: per activation dtype, the streaming kernel
+    (aligned / general path x double quant or not) and the epilogue."""
+    out = []
+    for dtype in TL_DTYPES:
+        dname = ptr_type(dtype)[1:]
+        for aligned, bk in ((True, 64), (True, 32), (False, 32)):
+            for double_quant in (False, True):
+                out.append(
+                    LaunchConfig(
+                        name=f"nf4_gemv[{dname},aligned={int(aligned)},dq={int(double_quant)},"
+                        f"BN={block_n(dtype, aligned)},BK={bk}]",
+                        kernel=_nf4_gemv_kernel,
+                        signature=_main_signature(dtype, double_quant),
+                        constexprs=_main_constexprs(dtype, aligned, double_quant, False, bk),
+                        options=_options(aligned, dtype, bk),
+                    )
+                )
+        out.append(
+            LaunchConfig(
+                name=f"nf4_gemv[epilogue,{dname},BN={EPILOGUE_BN}]",
+                kernel=_nf4_gemv_epilogue_kernel,
+                signature=_epilogue_signature(dtype),
+                constexprs={"BN": EPILOGUE_BN, "SOFT_BF16": False},
+                options={"num_warps": NUM_WARPS, "enable_fp_fusion": True},
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# launcher
+
+
+def pair_table(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 256-entry table of both nibbles' NF4 values, byte b -> (NF4[b >> 4], NF4[b & 15]).
+
+    fp16/bf16: int32 entries, NF4[b >> 4] in `dtype` in the low 16 bits (the even element, first in
+    memory as the dot operand wants it) and NF4[b & 15] in the high 16 bits. fp32: int64 entries, the
+    float32 bits of NF4[b >> 4] in the low word and of NF4[b & 15] in the high word.
+    """
+    from nf4.codebook import NF4_CODE
+
+    byte = torch.arange(256)
+    if dtype == torch.float32:
+        bits = NF4_CODE.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        table = bits[byte >> 4] | (bits[byte & 15] << 32)
+    else:
+        bits = NF4_CODE.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+        table = (bits[byte >> 4] | (bits[byte & 15] << 16)).to(torch.int64)
+        table = torch.where(table >= 2**31, table - 2**32, table).to(torch.int32)
+    return table.to(device)
+
+
+@functools.cache
+def _constants(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Per-(device, dtype) constants, built once: the pair table, the NF4 table, a stand-in for absent
+    optional pointers."""
+    from nf4.codebook import NF4_CODE
+
+    return {
+        "pairs": pair_table(dtype, device),
+        "code": NF4_CODE.to(device=device, dtype=torch.float32),
+        "none_f32": torch.empty(0, device=device),
+    }
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+PROGRAMS_PER_SM = 8
+"""Split-K target: about 8 programs of 4 warps per multiprocessor (32 warps in flight), enough loads in
+flight to cover DRAM latency (4.1 TB/s x ~0.7 us / 132 SMs ~ 22 KB per SM = 16 B x ~1400 threads)."""
+MIN_STEPS = 4
+"""Each program walks at least this many 32-column steps (amortises its prologue and epilogue)."""
+
+
+def split_for(n: int, k: int, bn: int, device: torch.device) -> int:
+    """Split-K factor: programs = row tiles x split ~ PROGRAMS_PER_SM x multiprocessors, each with at
+    least MIN_STEPS steps. 1 off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    tiles = triton.cdiv(n, bn)
+    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), tiles), triton.cdiv(k, BK * MIN_STEPS)))
+
+
+def nf4_gemv(
+    x: torch.Tensor,
+    weight,
+    *,
+    u: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    split: int | None = None,
+) -> torch.Tensor:
+    """`x @ dequant(weight)^T + u @ v + bias` for M <= 16 rows, fused over two kernel launches.
+
+    Args:
+        x: [M, K] activations, fp32/fp16/bf16, M <= 16 (any strides along M; contiguous along K).
+        weight: the `NF4Tensor` W [N, K] (any K, any blocksize, with or without double quantization).
+        u, v: the low-rank (LoRA) term [M, r] and [r, N], any strides, converted to x's dtype (no copy
+            when they already are), or both None.
+        bias: [N] or None (used in fp32: keep it fp32 to avoid a copy per call).
+        split: split-K factor (tests); by default `split_for`.
+    Returns:
+        [M, N] in x's dtype.
+
+    No device-to-host read: a call is metadata checks, two allocations and two launches (CUDA-graph
+    capturable).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [M, K], got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in TL_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}; convert it first")
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight must be a 2-D NF4Tensor [N, K], got shape {list(weight.shape)}")
+    n, k = weight.shape
+    m = x.shape[0]
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} columns but the weight has K = {k}: expected x of shape [M, {k}]")
+    if m > MAX_M:
+        raise ValueError(f"nf4_gemv takes at most {MAX_M} rows, got M = {m}; use nf4.kernels.matmul.nf4_matmul")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {weight.device}; move one of them")
+    if (u is None) != (v is None):
+        raise ValueError("pass both u [M, r] and v [r, N] for the low-rank term, or neither")
+    if u is not None and (u.dim() != 2 or v.dim() != 2 or u.shape[0] != m or v.shape != (u.shape[1], n)):
+        raise ValueError(f"expected u [{m}, r] and v [r, {n}], got u {list(u.shape)} and v {list(v.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"expected bias of shape [{n}], got {list(bias.shape)}")
+
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    constants = _constants(x.device, x.dtype)
+    aligned = k % BK == 0
+    bk = step_k(k, weight.blocksize) if aligned else BK
+    bn = block_n(x.dtype, aligned)
+    if split is None:
+        split = split_for(n, k, bn, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    split = triton.cdiv(k, k_per_split)
+    partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    if weight.double_quant:  # the 0-d offset is passed as is: the kernel only needs its address
+        nested = (weight.nested_absmax, weight.nested_offset, weight.nested_code)
+    else:
+        nested = (weight.absmax, weight.absmax, weight.absmax)  # never read when DOUBLE_QUANT is off
+    interpret = INTERPRET or x.device.type != "cuda"
+    _nf4_gemv_kernel[(triton.cdiv(n, bn), split)](
+        x,
+        weight.packed,
+        weight.absmax,
+        *nested,
+        constants["pairs"],
+        constants["code"],
+        partial,
+        m,
+        n,
+        k,
+        k // 2,
+        x.stride(0),
+        weight.blocksize.bit_length() - 1,
+        triton.cdiv(n * k, weight.blocksize),
+        k_per_split,
+        k_per_split // 2,
+        **_main_constexprs(x.dtype, aligned, weight.double_quant, interpret, bk),
+        **_options(aligned, x.dtype, bk),
+    )
+    if u is not None and u.shape[1] > 0:
+        u, v = u.to(x.dtype), v.to(x.dtype)
+        r, strides = u.shape[1], (u.stride(0), u.stride(1), v.stride(0), v.stride(1))
+    else:
+        u = v = x  # never read: r = 0
+        r, strides = 0, (0, 0, 0, 0)
+    bias32 = bias.to(torch.float32) if bias is not None else constants["none_f32"]
+    _nf4_gemv_epilogue_kernel[(triton.cdiv(n, EPILOGUE_BN),)](
+        partial,
+        u,
+        v,
+        bias32,
+        out,
+        m,
+        n,
+        r,
+        split,
+        m * n,
+        *strides,
+        int(bias is not None),
+        BN=EPILOGUE_BN,
+        SOFT_BF16=interpret,
+        num_warps=NUM_WARPS,
+        enable_fp_fusion=True,
+    )
+    return out

@@ -1,0 +1,217 @@
+"""Static speed model of the decode kernel (`nf4.kernels.gemv`) from its SASS, without a GPU.
+
+The decode kernel is bound by streaming W, so what matters is whether the instructions it issues per
+byte of W fit in the time the memory system takes to deliver that byte. On the H200:
+
+    lane-instructions per second  = 132 SMs x 4 schedulers x 32 lanes x 1.98 GHz = 3.35e13
+    bytes of W per second         = 4.1e12 (measured copy bandwidth, gpu-findings.md)
+    budget                        = 3.35e13 / 4.1e12 ~ 8.2 lane-instructions per byte of W
+
+Units. A SASS instruction in the loop body is issued once per iteration by every warp and executed by
+its 32 lanes: 32 lane-instructions. A warp consumes `bytes_per_iteration / warps` bytes of W per
+iteration, so per byte of W the loop costs
+
+    lane-instructions / byte = 32 x count / (bytes_per_iteration / warps) = count / bytes_per_thread
+
+with `bytes_per_thread = bytes_per_iteration / (32 x warps)`: the SASS count of the loop divided by the
+bytes of W one thread streams per iteration. (A predicated-off instruction still takes its issue slot,
+so the count is what the schedulers see; instructions outside the loop are amortised over the whole
+K-slice and ignored.) `analyze` finds the hot loop as the backward branch (`BRA` to a lower address)
+whose body holds the most instructions, counts them, and reports the load width of W (`LDG.E.128`,
+or `LDGSTS.E.128` when Triton's pipeliner copies W through shared memory) and where the decode table
+is read from: `LDS` (shared), `LDG` (global, through L1) or registers (no load per byte).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+from nf4.kernels.aot import _tool, specialize
+from nf4.kernels.common import LaunchConfig
+
+SMS = 132
+SCHEDULERS = 4
+LANES = 32
+CLOCK_HZ = 1.98e9
+BANDWIDTH = 4.1e12  # bytes/s, measured copy bandwidth of the H200 (read + write)
+LANE_INSTRUCTIONS_PER_S = SMS * SCHEDULERS * LANES * CLOCK_HZ
+BUDGET = LANE_INSTRUCTIONS_PER_S / BANDWIDTH
+"""~8.2 lane-instructions per byte of W: above it the loop is instruction-bound, below memory-bound."""
+LAUNCH_US = 2.0
+"""GPU time per kernel of a CUDA-graph replay besides its own work (launch, ramp-up, tail), an assumed
+figure for small kernels on Hopper; the decode call launches two (streaming kernel + epilogue)."""
+
+
+@dataclass(frozen=True)
+class LoopReport:
+    """The hot loop of one compiled kernel."""
+
+    instructions: int  # SASS instructions in the loop body, the backward branch included
+    bytes_per_thread: float  # bytes of W one thread streams per iteration
+    w_load: str  # the widest load opcode of W in the loop (e.g. LDG.E.128)
+    table: str  # "LDS" (shared), "LDG" (global / L1) or "registers"
+    gathers: int  # loads in the loop that read the decode table
+    opcodes: dict[str, int]  # opcode -> count in the loop
+
+    @property
+    def per_byte(self) -> float:
+        """Lane-instructions per byte of W (see the module docstring)."""
+        return self.instructions / self.bytes_per_thread
+
+    @property
+    def wide_loads(self) -> bool:
+        return self.w_load.endswith(".128")
+
+
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def disassemble(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, instruction text) of every instruction of `cubin`, via the cuobjdump in Triton's wheel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    return [(int(addr, 16), ins.strip()) for addr, ins in _LINE.findall(text)]
+
+
+def opcode(instruction: str) -> str:
+    """The opcode with its modifiers, predicate removed: `@!P5 LDG.E.128 R4, [...]` -> `LDG.E.128`."""
+    parts = instruction.split()
+    if parts and parts[0].startswith("@"):
+        parts = parts[1:]
+    return parts[0] if parts else ""
+
+
+def hot_loop(instructions: list[tuple[int, str]]) -> list[str]:
+    """The body of the largest loop: from the target of a backward `BRA` to the branch itself."""
+    best: list[str] = []
+    for addr, ins in instructions:
+        m = re.match(r"(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < addr:
+            target = int(m.group(1), 16)
+            body = [i for a, i in instructions if target <= a <= addr]
+            if len(body) > len(best):
+                best = body
+    return best
+
+
+def analyze(cubin: bytes, bytes_per_thread: float) -> LoopReport:
+    """Count the hot loop of `cubin`, which streams `bytes_per_thread` bytes of W per thread per iteration."""
+    body = hot_loop(disassemble(cubin))
+    if not body:
+        raise ValueError("no backward branch: the kernel has no loop")
+    ops = [opcode(i) for i in body]
+    counts: dict[str, int] = {}
+    for op in ops:
+        counts[op] = counts.get(op, 0) + 1
+    w_loads = sorted({op for op in ops if op.startswith(("LDG", "LDGSTS")) and ".128" in op})
+    w_load = w_loads[0] if w_loads else max((op for op in ops if op.startswith("LDG")), default="none", key=len)
+    # The decode table is read with one narrow load per byte (or per pair of bytes) of W: count narrow
+    # loads by kind; the kind with at least one per two bytes is where the table lives.
+    lds = sum(n for op, n in counts.items() if op.startswith("LDS") and not op.startswith("LDSM") and ".128" not in op)
+    ldg = sum(n for op, n in counts.items() if op.startswith(("LDG", "LDGSTS")) and ".128" not in op)
+    if ldg >= bytes_per_thread / 2 and ldg >= lds:
+        table, gathers = "LDG", ldg
+    elif lds >= bytes_per_thread / 2:
+        table, gathers = "LDS", lds
+    else:
+        table, gathers = "registers", 0
+    return LoopReport(len(body), bytes_per_thread, w_load, table, gathers, counts)
+
+
+def compile_cubin(cfg: LaunchConfig, arch: int = 90, variant: str = "aligned") -> bytes:
+    """The cubin of `cfg` for sm_{arch}, specialised as `variant` (see `nf4.kernels.aot.specialize`)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = specialize(cfg, variant)
+    src = ASTSource(fn=cfg.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg.options).asm["cubin"]
+
+
+def gemv_loop_report(dtype_name: str = "bf16", double_quant: bool = True, arch: int = 90, bk: int = 64) -> LoopReport:
+    """The loop report of the aligned decode kernel for `dtype_name` activations and `bk`-element steps
+    (64: blocksize >= 64, the common case; 32: blocksize 32)."""
+    from nf4.kernels.gemv import gemv_configs
+
+    name = f"nf4_gemv[{dtype_name},aligned=1,dq={int(double_quant)},"
+    cfg = next(c for c in gemv_configs() if c.name.startswith(name) and c.constexprs["BK"] == bk)
+    threads = 32 * cfg.options["num_warps"]
+    return analyze(compile_cubin(cfg, arch), cfg.constexprs["BN"] * (bk // 2) / threads)
+
+
+def predict_us(
+    n: int,
+    k: int,
+    m: int = 1,
+    per_byte: float = BUDGET,
+    r: int = 16,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    split: int = 1,
+    launches: int = 2,
+) -> float:
+    """Predicted GPU time (us, CUDA-graph replay) of `nf4_gemv` for an [n, k] weight and m rows, bf16.
+
+        bytes   = n*k/2                                   packed codes
+                + n*k/blocksize * (1 with double quant, else 4)   absmax (+ n*k/blocksize/256 * 4 nested)
+                + 2*m*k + 2*r*(m + n) + 2*m*n + 4*n       x, u, v, out, bias
+                + 2 * 4*split*m*n                         fp32 partial sums, written then read
+        t_mem   = bytes / 4.1 TB/s
+        t_issue = (n*k/2) * per_byte / 3.35e13            (lane-instructions of the loop, all SMs busy)
+        time    = max(t_mem, t_issue) + launches * LAUNCH_US
+
+    `per_byte` is the loop's lane-instructions per byte of W (`LoopReport.per_byte`). The partial sums
+    mostly stay in the 60 MB L2, so counting them at DRAM speed is pessimistic. Not modelled: the tail of
+    an uneven last wave, and L1 throughput for the table gathers (one 32-bit gather per byte of W: at
+    4.1 TB/s that is ~16 gathers per SM per clock against the L1's 32 lanes per clock, if a random
+    gather into a 1 KB table costs one wavefront; more wavefronts would make it the limit).
+    """
+    w = n * k / 2
+    absmax = n * k / blocksize * (1 if double_quant else 4)
+    if double_quant:
+        absmax += n * k / blocksize / 256 * 4
+    other = 2 * m * k + 2 * r * (m + n) + 2 * m * n + 4 * n + 8 * split * m * n
+    t_mem = (w + absmax + other) / BANDWIDTH
+    t_issue = w * per_byte / LANE_INSTRUCTIONS_PER_S
+    return max(t_mem, t_issue) * 1e6 + launches * LAUNCH_US
+
+
+SHAPES = ((8192, 8192, 1), (14336, 4096, 1), (4096, 4096, 1), (8192, 8192, 16))
+"""(N, K, M) of the issue's goals (out x in features, rows)."""
+
+
+def _split_on_h200(n: int, k: int) -> int:
+    import torch
+
+    from nf4.kernels.gemv import BK, MIN_STEPS, PROGRAMS_PER_SM, block_n, step_k
+
+    tiles = (n + block_n(torch.bfloat16) - 1) // block_n(torch.bfloat16)
+
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+    split = max(1, min(cdiv(PROGRAMS_PER_SM * SMS, tiles), cdiv(k, BK * MIN_STEPS)))
+    bk = step_k(k, 64)
+    return cdiv(k, cdiv(cdiv(k, split), bk) * bk)
+
+
+if __name__ == "__main__":
+    report = gemv_loop_report("bf16", True, 90)
+    print(
+        f"sm_90 bf16 dq: loop of {report.instructions} SASS instructions for {report.bytes_per_thread:g} B of W "
+        f"per thread = {report.per_byte:.2f} lane-instructions per byte (budget {BUDGET:.1f}); "
+        f"W loads {report.w_load}; table in {report.table} ({report.gathers} gathers per iteration)"
+    )
+    print(f"{'N x K':>12} {'M':>3} {'split':>5} {'predicted us':>12}")
+    for n, k, m in SHAPES:
+        split = _split_on_h200(n, k)
+        t = predict_us(n, k, m, report.per_byte, split=split)
+        print(f"{f'{n}x{k}':>12} {m:>3} {split:>5} {t:>12.1f}")

@@ -1,0 +1,169 @@
+"""The decode kernel (`nf4.kernels.gemv`, M <= 16) against the float64 oracle, its compiled variants,
+and its inner loop's instruction budget.
+
+Tolerance: at most twice the error torch makes computing the same thing in the same dtype (weight
+dequantized to that dtype, torch's matmul, the low-rank term and bias in that dtype), plus two ulps at
+the output's scale.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import nf4
+from nf4 import reference
+from nf4.kernels.gemv import gemv_configs, nf4_gemv, step_k
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def problem(m, n, k, r, dtype, bias, blocksize, double_quant, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = nf4.quantize(torch.randn(n, k, generator=g), blocksize, double_quant)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    u = (torch.randn(m, r, generator=g)).to(dtype) if r else None
+    v = (torch.randn(r, n, generator=g) / 4).to(dtype) if r else None
+    b = torch.randn(n, generator=g) if bias else None
+    return q, x, u, v, b
+
+
+def check(y, q, x, u, v, b):
+    dtype = x.dtype
+    w = nf4.dequantize(q, torch.float32)
+    exact = reference.matmul_ref(x.double(), w.double(), False, u, v, b)
+    torch_y = x @ w.to(dtype).t()
+    if u is not None:
+        torch_y = torch_y + u @ v
+    if b is not None:
+        torch_y = torch_y + b.to(dtype)
+    torch_err = (torch_y.double() - exact).abs().max().item()
+    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    err = (y.double() - exact).abs().max().item()
+    assert y.dtype == dtype and y.shape == exact.shape
+    assert err <= 2 * torch_err + 2 * ulp, (err, torch_err, ulp)
+
+
+def run_and_check(device, q, x, u, v, b, split=None):
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    y = nf4_gemv(on(x), q.to(device), u=on(u), v=on(v), bias=on(b), split=split)
+    check(y.cpu(), q, x, u, v, b)
+
+
+@given(
+    m=st.integers(1, 16),
+    n=st.sampled_from([1, 3, 100, 257]),
+    k=st.sampled_from([1, 2, 63, 130, 32, 64, 96, 192]),
+    r=st.sampled_from([0, 1, 16]),
+    dtype=st.sampled_from(DTYPES),
+    bias=st.booleans(),
+    blocksize=st.sampled_from([32, 64, 128, 256, 512, 1024, 2048, 4096]),
+    double_quant=st.booleans(),
+    split=st.sampled_from([None, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_gemv_matches_reference(kernel_device, m, n, k, r, dtype, bias, blocksize, double_quant, split, seed):
+    q, x, u, v, b = problem(m, n, k, r, dtype, bias, blocksize, double_quant, seed)
+    run_and_check(kernel_device, q, x, u, v, b, split)
+
+
+PATHS = [  # (K, blocksize): 64-column steps, 32-column steps (blocksize 32 / K % 64 == 32), general path
+    (128, 64),
+    (96, 128),
+    (64, 32),
+    (130, 64),
+    (63, 32),
+]
+
+
+@pytest.mark.parametrize("k,blocksize", PATHS, ids=[f"K={k}-bs={bs}" for k, bs in PATHS])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 16])
+def test_every_code_path(kernel_device, k, blocksize, double_quant, dtype, m):
+    q, x, u, v, b = problem(m, 300, k, 16, dtype, True, blocksize, double_quant, seed=k + blocksize)
+    run_and_check(kernel_device, q, x, u, v, b, split=2)
+
+
+def test_step_choice():
+    assert step_k(8192, 64) == 64 and step_k(8192, 32) == 32 and step_k(96, 64) == 32
+
+
+def test_blocks_crossing_rows_and_many_splits(kernel_device):
+    # K = 96 with blocksize 64: every other block straddles two rows; split 5 leaves a short last slice
+    q, x, u, v, b = problem(4, 70, 96 * 3, 3, torch.bfloat16, True, 64, True, seed=7)
+    run_and_check(kernel_device, q, x, u, v, b, split=5)
+
+
+def test_validation(kernel_device):
+    q = nf4.quantize(torch.randn(8, 64)).to(kernel_device)
+    x = torch.randn(17, 64, device=kernel_device)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        nf4_gemv(x, q)
+    with pytest.raises(ValueError, match="K = 64"):
+        nf4_gemv(x[:2, :32], q)
+    with pytest.raises(ValueError, match="both u"):
+        nf4_gemv(x[:2], q, u=torch.zeros(2, 4, device=kernel_device))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        nf4_gemv(x[:2].double(), q)
+    assert nf4_gemv(x[:0], q).shape == (0, 8)
+
+
+def test_inputs_not_modified(kernel_device):
+    q, x, u, v, b = problem(3, 10, 64, 2, torch.float16, True, 64, True, seed=3)
+    before = [t.clone() for t in (x, u, v, b, q.packed, q.absmax)]
+    nf4_gemv(x.to(kernel_device), q.to(kernel_device), u=u.to(kernel_device), v=v.to(kernel_device), bias=b)
+    assert all(torch.equal(a, c) for a, c in zip(before, (x, u, v, b, q.packed, q.absmax), strict=True))
+
+
+def _without_interpreter(code: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_every_configuration_compiles_for_ampere_and_hopper():
+    """Every `gemv_configs()` entry compiles for sm_80 and sm_90, specialised as the runtime does for
+    aligned launches and for arguments equal to 1, without spills, stack or 32-bit offsets into tensors."""
+    out = _without_interpreter(
+        "import json\n"
+        "from dataclasses import asdict\n"
+        "from nf4.kernels.aot import compile_config\n"
+        "from nf4.kernels.gemv import gemv_configs\n"
+        "for cfg in gemv_configs():\n"
+        "    for arch in (80, 90):\n"
+        "        for variant in ('aligned', 'ones'):\n"
+        "            r = compile_config(cfg, arch, variant)\n"
+        "            print(json.dumps({**asdict(r), 'ok': r.ok}))\n"
+    )
+    reports = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    names = [cfg.name for cfg in gemv_configs()]
+    assert len(set(names)) == len(names) and all(name.startswith("nf4_gemv[") for name in names)
+    assert len(reports) == 4 * len(names)
+    bad = [r for r in reports if not r["ok"]]
+    assert not bad, "\n".join(json.dumps(r) for r in bad)
+
+
+def test_inner_loop_fits_the_bandwidth_budget():
+    """sm_90, bf16, aligned path (double quant, 64-column steps): 128-bit loads of W and at most
+    `nf4.kernels.sass.BUDGET` (~8.2) lane-instructions per byte of W in the hot loop."""
+    out = _without_interpreter(
+        "import json\n"
+        "from nf4.kernels.sass import BUDGET, gemv_loop_report\n"
+        "for bk in (64, 32):\n"
+        "    r = gemv_loop_report('bf16', True, 90, bk)\n"
+        "    print(json.dumps(dict(bk=bk, per_byte=r.per_byte, w_load=r.w_load, table=r.table, "
+        "instructions=r.instructions, budget=BUDGET)))\n"
+    )
+    reports = {r["bk"]: r for r in (json.loads(line) for line in out.splitlines() if line.startswith("{"))}
+    main = reports[64]
+    assert main["w_load"].endswith(".128"), main
+    assert main["per_byte"] <= main["budget"], main
+    assert main["table"] == "LDG", main  # the pair table is gathered through L1, not recomputed per element
+    assert reports[32]["w_load"].endswith(".128"), reports[32]
