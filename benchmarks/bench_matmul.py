@@ -47,10 +47,7 @@ def _dequant_matmul(layer, x):
         from nf4.kernels.matmul import nf4_matmul
 
         xa = (x2.float() @ layer.lora_A.t().float()) * layer.scaling
-        pieces = (w.packed, w.absmax, w.code, w.nested_absmax, w.nested_offset, w.nested_code)
-        return nf4_matmul(
-            x2, pieces, tuple(w.shape), w.blocksize, False, xa, layer.lora_B.t(), layer.bias, config=DEQUANT
-        )
+        return nf4_matmul(x2, w, u=xa, v=layer.lora_B.t(), bias=layer.bias, config=DEQUANT)
     import nf4
     from nf4 import reference
 

@@ -2,7 +2,10 @@
 for sm_80 (Ampere) and sm_90 (Hopper) without a GPU, with registers, spills, stack, shared memory and
 the matrix instructions used (mma.sync / wgmma). The test suite asserts no spills (tests/test_compile.py).
 
-    python benchmarks/static_report.py [--arch 80 90] [--match NAME] [--out FILE]
+    python benchmarks/static_report.py [--arch 80 90] [--variant aligned ones plain] [--match NAME] [--out FILE]
+
+Variants (`nf4.kernels.aot.VARIANTS`): as the runtime specialises the arguments: all divisible by 16,
+integers equal to 1, or nothing known.
 """
 
 from __future__ import annotations
@@ -17,17 +20,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--match", default="")
+    parser.add_argument("--variant", nargs="+", default=["aligned", "ones", "plain"])
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     from nf4.kernels.aot import compile_all, format_table
 
-    reports = compile_all(tuple(args.arch), match=args.match)
+    reports = compile_all(tuple(args.arch), match=args.match, variants=tuple(args.variant))
     bad = [r for r in reports if not r.ok]
     text = (
         format_table(reports)
-        + f"\n\n{len(reports)} compiled, {len(bad)} with spills, stack or over-limit shared memory"
+        + f"\n\n{len(reports)} compiled (triton {reports[0].triton if reports else '?'}), {len(bad)} not ok: "
+        + "spills, stack, shared memory over the limit, 32-bit offsets into tensors, or no wgmma"
     )
     print(text)
     if args.out:

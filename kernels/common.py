@@ -31,6 +31,26 @@ class LaunchConfig:
     constexprs: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
     large_m: bool = False  # a large-M (training / prefill) tile: on sm_90 it must use wgmma
+    stack_ok: int = 0  # stack bytes allowed (see `IEEE_DIV_STACK`); spills are never allowed
+    aligned_only: bool = False  # the launcher runs it only on 16-byte aligned tensors (no "plain" variant)
+
+    @property
+    def path(self) -> tuple:
+        """What selects the code path traced: the kernel and its boolean meta-parameters (tile sizes
+        change shapes, not which statements are compiled)."""
+        flags = tuple(sorted((k, v) for k, v in self.constexprs.items() if isinstance(v, bool)))
+        return (self.kernel.__name__, flags, tuple(self.signature.values()))
+
+
+IEEE_DIV_STACK = 32
+"""Stack bytes the IEEE division's slow-path subroutine may take (kernels that call `tl.math.div_rn`).
+
+NOTE: `div.rn.f32` compiles to MUFU.RCP + FMA refinement with a CALL to a slow-path subroutine for
+divisors near the ends of the exponent range. ptxas from triton 3.6 gives that subroutine a 32-byte
+stack frame (seen in every quantize configuration, sm_80 and sm_90); triton 3.9's needs none. Our
+divisors are pre-scaled into [2**-64, 2**64] (`nf4.reference.unit_scale`), so the slow path, and with
+it the stack, is never used at run time. Any other stack use, or any spill, still fails the report.
+"""
 
 
 def ptr_type(dtype: torch.dtype) -> str:

@@ -77,7 +77,7 @@ def _dequantize_nf4_kernel(
 
 def dequantize_configs() -> list[LaunchConfig]:
     """Every configuration `dequantize_nf4` can launch (for AOT checks)."""
-    from nf4.tensor import BLOCKSIZES
+    from nf4.format import BLOCKSIZES
 
     out = []
     for blocksize in BLOCKSIZES:
@@ -110,43 +110,28 @@ def dequantize_configs() -> list[LaunchConfig]:
     return out
 
 
-def dequantize_nf4(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    n: int,
-    blocksize: int,
-    dtype: torch.dtype,
-    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Dequantize n NF4 codes to a flat `dtype` tensor [n].
-
-    `packed` uint8 [(n + 1) // 2, 1]; `code` float32 [16]; `absmax` float32 [nblocks], or uint8
-    [nblocks] codes with `nested` = (nested_absmax float32 [ceil(nblocks / 256)], offset float32 [],
-    nested_code float32 [256]). All on one device.
-    """
+def dequantize_nf4(weight, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize the `NF4Tensor` `weight` (n elements) to a flat `dtype` tensor [n] on its device."""
+    n = weight.numel()
     assert dtype in TL_DTYPES and n > 0, "validated by nf4.dequantize"
-    out = torch.empty((n,), dtype=dtype, device=packed.device)
-    nblocks = triton.cdiv(n, blocksize)
-    meta = quantize_config(blocksize)
-    if nested is None:
-        nested_absmax = nested_offset = nested_code = absmax  # unused when DOUBLE_QUANT is off
+    out = torch.empty((n,), dtype=dtype, device=weight.device)
+    nblocks = triton.cdiv(n, weight.blocksize)
+    meta = quantize_config(weight.blocksize)
+    if weight.double_quant:  # the 0-d offset is passed as is: the kernel only needs its address
+        nested = (weight.nested_absmax, weight.nested_offset, weight.nested_code)
     else:
-        nested_absmax, nested_offset, nested_code = nested
-        nested_offset = nested_offset.reshape(1)
+        nested = (weight.absmax, weight.absmax, weight.absmax)  # never read when DOUBLE_QUANT is off
     grid = (triton.cdiv(nblocks, meta["BLOCKS"]),)
     _dequantize_nf4_kernel[grid](
-        packed,
-        absmax,
-        nested_absmax,
-        nested_offset,
-        nested_code,
-        code,
+        weight.packed,
+        weight.absmax,
+        *nested,
+        weight.code,
         out,
         n,
-        BLOCKSIZE=blocksize,
+        BLOCKSIZE=weight.blocksize,
         BLOCKS=meta["BLOCKS"],
-        DOUBLE_QUANT=nested is not None,
+        DOUBLE_QUANT=weight.double_quant,
         SOFT_BF16=INTERPRET,
         num_warps=meta["num_warps"],
         enable_fp_fusion=False,

@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, ptr_type, round_to, to_f32
+from nf4.kernels.dequantize import decode_absmax
 
 BM = 16  # rows of x per program: M <= 16 padded to the smallest tensor-core tile
 BK = 32  # smallest reduction step: 16 bytes of each W row, in one absmax block (blocksize >= 32)
@@ -64,15 +65,16 @@ EPILOGUE_BN = 128
 
 def block_n(dtype: torch.dtype, aligned: bool = True) -> int:
     """Rows of W per program. Aligned path: 256 for fp16/bf16 (two 16-byte rows per thread with 4 warps),
-    64 for fp32, whose exact fp32 dot runs on FMA units and holds its operands in registers. General
-    path: 32 (it keeps an int64 index per element).
+    16 for fp32, whose exact fp32 dot runs on FMA units and holds its operands in registers (64 took an
+    8-byte stack frame under triton 3.6 on sm_90, 32 under 3.9 on sm_80). General path: 32 (it keeps
+    an int64 index per element).
 
     NOTE: the general path at 256 rows spilled 300-3000 bytes per thread (sm_80 and sm_90, triton 3.9);
     at 32 rows it compiles without spills or stack.
     """
     if not aligned:
         return 32
-    return 64 if dtype == torch.float32 else 256
+    return 16 if dtype == torch.float32 else 256
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,12 +87,7 @@ def _absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, b
     None means every block exists."""
     if mask is None:
         mask = tl.full(block.shape, True, tl.int1)
-    if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_absmax_ptr + (block >> 8), mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + q) * scale + tl.load(nested_offset_ptr)
-    else:
-        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return decode_absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, block, mask, DOUBLE_QUANT)
 
 
 @triton.jit
@@ -210,10 +207,11 @@ def _nf4_gemv_epilogue_kernel(
     stride_vr,
     stride_vn,
     has_bias,
+    lora_scale,
     BN: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
-    """out = sum_s partial[s] + u @ v + bias, rounded once; r = 0 means no LoRA term."""
+    """out = sum_s partial[s] + (u @ v) * lora_scale + bias, rounded once; r = 0 means no LoRA term."""
     offs_m = tl.arange(0, 16)
     offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     in_m = offs_m < M
@@ -228,7 +226,7 @@ def _nf4_gemv_epilogue_kernel(
     u_col = u_ptr + offs_m.to(tl.int64) * stride_um
     v_row = v_ptr + offs_n * stride_vn
     for _ in range(0, r):
-        u = to_f32(tl.load(u_col, mask=in_m, other=0.0), SOFT_BF16)
+        u = to_f32(tl.load(u_col, mask=in_m, other=0.0), SOFT_BF16) * lora_scale
         v = to_f32(tl.load(v_row, mask=in_n, other=0.0), SOFT_BF16)
         acc += u[:, None] * v[None, :]
         u_col += stride_ur
@@ -325,6 +323,7 @@ def _epilogue_signature(dtype: torch.dtype) -> dict[str, str]:
         "stride_vr": "i64",
         "stride_vn": "i64",
         "has_bias": "i32",
+        "lora_scale": "fp32",
     }
 
 
@@ -344,6 +343,7 @@ def gemv_configs() -> list[LaunchConfig]:
                         signature=_main_signature(dtype, double_quant),
                         constexprs=_main_constexprs(dtype, aligned, double_quant, False, bk),
                         options=_options(aligned, dtype, bk),
+                        aligned_only=True,
                     )
                 )
         out.append(
@@ -423,9 +423,10 @@ def nf4_gemv(
     u: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
     split: int | None = None,
 ) -> torch.Tensor:
-    """`x @ dequant(weight)^T + u @ v + bias` for M <= 16 rows, fused over two kernel launches.
+    """`x @ dequant(weight)^T + (u @ v) * lora_scale + bias` for M <= 16 rows, over two kernel launches.
 
     Args:
         x: [M, K] activations, fp32/fp16/bf16, M <= 16 (any strides along M; contiguous along K).
@@ -520,6 +521,7 @@ def nf4_gemv(
         m * n,
         *strides,
         int(bias is not None),
+        float(lora_scale),
         BN=EPILOGUE_BN,
         SOFT_BF16=interpret,
         num_warps=NUM_WARPS,

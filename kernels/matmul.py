@@ -1,13 +1,13 @@
 """Fused NF4 dequantize-matmul with a low-rank (LoRA) term and bias in the epilogue.
 
-    forward   (trans=False):  y[M, N] = x[M, K] @ W^T      + (U[M, r] @ V[r, N])             + bias[N]
-    backward  (trans=True):   y[M, K] = x[M, N] @ W        + (U[M, r] @ V[r, K]) * mask*keep
+    forward   (trans=False):  y[M, N] = x[M, K] @ W^T      + (U[M, r] @ V[r, N]) * s          + bias[N]
+    backward  (trans=True):   y[M, K] = x[M, N] @ W        + (U[M, r] @ V[r, K]) * s [* mask]
 
 W is an NF4 weight of shape [N, K] in bitsandbytes' layout (element (n, k) is code n*K + k of the flat
 tensor, blocks of `blocksize` may cross rows). The kernel needs an even K (each row then starts on a
 byte); an odd K takes the "dequantize, then matmul" strategy. For LoRA, the launcher's caller passes
-U = scaling * dropout(x) @ A^T and V = B^T (forward), or U = scaling * dy @ B and V = A (the
-input-gradient pass, with the dropout mask applied to the LoRA term). The LoRA term is added to the fp32
+U = dropout(x) @ A^T, V = B^T and s = scaling (forward), or U = scaling * dy @ B, V = A and s = 1 / (1 - p)
+(the input-gradient pass, with the dropout mask applied to the LoRA term). The LoRA term is added to the fp32
 accumulator before the single rounding to the output dtype: no extra pass over the output.
 
 Tiling: each program owns a [BM, BN] output tile and walks the reduction dimension in BK steps. Each
@@ -22,9 +22,11 @@ wgmma on sm_90 for 64- and 128-row tiles) with fp32 accumulation; the dequantize
 global memory.
 
 Regimes (one launcher, configurations per M bucket):
-- small M (decode, M <= 16): BM = 16 and split-K: programs = N tiles x SPLIT, so that one row keeps
-  every multiprocessor busy. With SPLIT > 1 the programs write fp32 partial sums [SPLIT, M, N] and a
-  second small kernel adds them up, applies the epilogue and rounds.
+- small M (decode, M <= 16): the forward pass of fp16/bf16 activations takes the decode kernel
+  (`nf4.kernels.gemv`, 16-byte W loads, absmax applied once per block); the input-gradient pass,
+  fp32 and unaligned tensors take BM = 16 tiles with split-K: programs = N tiles x SPLIT, so that one
+  row keeps every multiprocessor busy. With SPLIT > 1 the programs write fp32 partial sums
+  [SPLIT, M, N] and a second small kernel adds them up, applies the epilogue and rounds.
 - large M: 64- and 128-row tiles with grouped ordering for L2 reuse of W tiles.
 On a GPU the launcher times the candidate configurations of the bucket, plus "dequantize W once, then
 cuBLAS", once per (bucket, shape, dtype) and keeps the fastest (`choose`); under the interpreter it
@@ -36,7 +38,7 @@ serves every combination of LoRA / bias / mask.
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +47,7 @@ import triton.language as tl
 
 from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, ptr_type, round_to, to_f32
 from nf4.kernels.dequantize import decode_absmax
-from nf4.reference import matmul_epilogue
+from nf4.reference import add_lora_and_bias_
 
 RK = tl.constexpr(16)  # rank chunk of the LoRA epilogue: r is walked in steps of 16 (any r works)
 
@@ -72,19 +74,25 @@ at least 32 it touches at most 3 absmax blocks, which the tile decodes as 3 vect
 
 # Candidates per (M bucket, trans); the first is the default where nothing is timed (interpreter, CPU).
 # NOTE: 128x128 tiles spill on sm_80 and sm_90 (the decoded W tile lives in registers next to the
-# accumulator); every tile below compiles without spills (tests/test_compile.py).
+# accumulator); every tile below compiles without spills or stack under triton 3.6 and 3.9, for sm_80
+# and sm_90, in every specialisation (`python benchmarks/static_report.py`). Replaced for that
+# (2026-11-29, by sweeping candidates through the report): medium 64x64x64 w4/w8 (40-208 B of stack
+# under 3.6 unaligned; 8 B under 3.9 aligned, sm_80), small 16x128x64 (w8: 8 B under 3.6; w4: 152 B
+# under 3.9 unaligned), small trans 16x32x128 and 16x64x32 w4s4, large trans 128x64x32 (8 B, sm_80,
+# 3.6), fp32 16x64x32, 32x64x32, 32x32x32 (8 B, trans or unaligned). Most were 8-byte frames at a
+# 128-register cap: ptxas's choice differs between the two tritons' ptxas versions.
 BUCKETS: dict[tuple[str, bool], tuple[MatmulConfig, ...]] = {
-    ("small", False): (MatmulConfig(16, 64, 64, 4, 3), MatmulConfig(16, 128, 64, 8, 3)),
-    ("medium", False): (MatmulConfig(64, 64, 64, 4, 3), MatmulConfig(64, 64, 64, 8, 4)),
+    ("small", False): (MatmulConfig(16, 64, 64, 4, 3), MatmulConfig(16, 32, 64, 4, 3)),
+    ("medium", False): (MatmulConfig(64, 64, 32, 4, 3), MatmulConfig(64, 64, 32, 8, 3)),
     ("large", False): (MatmulConfig(128, 64, 64, 8, 3), MatmulConfig(128, 64, 64, 8, 4)),
-    ("small", True): (MatmulConfig(16, 64, 64, 4, 3), MatmulConfig(16, 32, 128, 4, 3)),
+    ("small", True): (MatmulConfig(16, 64, 64, 4, 3), MatmulConfig(16, 64, 32, 4, 3)),
     ("medium", True): (MatmulConfig(64, 64, 64, 4, 3),),
-    ("large", True): (MatmulConfig(128, 64, 64, 8, 3), MatmulConfig(128, 64, 32, 8, 3)),
+    ("large", True): (MatmulConfig(128, 64, 64, 8, 3), MatmulConfig(128, 64, 64, 8, 4)),
 }
 # fp32 activations: exact fp32 dot products (FMA, no tensor cores), one smaller tile per bucket.
 FP32_BUCKETS: dict[str, MatmulConfig] = {
-    "small": MatmulConfig(16, 64, 32, 4, 2),
-    "medium": MatmulConfig(32, 64, 32, 8, 2),
+    "small": MatmulConfig(16, 32, 32, 4, 2),
+    "medium": MatmulConfig(16, 32, 32, 4, 2),
     "large": MatmulConfig(64, 32, 32, 8, 2),
 }
 
@@ -175,14 +183,17 @@ def _epilogue(
     bias_ptr,
     mask_ptr,
     r,
-    keep_scale,
+    stride_vr,
+    stride_vn,
+    lora_scale,
     has_lora,
     has_bias,
     has_mask,
     DOT_F32: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
-    """acc + (U @ V) [* mask * keep] + bias, all in fp32 (U, V in the activation dtype)."""
+    """acc + (U @ V) * lora_scale [* mask] + bias, all in fp32 (U [M, r] contiguous, V [r, OUT] with
+    strides (stride_vr, stride_vn), both in the activation dtype)."""
     in_m = offs_m < M
     in_n = offs_n < OUT
     if has_lora:
@@ -190,19 +201,20 @@ def _epilogue(
         for r0 in range(0, r, RK):
             rr = r0 + tl.arange(0, RK)
             u = tl.load(u_ptr + offs_m[:, None] * r + rr[None, :], mask=in_m[:, None] & (rr < r)[None, :], other=0.0)
-            v_offs = rr[:, None].to(tl.int64) * OUT + offs_n[None, :]
+            v_offs = rr[:, None].to(tl.int64) * stride_vr + offs_n[None, :] * stride_vn
             v = tl.load(v_ptr + v_offs, mask=(rr < r)[:, None] & in_n[None, :], other=0.0)
             lora = _dot(lora, u, v, DOT_F32, SOFT_BF16)
+        lora = lora * lora_scale
         if has_mask:
             keep = tl.load(mask_ptr + offs_m[:, None] * OUT + offs_n[None, :], mask=in_m[:, None] & in_n[None, :])
-            lora = lora * (keep.to(tl.float32) * keep_scale)
+            lora = tl.where(keep != 0, lora, 0.0)
         acc += lora
     if has_bias:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0)[None, :]
     return acc
 
 
-@triton.jit(do_not_specialize=["has_lora", "has_bias", "has_mask", "keep_scale"])
+@triton.jit(do_not_specialize=["has_lora", "has_bias", "has_mask", "lora_scale"])
 def _nf4_matmul_kernel(
     # pointers
     x_ptr,
@@ -227,7 +239,9 @@ def _nf4_matmul_kernel(
     r,
     k_per_split,
     # epilogue
-    keep_scale,
+    stride_vr,
+    stride_vn,
+    lora_scale,
     has_lora,
     has_bias,
     has_mask,
@@ -330,7 +344,9 @@ def _nf4_matmul_kernel(
             bias_ptr,
             mask_ptr,
             r,
-            keep_scale,
+            stride_vr,
+            stride_vn,
+            lora_scale,
             has_lora,
             has_bias,
             has_mask,
@@ -341,7 +357,7 @@ def _nf4_matmul_kernel(
         tl.store(out_ptr + offs_m[:, None] * OUT + offs_n[None, :], out, mask=in_m[:, None] & in_n[None, :])
 
 
-@triton.jit(do_not_specialize=["has_lora", "has_bias", "has_mask", "keep_scale"])
+@triton.jit(do_not_specialize=["has_lora", "has_bias", "has_mask", "lora_scale"])
 def _splitk_reduce_kernel(
     partial_ptr,
     u_ptr,
@@ -353,7 +369,9 @@ def _splitk_reduce_kernel(
     OUT,
     r,
     split,
-    keep_scale,
+    stride_vr,
+    stride_vn,
+    lora_scale,
     has_lora,
     has_bias,
     has_mask,
@@ -366,10 +384,9 @@ def _splitk_reduce_kernel(
     offs_n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
     tile = offs_m[:, None] * OUT + offs_n[None, :]
     inside = (offs_m < M)[:, None] & (offs_n < OUT)[None, :]
-    plane = M.to(tl.int64) * OUT
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for s in range(0, split):
-        acc += tl.load(partial_ptr + s * plane + tile, mask=inside, other=0.0)
+    for s in range(0, split):  # partial sums [split, M, OUT]; offs_m is int64, so the offset is too
+        acc += tl.load(partial_ptr + (offs_m[:, None] + s * M) * OUT + offs_n[None, :], mask=inside, other=0.0)
     acc = _epilogue(
         acc,
         offs_m,
@@ -381,7 +398,9 @@ def _splitk_reduce_kernel(
         bias_ptr,
         mask_ptr,
         r,
-        keep_scale,
+        stride_vr,
+        stride_vn,
+        lora_scale,
         has_lora,
         has_bias,
         has_mask,
@@ -391,7 +410,7 @@ def _splitk_reduce_kernel(
     tl.store(out_ptr + tile, round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=inside)
 
 
-REDUCE_TILE = (16, 64)
+REDUCE_TILE = (16, 32)  # (16, 64) takes 8 B of stack for fp32 under triton 3.6, sm_90
 
 
 def _signature(dtype: torch.dtype, double_quant: bool) -> dict[str, str]:
@@ -417,7 +436,9 @@ def _signature(dtype: torch.dtype, double_quant: bool) -> dict[str, str]:
         "n_blocks": "i64",
         "r": "i32",
         "k_per_split": "i64",
-        "keep_scale": "fp32",
+        "stride_vr": "i64",
+        "stride_vn": "i64",
+        "lora_scale": "fp32",
         "has_lora": "i32",
         "has_bias": "i32",
         "has_mask": "i32",
@@ -478,7 +499,9 @@ def matmul_configs() -> list[LaunchConfig]:
                     "OUT": "i32",
                     "r": "i32",
                     "split": "i32",
-                    "keep_scale": "fp32",
+                    "stride_vr": "i64",
+                    "stride_vn": "i64",
+                    "lora_scale": "fp32",
                     "has_lora": "i32",
                     "has_bias": "i32",
                     "has_mask": "i32",
@@ -494,18 +517,44 @@ def matmul_configs() -> list[LaunchConfig]:
 # launcher
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _split_for(m: int, in_dim: int, out_dim: int, cfg: MatmulConfig, device: torch.device) -> int:
     """Split-K factor for the small-M bucket: about two programs per multiprocessor, each walking at
     least 4 BK steps."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(out_dim, cfg.BN)
-    return max(1, min(triton.cdiv(2 * sms, tiles), in_dim // (4 * cfg.BK)))
+    return max(1, min(triton.cdiv(2 * _multiprocessors(device), tiles), in_dim // (4 * cfg.BK)))
 
 
 DEQUANT = "dequantize+matmul"
 """The strategy that dequantizes W with `nf4.kernels.dequantize_nf4`, then calls torch.matmul."""
+
+GEMV = "gemv"
+"""The decode strategy for M <= 16 (`nf4.kernels.gemv.nf4_gemv`): W streamed with 16-byte loads."""
+
+
+def gemv_applies(x: torch.Tensor, weight, trans: bool, mask) -> bool:
+    """Whether `nf4_gemv` can take this call: the forward pass (no dropout mask on the output) of at most
+    16 rows of fp16/bf16 activations, with 16-byte aligned tensors (its configurations are compiled for
+    those only: `LaunchConfig.aligned_only`). Reads tensor metadata only."""
+    from nf4.kernels.gemv import MAX_M
+
+    tensors = [x, weight.packed, weight.absmax]
+    if weight.double_quant:
+        tensors += [weight.nested_absmax, weight.nested_offset, weight.nested_code]
+    return (
+        not trans
+        and mask is None
+        and x.shape[0] <= MAX_M
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and all(t.data_ptr() % 16 == 0 for t in tensors)
+    )
+
 
 _CHOSEN: dict[tuple, MatmulConfig | str] = {}
 
@@ -514,7 +563,7 @@ def choose(key: tuple, options: dict[str, object], run) -> object:
     """The fastest of `options` (name -> option) for `key`, timed once with `run(option)` on the GPU.
 
     Where nothing can be timed (no CUDA: the interpreter) the first option is taken. The choice is
-    cached per key for the process.
+    cached per key for the process (the first call of a shape is slow; later calls only look it up).
     """
     if key not in _CHOSEN:
         names = list(options)
@@ -528,102 +577,109 @@ def choose(key: tuple, options: dict[str, object], run) -> object:
 
 def nf4_matmul(
     x: torch.Tensor,
-    weight: tuple[torch.Tensor | None, ...],
-    shape: tuple[int, int],
-    blocksize: int,
+    weight,
+    *,
     trans: bool = False,
     u: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    keep_scale: float = 1.0,
+    lora_scale: float = 1.0,
     config: MatmulConfig | str | None = None,
     split: int | None = None,
 ) -> torch.Tensor:
-    """`x @ W^T` (or `x @ W` with `trans`) + `(u @ v) [* mask * keep_scale]` + `bias`, fused.
+    """`x @ W^T` (or `x @ W` with `trans`) + `(u @ v) * lora_scale [* mask]` + `bias`, fused.
 
     Args:
         x: [M, IN] activations, fp32/fp16/bf16; IN = K (forward) or N (trans).
-        weight: (packed, absmax, code, nested_absmax, nested_offset, nested_code), the NF4Tensor's
-            pieces (the nested three None without double quantization); W has `shape` (N, K).
-        u, v: the low-rank term, [M, r] and [r, OUT] (any float dtype; used in x's dtype), or None.
+        weight: the `NF4Tensor` W of shape [N, K] (its pieces and metadata are read, never copied).
+        u, v: the low-rank term, [M, r] and [r, OUT] (any strides for v; used in x's dtype), or None.
         bias: [OUT] or None. mask: [M, OUT] bool dropout mask applied to the low-rank term, or None.
-        config, split: force a tile configuration (or `DEQUANT`) and a split-K factor (tests,
+        lora_scale: multiplies the low-rank term (in float32, before the single rounding).
+        config, split: force a tile configuration (or `DEQUANT`, `GEMV`) and a split-K factor (tests,
             benchmarks). By default the configuration is chosen per (M bucket, shape, dtype) by `choose`
-            and split-K by `_split_for`. An odd K always takes `DEQUANT` (rows of W do not start on
-            byte boundaries).
+            among the bucket's tiles, `GEMV` where `gemv_applies` (M <= 16) and `DEQUANT` (M > 16), and
+            split-K by `_split_for`. An odd K takes `GEMV` or `DEQUANT` (rows of W do not start on byte
+            boundaries, which the tiles need).
     Returns:
         [M, OUT] in x's dtype.
+
+    No device-to-host read happens here: after the first call of a shape (which times the candidates
+    on a GPU), a call is a few tensor-metadata reads and one or two kernel launches, so it can be
+    captured in a CUDA graph.
     """
-    n, k = shape
+    n, k = weight.shape
     m, in_dim = x.shape
-    assert in_dim == (n if trans else k) and x.dtype in TL_DTYPES, "checked by the caller"
-    args = (x.contiguous(), weight, shape, blocksize, trans, u, v, bias, mask, keep_scale)
-    if k % 2:
-        config = DEQUANT
+    assert in_dim == (n if trans else k) and x.dtype in TL_DTYPES, "validated by nf4.lora"
+    x = x.contiguous()
+    if k % 2 and config not in (GEMV, DEQUANT):  # the tiles need rows that start on a byte
+        config = GEMV if gemv_applies(x, weight, trans, mask) else DEQUANT
     if config is None:
-        options = {c.name: c for c in candidates(m, trans, x.dtype)}
+        options = {GEMV: GEMV} if gemv_applies(x, weight, trans, mask) else {}
+        options.update({c.name: c for c in candidates(m, trans, x.dtype)})
         if bucket(m) != "small" and x.dtype != torch.float32:
             options[DEQUANT] = DEQUANT
-        key = (bucket(m), in_dim, n, k, x.dtype, trans, weight[3] is not None, blocksize, x.device)
-        config = choose(key, options, lambda c: _run(*args, c, split))
-    return _run(*args, config, split)
+        key = (bucket(m), in_dim, n, k, x.dtype, trans, weight.double_quant, weight.blocksize, x.device)
+        config = choose(key, options, lambda c: _run(x, weight, trans, u, v, bias, mask, lora_scale, c, split))
+    return _run(x, weight, trans, u, v, bias, mask, lora_scale, config, split)
 
 
-def _run(x, weight, shape, blocksize, trans, u, v, bias, mask, keep_scale, config, split):
+def _run(x, weight, trans, u, v, bias, mask, lora_scale, config, split):
+    if config == GEMV:
+        from nf4.kernels.gemv import nf4_gemv
+
+        return nf4_gemv(x, weight, u=u, v=v, bias=bias, lora_scale=lora_scale, split=split)
     if config == DEQUANT:
-        return dequantize_then_matmul(x, weight, shape, blocksize, trans, u, v, bias, mask, keep_scale)
-    return _fused(x, weight, shape, blocksize, trans, u, v, bias, mask, keep_scale, config, split)
+        return dequantize_then_matmul(x, weight, trans, u, v, bias, mask, lora_scale)
+    return _fused(x, weight, trans, u, v, bias, mask, lora_scale, config, split)
 
 
-def dequantize_then_matmul(x, weight, shape, blocksize, trans, u, v, bias, mask, keep_scale) -> torch.Tensor:
-    """The unfused strategy: W dequantized to x's dtype, torch.matmul, then the epilogue in fp32."""
+def dequantize_then_matmul(x, weight, trans, u, v, bias, mask, lora_scale) -> torch.Tensor:
+    """The unfused strategy, for large M: W dequantized once to x's dtype at the copy bandwidth, one
+    cuBLAS GEMM, then the low-rank term and bias added in x's dtype (`reference.add_lora_and_bias_`:
+    no float32 [M, OUT] tensor)."""
     from nf4.kernels.dequantize import dequantize_nf4
 
-    n, k = shape
-    packed, absmax, code, nested_absmax, nested_offset, nested_code = weight
-    nested = (nested_absmax, nested_offset, nested_code) if nested_absmax is not None else None
-    w = dequantize_nf4(packed, absmax, code, n * k, blocksize, x.dtype, nested).view(n, k)
+    w = dequantize_nf4(weight, x.dtype).view(weight.shape)
     y = x @ (w if trans else w.t())
-    if (u is None or u.shape[1] == 0) and bias is None:
-        return y
-    if u is not None:  # the fused kernel's epilogue reads u and v in the activation dtype
-        u, v = u.to(x.dtype), v.to(x.dtype)
-    return matmul_epilogue(y.float(), u, v, bias, mask, keep_scale).to(x.dtype)
+    return add_lora_and_bias_(y, u, v, bias, mask, lora_scale)
 
 
-_PAIRS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+@functools.cache
+def _constants(device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-device constants, built once: the pair table of the NF4 code (the code of every NF4Tensor
+    is the NF4 table, checked when it was built) and an empty float32 tensor standing in for absent
+    optional pointers."""
+    from nf4.codebook import NF4_CODE
+
+    return {"pairs": pair_table(NF4_CODE.to(device)), "none_f32": torch.empty(0, device=device)}
 
 
-def _pairs(code: torch.Tensor) -> torch.Tensor:
-    """The pair table of `code`, cached per device (the code is always the NF4 table)."""
-    cached = _PAIRS.get(code.device)
-    if cached is None or not torch.equal(cached[0], code):
-        cached = _PAIRS[code.device] = (code.clone(), pair_table(code))
-    return cached[1]
-
-
-def _fused(x, weight, shape, blocksize, trans, u, v, bias, mask, keep_scale, cfg, split):
-    n, k = shape
+def _fused(x, weight, trans, u, v, bias, mask, lora_scale, cfg, split):
+    n, k = weight.shape
     m, in_dim = x.shape
     out_dim = k if trans else n
     out = torch.empty((m, out_dim), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
+    blocksize = weight.blocksize
     assert (cfg.BN if trans else cfg.BK) <= SPAN and blocksize >= 32, "a tile row spans at most 3 blocks"
-    packed, absmax, code, nested_absmax, nested_offset, nested_code = weight
-    double_quant = nested_absmax is not None
-    if not double_quant:
-        nested_absmax = nested_offset = nested_code = absmax
+    constants = _constants(x.device)
+    absmax = weight.absmax
+    if weight.double_quant:  # the 0-d offset is passed as is: a kernel only needs its address
+        nested = (weight.nested_absmax, weight.nested_offset, weight.nested_code)
     else:
-        nested_offset = nested_offset.reshape(1)
+        nested = (absmax, absmax, absmax)  # never read when DOUBLE_QUANT is off
     has_lora = u is not None and u.shape[1] > 0
-    dummy = x.new_empty(0)
-    u = u.to(x.dtype).contiguous() if has_lora else dummy
-    v = v.to(x.dtype).contiguous() if has_lora else dummy
-    bias_f32 = bias.to(torch.float32).contiguous() if bias is not None else dummy.float()
-    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else dummy.to(torch.uint8)
-    r = u.shape[1] if has_lora else 0
+    if has_lora:
+        u = u.to(x.dtype).contiguous()
+        v = v.to(x.dtype)
+        r, stride_vr, stride_vn = u.shape[1], v.stride(0), v.stride(1)
+    else:
+        u = v = x  # never read
+        r, stride_vr, stride_vn = 0, 0, 0
+    bias_f32 = bias.to(torch.float32) if bias is not None else constants["none_f32"]
+    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else weight.packed
 
     if split is None:
         split = _split_for(m, in_dim, out_dim, cfg, x.device) if bucket(m) == "small" else 1
@@ -631,7 +687,9 @@ def _fused(x, weight, shape, blocksize, trans, u, v, bias, mask, keep_scale, cfg
     split = triton.cdiv(in_dim, k_per_split)
     target = out if split == 1 else torch.empty((split, m, out_dim), dtype=torch.float32, device=x.device)
     epilogue = dict(
-        keep_scale=float(keep_scale),
+        stride_vr=stride_vr,
+        stride_vn=stride_vn,
+        lora_scale=float(lora_scale),
         has_lora=int(has_lora),
         has_bias=int(bias is not None),
         has_mask=int(mask is not None and has_lora),
@@ -640,12 +698,10 @@ def _fused(x, weight, shape, blocksize, trans, u, v, bias, mask, keep_scale, cfg
     grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(out_dim, cfg.BN), split)
     _nf4_matmul_kernel[grid](
         x,
-        packed,
+        weight.packed,
         absmax,
-        nested_absmax,
-        nested_offset,
-        nested_code,
-        _pairs(code),
+        *nested,
+        constants["pairs"],
         u,
         v,
         bias_f32,
@@ -655,13 +711,13 @@ def _fused(x, weight, shape, blocksize, trans, u, v, bias, mask, keep_scale, cfg
         in_dim,
         out_dim,
         k,
-        int(math.log2(blocksize)),
+        blocksize.bit_length() - 1,
         triton.cdiv(n * k, blocksize),
         r,
         k_per_split,
         **epilogue,
         TRANS_W=trans,
-        DOUBLE_QUANT=double_quant,
+        DOUBLE_QUANT=weight.double_quant,
         PARTIAL=split > 1,
         BM=cfg.BM,
         BN=cfg.BN,

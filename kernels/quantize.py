@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, ptr_type, to_f32
+from nf4.kernels.common import IEEE_DIV_STACK, INTERPRET, TL_DTYPES, LaunchConfig, ptr_type, to_f32
 
 _TARGET_ELEMENTS = 2048  # elements per program: big enough to stream, small enough for registers
 _NESTED = 256
@@ -49,11 +49,27 @@ def _unit_scale(x, absmax):
 
 
 @triton.jit
-def _nf4_codes(xs, mid_ptr):
-    """Number of the 15 NF4 midpoints strictly below each element of xs (int32)."""
-    code = tl.zeros(xs.shape, dtype=tl.int32)
-    for i in tl.static_range(15):
-        code += (xs > tl.load(mid_ptr + i)).to(tl.int32)
+def _nf4_codes(xs):
+    """Number of the 15 NF4 midpoints strictly below each element of xs (int32).
+
+    The midpoints are float32 literals (`nf4.codebook.nf4_midpoints()`, bit for bit: `MIDPOINTS` below,
+    checked by tests/test_kernels.py): compared with immediates, no table in memory.
+    """
+    code = (xs > -0.8480963706970215).to(tl.int32)
+    code += (xs > -0.6106328964233398).to(tl.int32)
+    code += (xs > -0.4599952697753906).to(tl.int32)
+    code += (xs > -0.33967941999435425).to(tl.int32)
+    code += (xs > -0.23460739850997925).to(tl.int32)
+    code += (xs > -0.13791173696517944).to(tl.int32)
+    code += (xs > -0.045525018125772476).to(tl.int32)
+    code += (xs > 0.03979014977812767).to(tl.int32)
+    code += (xs > 0.120255246758461).to(tl.int32)
+    code += (xs > 0.2035212516784668).to(tl.int32)
+    code += (xs > 0.2920137643814087).to(tl.int32)
+    code += (xs > 0.3893125355243683).to(tl.int32)
+    code += (xs > 0.5016634464263916).to(tl.int32)
+    code += (xs > 0.6427869200706482).to(tl.int32)
+    code += (xs > 0.8614784479141235).to(tl.int32)
     return code
 
 
@@ -62,7 +78,6 @@ def _quantize_nf4_kernel(
     x_ptr,
     packed_ptr,
     absmax_ptr,
-    mid_ptr,
     n_elements,
     BLOCKSIZE: tl.constexpr,
     BLOCKS: tl.constexpr,
@@ -78,7 +93,7 @@ def _quantize_nf4_kernel(
     absmax = tl.where(has_nan, float("nan"), absmax)
 
     even, odd = tl.split(tl.reshape(_unit_scale(x, absmax[:, None]), (BLOCKS, HALF, 2)))
-    byte = (_nf4_codes(even, mid_ptr) << 4) | _nf4_codes(odd, mid_ptr)
+    byte = (_nf4_codes(even) << 4) | _nf4_codes(odd)
 
     pair = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
     tl.store(packed_ptr + pair, byte.to(tl.uint8), mask=2 * pair < n_elements)
@@ -115,7 +130,7 @@ def _quantize_absmax_kernel(
 
 def quantize_configs() -> list[LaunchConfig]:
     """Every configuration `quantize_nf4` and `quantize_absmax` can launch (for AOT checks)."""
-    from nf4.tensor import BLOCKSIZES
+    from nf4.format import BLOCKSIZES
 
     out = []
     for blocksize in BLOCKSIZES:
@@ -129,11 +144,11 @@ def quantize_configs() -> list[LaunchConfig]:
                         "x_ptr": ptr_type(dtype),
                         "packed_ptr": "*u8",
                         "absmax_ptr": "*fp32",
-                        "mid_ptr": "*fp32",
                         "n_elements": "i64",
                     },
                     constexprs={"BLOCKSIZE": blocksize, "BLOCKS": meta["BLOCKS"], "SOFT_BF16": False},
                     options={"num_warps": meta["num_warps"], "enable_fp_fusion": False},
+                    stack_ok=IEEE_DIV_STACK,
                 )
             )
     out.append(
@@ -150,15 +165,16 @@ def quantize_configs() -> list[LaunchConfig]:
             },
             constexprs={"NESTED": _NESTED},
             options={"num_warps": 4, "enable_fp_fusion": False},
+            stack_ok=IEEE_DIV_STACK,
         )
     )
     return out
 
 
-def quantize_nf4(x: torch.Tensor, blocksize: int, midpoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_nf4(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """NF4-quantize `x` (fp32/fp16/bf16, any shape; read in row-major order).
 
-    `midpoints` float32 [15] on x's device (`nf4.codebook.nf4_midpoints()`). Returns (packed uint8
+    Returns (packed uint8
     [(n + 1) // 2, 1], absmax float32 [ceil(n / blocksize)]); a block holding NaN gets absmax NaN.
     """
     assert x.dtype in TL_DTYPES and x.numel() > 0, "validated by nf4.quantize"
@@ -173,7 +189,6 @@ def quantize_nf4(x: torch.Tensor, blocksize: int, midpoints: torch.Tensor) -> tu
         x,
         packed,
         absmax,
-        midpoints,
         n,
         BLOCKSIZE=blocksize,
         BLOCKS=meta["BLOCKS"],
@@ -197,7 +212,7 @@ def quantize_absmax(
     absmax2 = torch.empty((triton.cdiv(nb, _NESTED),), dtype=torch.float32, device=absmax.device)
     _quantize_absmax_kernel[(absmax2.numel(),)](
         absmax,
-        offset.reshape(1),
+        offset,
         thresholds,
         codes,
         absmax2,

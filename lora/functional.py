@@ -10,11 +10,17 @@ with x [..., K], W an NF4Tensor [N, K] (frozen), A [r, K], B [N, r], bias [N], m
     dB    = scaling * dy^T @ (x_d @ A^T)                     [N, r]   (x_d @ A^T saved from forward)
     dbias = sum over rows of dy
 
-W gets no gradient, and no dequantized copy of W is kept between forward and backward. Both passes
-run the fused Triton kernel (`nf4.kernels.nf4_matmul`) where `nf4.dispatch.use_kernels` says so, and
+W gets no gradient, and no dequantized copy of W is kept between forward and backward. The low-rank
+products (x_d @ A^T, g, dA, dB) run in the activation dtype, as torch's GEMMs do for bf16 (float32
+accumulation, one rounding), with the adapter cast to it: no float32 copy of x or dy is made, and
+dA, dB are returned in the adapter's dtype. (PEFT with float32 adapters casts x to float32 instead.) Both passes
+run through `nf4.dispatch.matmul`: the fused Triton kernel (`nf4.kernels.matmul.nf4_matmul`) on CUDA, and
 the fp32 torch reference otherwise (`nf4.reference.matmul_ref`, float64 too, for gradcheck). The ops
 are `torch.library` custom ops with fake implementations, so `torch.compile(fullgraph=True)` traces
-modules using them without graph breaks.
+modules using them without graph breaks. The weight reaches them as one `NF4Tensor`, passed as keyword
+arguments (`weight_kwargs`: its pieces by name, then shape, dtype, blocksize, double_quant) and rebuilt
+on the other side without copies or checks; nothing on the forward or backward path reads a value
+back from the device, so a converted model can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -22,37 +28,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nf4 import reference
-from nf4.dispatch import use_kernels
+from nf4 import dispatch
+from nf4.format import PIECES, NF4Meta
 from nf4.tensor import NF4Tensor
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+def weight_kwargs(q: NF4Tensor) -> dict:
+    """The NF4Tensor `q` as keyword arguments of the `nf4::` ops: its pieces by name, then its metadata."""
+    pieces, meta = q.flatten()
+    return dict(
+        pieces, shape=list(meta.shape), dtype=meta.dtype, blocksize=meta.blocksize, double_quant=meta.double_quant
+    )
 
 
-def _weight(packed, absmax, code, nested_absmax, nested_offset, nested_code, n, k, blocksize) -> NF4Tensor:
-    q = NF4Tensor.__new__(NF4Tensor)  # pieces come from a validated NF4Tensor: skip re-validation
-    q.packed, q.absmax, q.code = packed, absmax, code
-    q.nested_absmax, q.nested_offset, q.nested_code = nested_absmax, nested_offset, nested_code
-    q.shape, q.dtype, q.blocksize = torch.Size((n, k)), torch.float32, blocksize
-    return q
-
-
-def _matmul(x2, q: NF4Tensor, trans, u, v, bias, mask, keep_scale) -> Tensor:
-    """The one dispatch point of the matmul: fused kernel or torch reference."""
-    if use_kernels(x2.device) and x2.dtype in _KERNEL_DTYPES:
-        from nf4.kernels.matmul import nf4_matmul
-
-        pieces = (q.packed, q.absmax, q.code, q.nested_absmax, q.nested_offset, q.nested_code)
-        return nf4_matmul(x2, pieces, tuple(q.shape), q.blocksize, trans, u, v, bias, mask, keep_scale)
-    if x2.device.type == "cpu":
-        from nf4.cpu import matmul_cpu
-
-        y = matmul_cpu(x2, q, trans, u, v, bias, mask, keep_scale)
-        if y is not None:
-            return y
-    from nf4.api import dequantize
-
-    return reference.matmul_ref(x2, dequantize(q, torch.float32), trans, u, v, bias, mask, keep_scale)
+def _weight(
+    packed, absmax, code, nested_absmax, nested_offset, nested_code, shape, dtype, blocksize, double_quant
+) -> NF4Tensor:
+    """The NF4Tensor an op received as `weight_kwargs` (trusted: it was checked when it was built)."""
+    pieces = dict(zip(PIECES, (packed, absmax, code, nested_absmax, nested_offset, nested_code), strict=True))
+    return NF4Tensor.unflatten(pieces, NF4Meta(torch.Size(shape), dtype, blocksize, double_quant))
 
 
 @torch.library.custom_op("nf4::matmul", mutates_args=())
@@ -64,19 +58,20 @@ def nf4_matmul_op(
     nested_absmax: Tensor | None,
     nested_offset: Tensor | None,
     nested_code: Tensor | None,
-    n: int,
-    k: int,
+    shape: list[int],
+    dtype: torch.dtype,
     blocksize: int,
+    double_quant: bool,
     trans: bool,
     u: Tensor | None,
     v: Tensor | None,
     bias: Tensor | None,
     mask: Tensor | None,
-    keep_scale: float,
+    lora_scale: float,
 ) -> Tensor:
-    """x [M, IN] @ W^T (W with `trans`) + (u @ v) [* mask * keep_scale] + bias; see `nf4_matmul`."""
-    q = _weight(packed, absmax, code, nested_absmax, nested_offset, nested_code, n, k, blocksize)
-    return _matmul(x, q, trans, u, v, bias, mask, keep_scale)
+    """x [M, IN] @ W^T (W with `trans`) + (u @ v) * lora_scale [* mask] + bias; `nf4.dispatch.matmul`."""
+    q = _weight(packed, absmax, code, nested_absmax, nested_offset, nested_code, shape, dtype, blocksize, double_quant)
+    return dispatch.matmul(x, q, trans, u, v, bias, mask, lora_scale)
 
 
 @nf4_matmul_op.register_fake
@@ -88,17 +83,18 @@ def _(
     nested_absmax,
     nested_offset,
     nested_code,
-    n,
-    k,
+    shape,
+    dtype,
     blocksize,
+    double_quant,
     trans,
     u,
     v,
     bias,
     mask,
-    keep_scale,
+    lora_scale,
 ):
-    return x.new_empty((x.shape[0], k if trans else n))
+    return x.new_empty((x.shape[0], shape[1] if trans else shape[0]))
 
 
 @torch.library.custom_op("nf4::lora_linear", mutates_args=())
@@ -110,8 +106,10 @@ def lora_linear_op(
     nested_absmax: Tensor | None,
     nested_offset: Tensor | None,
     nested_code: Tensor | None,
-    out_features: int,
+    shape: list[int],
+    dtype: torch.dtype,
     blocksize: int,
+    double_quant: bool,
     lora_A: Tensor | None,
     lora_B: Tensor | None,
     bias: Tensor | None,
@@ -119,19 +117,17 @@ def lora_linear_op(
     mask: Tensor | None,
     keep_scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """Forward of the LoRA linear: returns (y [..., N], xa = x_d @ A^T [M, r] in float32 (float64 for
-    float64 x), saved for backward)."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    q = _weight(packed, absmax, code, nested_absmax, nested_offset, nested_code, out_features, k, blocksize)
-    ct = _compute_dtype(x)
+    """Forward of the LoRA linear: returns (y [..., N], xa = x_d @ A^T [M, r] in x's dtype, saved for
+    backward)."""
+    q = _weight(packed, absmax, code, nested_absmax, nested_offset, nested_code, shape, dtype, blocksize, double_quant)
+    x2 = x.reshape(-1, x.shape[-1])
     if lora_A is None:
-        xa = x2.new_empty((x2.shape[0], 0), dtype=ct)
-        y = _matmul(x2, q, False, None, None, bias, None, 1.0)
+        xa = x2.new_empty((x2.shape[0], 0))
+        y = dispatch.matmul(x2, q, False, None, None, bias, None, 1.0)
     else:
-        xa = _dropped(x2, mask, keep_scale, ct) @ lora_A.t().to(ct)
-        y = _matmul(x2, q, False, xa * scaling, lora_B.t(), bias, None, 1.0)
-    return y.reshape(*x.shape[:-1], out_features), xa
+        xa = _dropped(x2, mask, keep_scale) @ lora_A.to(x.dtype).t()
+        y = dispatch.matmul(x2, q, False, xa, lora_B.to(x.dtype).t(), bias, None, scaling)
+    return y.reshape(*x.shape[:-1], shape[0]), xa
 
 
 @lora_linear_op.register_fake
@@ -143,8 +139,10 @@ def _(
     nested_absmax,
     nested_offset,
     nested_code,
-    out_features,
+    shape,
+    dtype,
     blocksize,
+    double_quant,
     lora_A,
     lora_B,
     bias,
@@ -154,92 +152,93 @@ def _(
 ):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     r = 0 if lora_A is None else lora_A.shape[0]
-    return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((m, r), dtype=_compute_dtype(x))
+    return x.new_empty((*x.shape[:-1], shape[0])), x.new_empty((m, r))
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 for float64 activations (gradcheck), float32 otherwise."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _dropped(x2: Tensor, mask: Tensor | None, keep_scale: float, dtype: torch.dtype) -> Tensor:
-    """x_d = x * mask * keep_scale in `dtype` (x itself without a mask)."""
-    x2 = x2.to(dtype)
+def _dropped(x2: Tensor, mask: Tensor | None, keep_scale: float) -> Tensor:
+    """x_d = x * mask * keep_scale in x's dtype (x itself without a mask)."""
     return x2 if mask is None else x2 * mask.reshape(x2.shape) * keep_scale
 
 
-_SAVED_ARGS = ("packed", "absmax", "code", "nested_absmax", "nested_offset", "nested_code")
+_ARGS = (
+    "x",
+    *PIECES,
+    *("shape", "dtype", "blocksize", "double_quant", "lora_A", "lora_B", "bias", "scaling", "mask", "keep_scale"),
+)
+"""The parameters of `nf4::lora_linear`, in order."""
+_GRAD_INPUTS = ("x", "lora_A", "lora_B", "bias")
 
 
 def _setup_context(ctx, inputs, output):
-    (
-        x,
-        packed,
-        absmax,
-        code,
-        nested_absmax,
-        nested_offset,
-        nested_code,
-        out_features,
-        blocksize,
-        lora_A,
-        lora_B,
-        bias,
-        scaling,
-        mask,
-        keep_scale,
-    ) = inputs
-    ctx.save_for_backward(
-        x, packed, absmax, code, nested_absmax, nested_offset, nested_code, lora_A, lora_B, mask, output[1]
-    )
-    ctx.meta = (out_features, blocksize, scaling, keep_scale, bias is not None, None if bias is None else bias.dtype)
+    args = dict(zip(_ARGS, inputs, strict=True))
+    pieces = [args[name] for name in PIECES]
+    ctx.save_for_backward(args["x"], *pieces, args["lora_A"], args["lora_B"], args["mask"], output[1])
+    ctx.meta = {k: args[k] for k in ("shape", "dtype", "blocksize", "double_quant", "scaling")}
+    ctx.keep_scale = args["keep_scale"]
+    ctx.bias_dtype = None if args["bias"] is None else args["bias"].dtype
 
 
 def _backward(ctx, dy, dxa):
-    x, packed, absmax, code, nested_absmax, nested_offset, nested_code, lora_A, lora_B, mask, xa = ctx.saved_tensors
-    out_features, blocksize, scaling, keep_scale, has_bias, bias_dtype = ctx.meta
-    k = x.shape[-1]
-    dy2 = dy.reshape(-1, out_features)
+    x, *pieces, lora_A, lora_B, mask, xa = ctx.saved_tensors
+    meta = dict(ctx.meta)
+    scaling = meta.pop("scaling")
+    weight = dict(zip(PIECES, pieces, strict=True), **meta)
+    out_features, k = meta["shape"]
+    dy2 = dy.reshape(-1, out_features).to(x.dtype)
     x2 = x.reshape(-1, k)
-    needs = ctx.needs_input_grad
-    dx = d_a = d_b = d_bias = None
-    g = None
-    if lora_A is not None:
-        ct = _compute_dtype(dy)
-        g = scaling * (dy2.to(ct) @ lora_B.to(ct))
+    needs = dict(zip(_ARGS, ctx.needs_input_grad, strict=True))
+    grads = dict.fromkeys(_GRAD_INPUTS)
+    g = a = None
+    if lora_A is not None:  # [M, r] and [r, K] products in x's dtype (float32 accumulation in the GEMMs)
+        a = lora_A.to(x.dtype)
+        g = (dy2 @ lora_B.to(x.dtype)).mul_(scaling)
         if dxa is not None:
-            g = g + dxa.to(ct)
-        if needs[9]:
-            d_a = (g.t() @ _dropped(x2, mask, keep_scale, ct)).to(lora_A.dtype)
-        if needs[10]:
-            d_b = (scaling * (dy2.to(ct).t() @ xa.to(ct))).to(lora_B.dtype)
-    if needs[0]:
+            g.add_(dxa.to(x.dtype))
+        if needs["lora_A"]:
+            grads["lora_A"] = (g.t() @ _dropped(x2, mask, ctx.keep_scale)).to(lora_A.dtype)
+        if needs["lora_B"]:
+            grads["lora_B"] = (dy2.t() @ xa).mul_(scaling).to(lora_B.dtype)
+    if needs["x"]:
         mask2 = None if mask is None else mask.reshape(x2.shape)
-        dx = torch.ops.nf4.matmul(
-            dy2.to(x.dtype),
-            packed,
-            absmax,
-            code,
-            nested_absmax,
-            nested_offset,
-            nested_code,
-            out_features,
-            k,
-            blocksize,
-            True,
-            g,
-            lora_A,
-            None,
-            mask2,
-            keep_scale,
-        )
-        dx = dx.reshape(x.shape)
-    if has_bias and needs[11]:
-        d_bias = dy2.to(_compute_dtype(dy)).sum(0).to(bias_dtype)
-    return dx, None, None, None, None, None, None, None, None, d_a, d_b, d_bias, None, None, None
+        dx = torch.ops.nf4.matmul(dy2, **weight, trans=True, u=g, v=a, bias=None, mask=mask2, lora_scale=ctx.keep_scale)
+        grads["x"] = dx.reshape(x.shape)
+    if ctx.bias_dtype is not None and needs["bias"]:
+        grads["bias"] = dy2.sum(0, dtype=torch.float32 if dy2.dtype != torch.float64 else None).to(ctx.bias_dtype)
+    return tuple(grads.get(name) for name in _ARGS)
 
 
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_inputs(x, weight, lora_A=None, lora_B=None, bias=None, where: str = "lora_linear") -> None:
+    """Validate `lora_linear`'s arguments: TypeError / ValueError saying expected, got and what to do."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: x must be a tensor, got {type(x).__name__}")
+    if not isinstance(weight, NF4Tensor):
+        raise TypeError(f"{where}: weight must be an NF4Tensor (from nf4.quantize), got {type(weight).__name__}")
+    if len(weight.shape) != 2:
+        raise ValueError(f"{where}: weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
+    n, k = weight.shape
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{where}: expected a floating-point input, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"{where}: expected input [..., {k}], got {list(x.shape)} (the weight is [{n}, {k}])")
+    if x.device != weight.device:
+        raise ValueError(f"{where}: x is on {x.device} but the weight is on {weight.device}; move one of them")
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError(f"{where}: pass lora_A and lora_B together (or neither)")
+    if lora_A is not None:
+        r = lora_A.shape[0] if lora_A.dim() == 2 else -1
+        if lora_A.dim() != 2 or lora_A.shape[1] != k or tuple(lora_B.shape) != (n, r):
+            raise ValueError(
+                f"{where}: expected lora_A [r, {k}] and lora_B [{n}, r], got {list(lora_A.shape)} and "
+                f"{list(lora_B.shape)}"
+            )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{where}: expected bias [{n}], got {list(bias.shape)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{where}: {name} is on {t.device} but x is on {x.device}; move one of them")
 
 
 def lora_linear(
@@ -259,25 +258,24 @@ def lora_linear(
         weight: the frozen NF4 weight [N, K]. lora_A: [r, K], lora_B: [N, r] (both or neither).
         bias: [N] or None. dropout: probability p applied to x in the LoRA branch when `training`.
     Returns:
-        [..., N] in x's dtype.
+        [..., N] in x's dtype. Raises TypeError / ValueError for mismatched shapes, dtypes or devices.
     """
+    check_inputs(x, weight, lora_A, lora_B, bias)
+    return _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout, training)
+
+
+def _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout, training) -> Tensor:
+    """`lora_linear` without the checks (the modules check their input themselves)."""
     mask, keep_scale = dropout_mask(x, dropout, training and lora_A is not None)
     y, _ = torch.ops.nf4.lora_linear(
         x,
-        weight.packed,
-        weight.absmax,
-        weight.code,
-        weight.nested_absmax,
-        weight.nested_offset,
-        weight.nested_code,
-        weight.shape[0],
-        weight.blocksize,
-        lora_A,
-        lora_B,
-        bias,
-        float(scaling),
-        mask,
-        keep_scale,
+        **weight_kwargs(weight),
+        lora_A=lora_A,
+        lora_B=lora_B,
+        bias=bias,
+        scaling=float(scaling),
+        mask=mask,
+        keep_scale=keep_scale,
     )
     return y
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nf4.api import dequantize
 from nf4.lora.convert import replace_module
 from nf4.lora.modules import LinearNF4, LoRALinearNF4
 
@@ -19,7 +20,7 @@ from nf4.lora.modules import LinearNF4, LoRALinearNF4
 def merged_weight(layer: LinearNF4, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`dequant(W) [+ scaling * B @ A]` in float32, rounded once to `dtype` (default: W's dtype)."""
     weight = layer.weight
-    w = weight.dequantize(torch.float32)
+    w = dequantize(weight, torch.float32)
     if isinstance(layer, LoRALinearNF4) and not layer.merged:
         w = w + layer.delta_weight()
     return w.to(dtype or weight.dtype)

@@ -15,19 +15,14 @@ import math
 import torch
 from torch import nn
 
-from nf4.api import quantize
+from nf4.api import dequantize, quantize
 from nf4.codebook import dynamic_map
-from nf4.lora.functional import dropout_mask
+from nf4.format import PIECES
+from nf4.lora.functional import _lora_linear, check_inputs
 from nf4.tensor import NF4Tensor
 
-_PIECES = {
-    "weight_packed": "packed",
-    "weight_absmax": "absmax",
-    "weight_code": "code",
-    "weight_nested_absmax": "nested_absmax",
-    "weight_nested_offset": "nested_offset",
-    "weight_nested_code": "nested_code",
-}
+_BUFFERS = {f"weight_{piece}": piece for piece in PIECES}
+"""Module buffer name -> NF4Tensor piece: the weight's pieces live in buffers so `.to()` moves them."""
 
 
 def _empty_nf4(out_features: int, in_features: int, blocksize: int, double_quant: bool, dtype, device) -> NF4Tensor:
@@ -53,11 +48,9 @@ def _empty_nf4(out_features: int, in_features: int, blocksize: int, double_quant
 class LinearNF4(nn.Module):
     """`y = x @ dequant(W)^T + bias` with W frozen in NF4 (inference, or a frozen base under LoRA).
 
-    Args:
-        in_features, out_features, bias: as nn.Linear.
-        blocksize, double_quant: the NF4 format (see `nf4.quantize`).
-        dtype: the original weight's dtype recorded in the format (what `dequantize` returns).
-    The weight starts all-zero: build from a trained layer with `from_linear`, or `load_state_dict`.
+    A drop-in for `nn.Linear(in_features, out_features, bias)`: the same call, input [..., in_features]
+    and output [..., out_features] in the input's dtype. The weight starts all-zero: build from a
+    trained layer with `LinearNF4.from_linear(linear)`, or load a (bitsandbytes-format) state dict.
     """
 
     def __init__(
@@ -71,6 +64,16 @@ class LinearNF4(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
+        """
+        Args:
+            in_features, out_features: sizes, as for nn.Linear (positive ints).
+            bias: whether to keep a (frozen) bias of shape [out_features].
+            blocksize: NF4 block size, one of `nf4.BLOCKSIZES` (64, what checkpoints use, by default).
+            double_quant: quantize the per-block absmax to 8 bits too (4.127 instead of 4.5 bits/param).
+            dtype: the original weight's dtype recorded in the format (what `dequantize_weight` returns)
+                and the bias's dtype.
+            device: where the quantized weight and the bias live.
+        """
         super().__init__()
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
@@ -105,46 +108,28 @@ class LinearNF4(nn.Module):
 
     # -- the quantized weight ------------------------------------------------------------------
     def _set_weight(self, q: NF4Tensor) -> None:
-        for buffer, piece in _PIECES.items():
-            self.register_buffer(buffer, getattr(q, piece), persistent=False)
-        self._weight_meta = (q.dtype, q.blocksize)
+        pieces, meta = q.flatten()
+        for buffer, piece in _BUFFERS.items():
+            self.register_buffer(buffer, pieces[piece], persistent=False)
+        self._weight_meta = meta
 
     @property
     def weight(self) -> NF4Tensor:
         """The quantized weight [out_features, in_features] as an `NF4Tensor` (a view of the buffers)."""
-        pieces = {piece: getattr(self, buffer) for buffer, piece in _PIECES.items()}
-        dtype, blocksize = self._weight_meta
-        return NF4Tensor(shape=(self.out_features, self.in_features), dtype=dtype, blocksize=blocksize, **pieces)
-
-    def _weight_args(self) -> tuple:
-        return (
-            self.weight_packed,
-            self.weight_absmax,
-            self.weight_code,
-            self.weight_nested_absmax,
-            self.weight_nested_offset,
-            self.weight_nested_code,
-            self.out_features,
-            self._weight_meta[1],
-        )
+        pieces = {piece: getattr(self, buffer) for buffer, piece in _BUFFERS.items()}
+        return NF4Tensor.unflatten(pieces, self._weight_meta)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight as a float tensor [out, in] (the original dtype by default)."""
-        return self.weight.dequantize(dtype)
+        """The weight as a float tensor [out_features, in_features] (the original dtype by default)."""
+        return dequantize(self.weight, dtype)
 
     # -- forward -------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__}: expected input [..., {self.in_features}], got {list(x.shape)}")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{type(self).__name__}: expected a floating-point input, got {x.dtype}")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        y, _ = torch.ops.nf4.lora_linear(x, *self._weight_args(), None, None, self.bias, 1.0, None, 1.0)
-        return y
+        """`x @ dequant(W)^T + bias`: x [..., in_features] (float32, float16 or bfloat16; float64 on the
+        CPU) -> [..., out_features] in x's dtype. W stays frozen; x gets a gradient if it requires one."""
+        weight = self.weight
+        check_inputs(x, weight, bias=self.bias, where=type(self).__name__)
+        return _lora_linear(x, weight, None, None, self.bias, 1.0, 0.0, False)
 
     # -- state dict in bitsandbytes' form ------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -177,7 +162,7 @@ class LinearNF4(nn.Module):
 
     # -- device moves never cast the format ----------------------------------------------------
     def _apply(self, fn, recurse=True):
-        saved = {name: self._buffers.pop(name) for name in _PIECES}
+        saved = {name: self._buffers.pop(name) for name in _BUFFERS}
         try:
             super()._apply(fn, recurse)
         finally:
@@ -187,11 +172,11 @@ class LinearNF4(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        dtype, blocksize = self._weight_meta
+        meta = self._weight_meta
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"blocksize={blocksize}, double_quant={self.weight_nested_absmax is not None}, "
-            f"dtype={str(dtype).removeprefix('torch.')}"
+            f"blocksize={meta.blocksize}, double_quant={meta.double_quant}, "
+            f"dtype={str(meta.dtype).removeprefix('torch.')}"
         )
 
 
@@ -203,7 +188,8 @@ class LoRALinearNF4(LinearNF4):
     `lora_A` [r, in_features] is initialised kaiming-uniform (a = sqrt(5)) and `lora_B` [out_features, r]
     to zeros, so a fresh adapter leaves the output unchanged; `scaling = lora_alpha / r`
     (`lora_alpha / sqrt(r)` with `use_rslora`). The adapter is float32 unless `adapter_dtype` says
-    otherwise; the base weight and bias are frozen.
+    otherwise; the base weight and bias are frozen. Build one from a trained layer with
+    `LoRALinearNF4.from_linear(linear, r=16, lora_alpha=16)`.
     """
 
     def __init__(
@@ -219,6 +205,17 @@ class LoRALinearNF4(LinearNF4):
         adapter_dtype: torch.dtype = torch.float32,
         **kwargs,
     ):
+        """
+        Args:
+            in_features, out_features, bias: as nn.Linear.
+            r: the adapter's rank (a positive int).
+            lora_alpha: scale numerator: `scaling = lora_alpha / r` (or `/ sqrt(r)` with `use_rslora`).
+            lora_dropout: dropout probability in [0, 1) applied to the adapter's input while training.
+            use_rslora: rank-stabilized scaling, `lora_alpha / sqrt(r)`.
+            adapter_dtype: dtype of lora_A and lora_B (float32 by default).
+            **kwargs: the base layer's format and placement, as for `LinearNF4`: `blocksize` (64),
+                `double_quant` (True), `dtype` (the weight's original dtype, float32) and `device`.
+        """
         super().__init__(in_features, out_features, bias, **kwargs)
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
@@ -265,14 +262,16 @@ class LoRALinearNF4(LinearNF4):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:  # the adapter is inside the weight
+        """`x @ dequant(W)^T + scaling * (dropout(x) @ lora_A^T) @ lora_B^T + bias`, one fused op with a
+        hand-written backward: x [..., in_features] -> [..., out_features] in x's dtype. Dropout is
+        active in training mode only; after `merge()` the adapter is inside W and skipped here."""
+        if self.merged:
             return super().forward(x)
-        self._check_input(x)
-        mask, keep_scale = dropout_mask(x, self.lora_dropout, self.training)
-        y, _ = torch.ops.nf4.lora_linear(
-            x, *self._weight_args(), self.lora_A, self.lora_B, self.bias, float(self.scaling), mask, keep_scale
+        weight = self.weight
+        check_inputs(x, weight, self.lora_A, self.lora_B, self.bias, where=type(self).__name__)
+        return _lora_linear(
+            x, weight, self.lora_A, self.lora_B, self.bias, self.scaling, self.lora_dropout, self.training
         )
-        return y
 
     # -- merging -------------------------------------------------------------------------------
     @property
@@ -296,11 +295,11 @@ class LoRALinearNF4(LinearNF4):
         if self.merged:
             raise RuntimeError("this layer is already merged; unmerge() first")
         q = self.weight
-        base = q.dequantize(torch.float32)
+        base = dequantize(q, torch.float32)
         delta = self.delta_weight()
         target = base + delta
         merged = quantize(target.to(q.dtype), q.blocksize, q.double_quant)
-        error = merged.dequantize(torch.float32) - target
+        error = dequantize(merged, torch.float32) - target
         self._unmerged = q
         self._set_weight(merged)
         update, err = float(delta.norm()), float(error.norm())

@@ -9,7 +9,7 @@ Importing this package does not import Triton or initialise CUDA (`nf4.kernels` 
 
 import importlib
 
-from nf4.api import dequantize, quantize
+from nf4.api import decode_absmax, dequantize, quantize
 from nf4.codebook import FP4_CODE, NF4_CODE, dynamic_map, normal_float_code
 from nf4.tensor import BLOCKSIZES, NF4Tensor
 
@@ -18,6 +18,7 @@ __all__ = [
     "FP4_CODE",
     "NF4_CODE",
     "NF4Tensor",
+    "decode_absmax",
     "dequantize",
     "dynamic_map",
     "normal_float_code",

@@ -1,35 +1,21 @@
 """Public `quantize` / `dequantize`: validation at the boundary, then kernels or reference.
 
-`nf4.dispatch.use_kernels` picks the path; both produce the same bytes and values bit for bit.
+`nf4.dispatch` picks the path; both produce the same bytes and values bit for bit.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-from nf4 import reference
-from nf4.codebook import dynamic_map, nearest_thresholds, nf4_midpoints
-from nf4.cpu import dequantize_cpu
-from nf4.dispatch import use_kernels
-from nf4.tensor import FLOAT_DTYPES, NF4Tensor, check_blocksize
+from nf4 import dispatch, reference
+from nf4.format import FLOAT_DTYPES, check_blocksize
+from nf4.tensor import NF4Tensor
 
 _FLOATS = tuple(FLOAT_DTYPES.values())
 # Above this absmax a double-quantized absmax could decode past float32's range: check it.
 _DQ_OVERFLOW_CHECK = 2.0**120
-
-
-@functools.cache
-def _tables(device: torch.device) -> dict[str, torch.Tensor]:
-    """Read-only constant tables, one copy per device."""
-    nested = dynamic_map()
-    return {
-        "midpoints": nf4_midpoints().to(device),
-        "nested_code": nested.to(device),
-        "thresholds": nearest_thresholds(nested).to(device),
-    }
 
 
 def _check_dtype(dtype: torch.dtype, what: str) -> None:
@@ -71,15 +57,7 @@ def quantize(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
     if tensor.dim() == 0:
         tensor = tensor.reshape(1)
     x = tensor.detach()
-    tables = _tables(x.device)
-    kernels = use_kernels(x.device)
-    if kernels:
-        from nf4.kernels import quantize_nf4
-
-        packed, absmax = quantize_nf4(x, blocksize, tables["midpoints"])
-    else:
-        packed, absmax = reference.quantize_ref(x, blocksize)
-
+    packed, absmax = dispatch.quantize_blocks(x, blocksize)
     top = float(absmax.max())  # NaN if any block held a NaN, inf if any held an inf
     if not math.isfinite(top):
         raise _non_finite_error(x)
@@ -89,19 +67,14 @@ def quantize(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
         return NF4Tensor(packed, absmax, **common)
 
     offset = reference.absmax_offset(absmax)
-    if kernels:
-        from nf4.kernels import quantize_absmax
-
-        codes, absmax2 = quantize_absmax(absmax, offset, tables["thresholds"])
-    else:
-        codes, absmax2 = reference.double_quantize_ref(absmax, offset, tables["thresholds"])
+    codes, absmax2 = dispatch.double_quantize(absmax, offset)
     q = NF4Tensor(
         packed,
         codes,
         **common,
         nested_absmax=absmax2,
         nested_offset=offset,
-        nested_code=tables["nested_code"].clone(),
+        nested_code=dispatch.tables(x.device)["nested_code"].clone(),
     )
     if top > _DQ_OVERFLOW_CHECK and not bool(torch.isfinite(decode_absmax(q)).all()):
         raise ValueError(
@@ -113,9 +86,9 @@ def quantize(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
 
 def decode_absmax(q: NF4Tensor) -> torch.Tensor:
     """The float32 [nblocks] absmax of `q`, decoding double quantization where present."""
-    if not q.double_quant:
-        return q.absmax
-    return reference.dequantize_absmax_ref(q.absmax, q.nested_absmax, q.nested_offset, q.nested_code)
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"decode_absmax expects an NF4Tensor (from nf4.quantize), got {type(q).__name__}")
+    return reference.decoded_absmax(q)
 
 
 def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -127,16 +100,4 @@ def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise TypeError(f"dequantize expects an NF4Tensor (from nf4.quantize), got {type(q).__name__}")
     dtype = q.dtype if dtype is None else dtype
     _check_dtype(dtype, "dequantize: dtype")
-    n = q.numel()
-    if use_kernels(q.device):
-        from nf4.kernels import dequantize_nf4
-
-        nested = (q.nested_absmax, q.nested_offset, q.nested_code) if q.double_quant else None
-        flat = dequantize_nf4(q.packed, q.absmax, q.code, n, q.blocksize, dtype, nested)
-        return flat.view(q.shape)
-    absmax = decode_absmax(q)
-    if q.device.type == "cpu":
-        flat = dequantize_cpu(q.packed, absmax, n, q.blocksize, dtype)
-        if flat is not None:
-            return flat.view(q.shape)
-    return reference.dequantize_ref(q.packed, absmax, q.blocksize, q.shape, dtype, q.code)
+    return dispatch.dequantize(q, dtype)

@@ -12,11 +12,10 @@ eager reference takes ~240-330 ms, the same lookup as torch.compile'd indirect l
 is page faults on the freshly allocated 32 MB output (allocations of 32 MB and more are not recycled
 by the allocator here). `benchmarks/bench_quantize.py` measures them side by side.
 
-`matmul_cpu` dequantizes W in row chunks of about `CHUNK` elements (4 MB in float32, recycled by the
-allocator and warm in cache) and multiplies each chunk right away, so the whole float32 W is never
-materialized: on 4096x4096 at M = 16 that took ~26 ms against ~46 ms for dequantize-all-then-GEMM and
-~19 ms for bitsandbytes' CPU Linear4bit (same machine, same run). The result equals the reference
-formula up to the float32 GEMM's own rounding (MKL blocks the reduction differently by shape).
+`matmul_cpu` dequantizes W in row chunks of about `CHUNK` elements (recycled by the allocator and warm in
+cache) and multiplies each chunk right away in the activation dtype (forward), or into one buffer for
+the input-gradient pass: on 4096x4096 at M = 16 the chunked forward took ~26 ms against ~46 ms for
+dequantize-all-then-GEMM and ~19 ms for bitsandbytes' CPU Linear4bit (same machine, same run).
 
 Compiling takes a few seconds once per process and output dtype (`dynamic=True`: one graph for all
 sizes), so tensors under `MIN_NUMEL` elements, which the reference handles in a few milliseconds, skip
@@ -32,7 +31,7 @@ import warnings
 import torch
 
 from nf4.codebook import NF4_CODE
-from nf4.reference import matmul_epilogue
+from nf4.reference import add_lora_and_bias_, decoded_absmax
 
 MIN_NUMEL = 1 << 20
 """Smallest tensor the compiled path takes (below it the eager reference is as fast as a compile is slow)."""
@@ -117,26 +116,26 @@ def _dequantize(packed, absmax, n, blocksize, dtype):
         return None
 
 
-def matmul_cpu(x, q, trans=False, u=None, v=None, bias=None, mask=None, keep_scale=1.0):
+def matmul_cpu(x, q, trans=False, u=None, v=None, bias=None, mask=None, lora_scale=1.0):
     """`nf4.reference.matmul_ref` for a large W on the CPU, W dequantized chunk by chunk; None when the
     compiled dequantize is unavailable, W is small, or x is float64 (the caller runs the reference).
 
-    NOTE: with bf16 activations the forward product runs in bf16 (oneDNN's AMX/AVX-512 GEMM,
-    accumulating in float32, one rounding), like torch's own F.linear: 4096x4096 at M = 128 took ~12 ms
-    against ~67 ms in float32 here. The LoRA term and bias are then added in float32, a second
-    rounding. The input-gradient pass (trans) and other dtypes run in float32.
+    NOTE: the products run in x's dtype (oneDNN's AMX/AVX-512 GEMMs for bf16, accumulating in float32,
+    one rounding), like torch's own F.linear and bitsandbytes' CPU path: 4096x4096 at M = 128 took
+    ~12 ms against ~67 ms in float32 here. The forward pass dequantizes W in row chunks of about `CHUNK`
+    elements (warm in cache) and multiplies each right away; the input-gradient pass (`trans`) sums
+    over W's rows, so W is dequantized whole into one x-dtype buffer first (bitsandbytes does the same)
+    and multiplied once: accumulating chunk after chunk in bf16 would round at every chunk. The LoRA
+    term and bias are then added in x's dtype (`reference.add_lora_and_bias_`).
     """
     n, k = q.shape
     if _disabled or n * k < MIN_NUMEL or x.dtype == torch.float64:
         return None
-    from nf4.api import decode_absmax
-
-    absmax = decode_absmax(q)
+    absmax = decoded_absmax(q)
     step = q.blocksize // math.gcd(k, q.blocksize)  # rows per chunk must start on a block boundary
     rows = max(step, CHUNK // k // step * step)
-    ct = torch.bfloat16 if x.dtype == torch.bfloat16 and not trans else torch.float32
-    xc = x.to(ct)
-    y = torch.zeros((x.shape[0], k)) if trans else torch.empty((x.shape[0], n), dtype=ct)
+    w_all = torch.empty((n, k), dtype=x.dtype) if trans else None
+    y = None if trans else torch.empty((x.shape[0], n), dtype=x.dtype)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         first, last = r0 * k, r1 * k
@@ -145,15 +144,15 @@ def matmul_cpu(x, q, trans=False, u=None, v=None, bias=None, mask=None, keep_sca
             absmax[first // q.blocksize : -(-last // q.blocksize)],
             last - first,
             q.blocksize,
-            ct,
+            x.dtype,
         )
         if w is None:
             return None
         w = w.view(r1 - r0, k)
         if trans:
-            y.addmm_(xc[:, r0:r1], w)
+            w_all[r0:r1] = w
         else:
-            y[:, r0:r1] = xc @ w.t()
-    if (u is None or u.shape[-1] == 0) and bias is None:
-        return y.to(x.dtype)
-    return matmul_epilogue(y.float(), u, v, bias, mask, keep_scale).to(x.dtype)
+            y[:, r0:r1] = x @ w.t()
+    if trans:
+        y = x @ w_all
+    return add_lora_and_bias_(y, u, v, bias, mask, lora_scale)

@@ -9,7 +9,7 @@ path CPU tensors take (unless the Triton interpreter is on). Layout, for n eleme
 
 Quantize, per block b:   absmax[b] = max |x|;  xs = x * (1 / absmax[b]);  code = #{midpoints < xs}
 Dequantize:              out = float32(NF4[code] * absmax[b]), rounded once to the output dtype.
-Double quantization:     offset = mean(absmax);  y = absmax - offset, in blocks of 256:
+Double quantization:     offset = mean(absmax), exactly (`absmax_offset`);  y = absmax - offset, in blocks of 256:
                          absmax2 = max |y|;  q = nearest(DYNAMIC, y * (1 / absmax2))
                          absmax ~= float32(float32(DYNAMIC[q] * absmax2) + offset)
 
@@ -26,9 +26,7 @@ import math
 import torch
 
 from nf4.codebook import NF4_CODE, nf4_midpoints
-
-NESTED_BLOCKSIZE = 256
-"""Block size of the second-level (double) quantization of the absmax constants."""
+from nf4.format import NESTED_BLOCKSIZE
 
 _SMALL, _LARGE = 2.0**-64, 2.0**64
 
@@ -106,15 +104,27 @@ def dequantize_ref(
 
 
 def absmax_offset(absmax: torch.Tensor) -> torch.Tensor:
-    """The double-quantization offset: `absmax.mean()` in float32 (what bitsandbytes stores).
+    """The double-quantization offset: the mean of the float32 [nb] `absmax`, as a float32 scalar
+    tensor on its device, a function of the set of values alone.
 
-    NOTE: a float32 sum of absmax values near float32's maximum overflows; only then is the mean taken
-    in float64 and rounded, so ordinary tensors keep bitsandbytes' offset bit for bit.
+    The format (bitsandbytes) stores `offset = absmax.mean()` and loaders read it back, so any offset
+    is valid; **ours** is the exact mean rounded to float32, the same on every device and for every
+    order of the blocks. NOTE: a float32 mean depends on the device's reduction order: on an H200 the
+    CUDA path stored 2.594714641571045 where the CPU gave 2.594714403152466 for one bf16 4096x4096
+    weight, and 1024 nested absmax and 11 codes then differed (gpu-findings.md, finding 2). Here every
+    absmax is scaled by one power of two (exact) so that the largest is below 2**k, rounded to an
+    int64 (error at most 2**-k of the largest, k >= 30), and the int64 values are summed: integer sums
+    are exact, so no order or device changes a bit. The sum is then converted to float64 (correctly
+    rounded), scaled back (exact), divided by nb (IEEE) and rounded to float32.
     """
-    offset = absmax.mean()
-    if not bool(torch.isfinite(offset)):
-        offset = absmax.double().mean().float()
-    return offset
+    n = absmax.numel()
+    top = float(absmax.max())
+    if top == 0.0:
+        return absmax.new_zeros(())
+    k = 62 - n.bit_length()  # n * 2**k < 2**62: the int64 sum cannot overflow
+    e = math.frexp(top)[1]  # top < 2**e
+    units = torch.round(absmax.double() * math.ldexp(1.0, k - e)).long()
+    return (units.sum().double() * math.ldexp(1.0, e - k) / n).float()
 
 
 def double_quantize_ref(
@@ -142,6 +152,13 @@ def dequantize_absmax_ref(
     return nested_code[codes.long()] * scale + offset
 
 
+def decoded_absmax(q) -> torch.Tensor:
+    """The float32 [nblocks] absmax of `q` (an NF4Tensor), decoding double quantization where present."""
+    if not q.double_quant:
+        return q.absmax
+    return dequantize_absmax_ref(q.absmax, q.nested_absmax, q.nested_offset, q.nested_code)
+
+
 def matmul_ref(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -150,11 +167,11 @@ def matmul_ref(
     v: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    keep_scale: float = 1.0,
+    lora_scale: float = 1.0,
 ) -> torch.Tensor:
     """The fused NF4 matmul's reference: one rounding to x's dtype at the end.
 
-        y = x @ w^T (or x @ w with `trans`) + (u @ v) [* mask * keep_scale] + bias
+        y = x @ w^T (or x @ w with `trans`) + (u @ v) * lora_scale [* mask] + bias
 
     `x` [M, IN], `w` the dequantized weight [N, K], `u` [M, r], `v` [r, OUT], `bias` [OUT], `mask`
     [M, OUT] bool. Computed in float32 (float64 when x is float64), whatever the operands' dtypes.
@@ -162,15 +179,33 @@ def matmul_ref(
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = w.to(ct)
     y = x.to(ct) @ (w if trans else w.t())
-    return matmul_epilogue(y, u, v, bias, mask, keep_scale).to(x.dtype)
+    return matmul_epilogue(y, u, v, bias, mask, lora_scale).to(x.dtype)
 
 
-def matmul_epilogue(y, u=None, v=None, bias=None, mask=None, keep_scale: float = 1.0) -> torch.Tensor:
-    """`y + (u @ v) [* mask * keep_scale] + bias` in y's dtype (the fused matmul's epilogue)."""
+def matmul_epilogue(y, u=None, v=None, bias=None, mask=None, lora_scale: float = 1.0) -> torch.Tensor:
+    """`y + (u @ v) * lora_scale [* mask] + bias` in y's dtype (the fused matmul's epilogue)."""
     ct = y.dtype
     if u is not None and u.shape[-1] > 0:
-        lora = u.to(ct) @ v.to(ct)
-        y = y + (lora * (mask.to(ct) * keep_scale) if mask is not None else lora)
+        lora = (u.to(ct) @ v.to(ct)) * lora_scale
+        y = y + (lora * mask.to(ct) if mask is not None else lora)
     if bias is not None:
         y = y + bias.to(ct)
+    return y
+
+
+def add_lora_and_bias_(y, u=None, v=None, bias=None, mask=None, lora_scale: float = 1.0) -> torch.Tensor:
+    """`y += (u @ v) * lora_scale [* mask] + bias` in place, in y's dtype (the unfused strategies' epilogue).
+
+    Without a mask the low-rank term is one `addmm_` into y (the GEMM adds in float32 and rounds once);
+    with one, (u @ v) is formed in y's dtype first. Nothing of y's size is made in float32: PEFT rounds
+    the base product and the adapter's output separately too (one rounding more than the fused kernel).
+    """
+    if u is not None and u.shape[-1] > 0:
+        u, v = u.to(y.dtype), v.to(y.dtype)
+        if mask is None:
+            y.addmm_(u, v, alpha=lora_scale)
+        else:
+            y.add_((u @ v).mul_(mask), alpha=lora_scale)
+    if bias is not None:
+        y.add_(bias.to(y.dtype))
     return y

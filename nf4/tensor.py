@@ -1,49 +1,37 @@
-"""`NF4Tensor`: a quantized weight in bitsandbytes' NF4 layout, and its serialized form.
+"""`NF4Tensor`: the one handle for a quantized weight, in bitsandbytes' NF4 layout, and its serialized form.
 
-A container, not a `torch.Tensor` subclass: it holds the pieces bitsandbytes stores, unchanged, so a
-bitsandbytes checkpoint loads without requantizing and ours loads into bitsandbytes.
-
-    packed         uint8   [(n + 1) // 2, 1]   two codes per byte, element 2k in the high nibble
-    absmax         float32 [nblocks]           (plain), or uint8 [nblocks] (double-quantized codes)
-    code           float32 [16]                the NF4 table (bitsandbytes' `quant_map`)
-    nested_absmax  float32 [ceil(nblocks / 256)]   } double quantization only: absmax is decoded as
-    nested_offset  float32 []                      } nested_code[q] * nested_absmax[b // 256]
-    nested_code    float32 [256]                   }   + nested_offset
+A container, not a `torch.Tensor` subclass: it holds the pieces bitsandbytes stores (`nf4.format.PIECES`),
+unchanged, so a bitsandbytes checkpoint loads without requantizing and ours loads into bitsandbytes. Like
+torchao's `NF4Tensor.__tensor_flatten__` it comes apart into named tensors and metadata (`flatten`) and is
+rebuilt from them without re-checking (`unflatten`): that is how it crosses `torch.library` ops (as keyword
+arguments), module buffers and devices. The public constructor and `from_bnb_state_dict` validate; nothing
+else builds one from unchecked pieces.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import operator
 from collections.abc import Mapping
 
 import torch
 
 from nf4.codebook import NF4_CODE
-from nf4.reference import NESTED_BLOCKSIZE
+from nf4.format import (
+    BLOCKSIZES,
+    FLOAT_DTYPES,
+    NESTED_BLOCKSIZE,
+    NESTED_PIECES,
+    PIECES,
+    NF4Meta,
+    check_blocksize,
+)
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-"""Block sizes the format allows (bitsandbytes' set; checkpoints from transformers use 64)."""
-
-FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-"""Original dtypes a quantized tensor may have, by the names bitsandbytes serializes."""
+__all__ = ["BLOCKSIZES", "FLOAT_DTYPES", "NF4Tensor", "check_blocksize"]
 
 _DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
 _QS_KEY = "quant_state.bitsandbytes__nf4"
-_PIECES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", _QS_KEY)
-
-
-def check_blocksize(blocksize) -> int:
-    """`blocksize` as an int if it is one of `BLOCKSIZES` (ints, numpy ints), else ValueError."""
-    if not isinstance(blocksize, bool):
-        try:
-            value = operator.index(blocksize)
-        except TypeError:
-            value = None
-        if value in BLOCKSIZES:
-            return value
-    raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+_SERIALIZED = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", _QS_KEY)
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -53,23 +41,14 @@ def _describe(t: torch.Tensor) -> str:
 class NF4Tensor:
     """A tensor quantized to NF4 in blocks, optionally with double-quantized absmax constants.
 
-    Build one with `nf4.quantize(tensor)` or `NF4Tensor.from_bnb_state_dict(...)`; turn it back into a
-    float tensor with `nf4.dequantize(q)` or `q.dequantize()`. Moving it between devices (`.to`,
-    `.cuda()`, `.cpu()`) moves the stored bytes; nothing is requantized. Instances are immutable by
-    convention: operations return new ones and never modify the stored tensors.
+    Build one with `nf4.quantize(tensor)`, `NF4Tensor.from_bnb_state_dict(...)`, or this constructor
+    (which checks every piece against the shape and blocksize); turn it back into a float tensor with
+    `nf4.dequantize(q)`. Moving it between devices (`.to`, `.cuda()`, `.cpu()`) moves the stored bytes;
+    nothing is requantized. Instances are immutable by convention: operations return new ones and never
+    modify the stored tensors.
     """
 
-    __slots__ = (
-        "packed",
-        "absmax",
-        "code",
-        "shape",
-        "dtype",
-        "blocksize",
-        "nested_absmax",
-        "nested_offset",
-        "nested_code",
-    )
+    __slots__ = (*PIECES, "meta")
 
     def __init__(
         self,
@@ -85,16 +64,47 @@ class NF4Tensor:
     ):
         self.packed = packed
         self.absmax = absmax
-        self.shape = torch.Size(shape)
-        self.dtype = dtype
-        self.blocksize = blocksize
         self.code = NF4_CODE.to(packed.device, copy=True) if code is None else code
         self.nested_absmax = nested_absmax
         self.nested_offset = nested_offset
         self.nested_code = nested_code
+        self.meta = NF4Meta(torch.Size(shape), dtype, blocksize, nested_absmax is not None)
         self._validate("")
 
+    # -- the handle: pieces and metadata ----------------------------------------------------------
+    def flatten(self) -> tuple[dict[str, torch.Tensor | None], NF4Meta]:
+        """(the pieces by name, in `PIECES` order, None where absent; the metadata)."""
+        return {name: getattr(self, name) for name in PIECES}, self.meta
+
+    @classmethod
+    def unflatten(cls, pieces: Mapping[str, torch.Tensor | None], meta: NF4Meta) -> NF4Tensor:
+        """Rebuild from `flatten()`'s output without re-checking (the pieces come from a checked
+        NF4Tensor: module buffers, custom-op arguments, a device move)."""
+        q = cls.__new__(cls)
+        for name in PIECES:
+            setattr(q, name, pieces[name])
+        q.meta = meta
+        return q
+
     # -- size and layout -------------------------------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        return self.meta.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The original tensor's dtype: what `nf4.dequantize` returns by default."""
+        return self.meta.dtype
+
+    @property
+    def blocksize(self) -> int:
+        return self.meta.blocksize
+
+    @property
+    def double_quant(self) -> bool:
+        """True when the absmax constants are double-quantized (8-bit codes + nested float32)."""
+        return self.meta.double_quant
+
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -103,23 +113,12 @@ class NF4Tensor:
         return -(-self.numel() // self.blocksize)
 
     @property
-    def double_quant(self) -> bool:
-        """True when the absmax constants are double-quantized (8-bit codes + nested float32)."""
-        return self.nested_absmax is not None
-
-    @property
     def device(self) -> torch.device:
         return self.packed.device
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        pieces = {"packed": self.packed, "absmax": self.absmax, "code": self.code}
-        if self.double_quant:
-            pieces.update(
-                nested_absmax=self.nested_absmax,
-                nested_offset=self.nested_offset,
-                nested_code=self.nested_code,
-            )
-        return pieces
+        """The pieces that are present, by name."""
+        return {k: v for k, v in self.flatten()[0].items() if v is not None}
 
     @property
     def nbytes(self) -> int:
@@ -133,28 +132,17 @@ class NF4Tensor:
 
     # -- conversions -------------------------------------------------------------------------------
     def to(self, device: torch.device | str, non_blocking: bool = False) -> NF4Tensor:
-        """The same quantized bytes on `device` (no requantization); `self` if already there."""
+        """The same quantized bytes on `device` (no requantization)."""
         device = torch.device(device)
-        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self._tensors().items()}
-        return NF4Tensor(shape=self.shape, dtype=self.dtype, blocksize=self.blocksize, **moved)
+        pieces, meta = self.flatten()
+        moved = {k: None if v is None else v.to(device, non_blocking=non_blocking) for k, v in pieces.items()}
+        return NF4Tensor.unflatten(moved, meta)
 
     def cuda(self, device: int | None = None) -> NF4Tensor:
         return self.to(torch.device("cuda", device) if device is not None else "cuda")
 
     def cpu(self) -> NF4Tensor:
         return self.to("cpu")
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Same as `nf4.dequantize(self, dtype)`."""
-        from nf4.api import dequantize
-
-        return dequantize(self, dtype)
-
-    def decoded_absmax(self) -> torch.Tensor:
-        """The float32 [nblocks] absmax, decoded from its double-quantized form where needed."""
-        from nf4.api import decode_absmax
-
-        return decode_absmax(self)
 
     def __repr__(self) -> str:
         return (
@@ -203,7 +191,7 @@ class NF4Tensor:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of str to tensors, got {type(state_dict)}")
         mine = {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
-        unknown = sorted(k for k in mine if k not in _PIECES)
+        unknown = sorted(k for k in mine if k not in _SERIALIZED)
         if unknown:
             fp4 = [k for k in unknown if k.endswith("bitsandbytes__fp4")]
             if fp4:
@@ -213,7 +201,7 @@ class NF4Tensor:
                 )
             raise ValueError(
                 f"unexpected keys under '{prefix}.': {[f'{prefix}.{k}' for k in unknown]}; "
-                f"expected only {[f'{prefix}.{k}' for k in _PIECES]}"
+                f"expected only {[f'{prefix}.{k}' for k in _SERIALIZED]}"
             )
         missing = [f"{prefix}.{k}" for k in ("absmax", "quant_map", _QS_KEY) if k not in mine]
         if prefix not in state_dict:
@@ -242,12 +230,9 @@ class NF4Tensor:
                 f"{prefix}.nested_absmax / nested_quant_map present but the quant state has no "
                 "nested_blocksize / nested_offset: the pieces come from different checkpoints"
             )
-        q = cls.__new__(cls)
-        q.packed, q.absmax, q.code = packed, mine["absmax"], mine["quant_map"]
-        q.shape, q.dtype, q.blocksize = torch.Size(state["shape"]), state["dtype"], state["blocksize"]
-        q.nested_absmax = kwargs.get("nested_absmax")
-        q.nested_offset = kwargs.get("nested_offset")
-        q.nested_code = kwargs.get("nested_code")
+        pieces = dict(packed=packed, absmax=mine["absmax"], code=mine["quant_map"], **kwargs)
+        meta = NF4Meta(torch.Size(state["shape"]), state["dtype"], state["blocksize"], nested)
+        q = cls.unflatten({name: pieces.get(name) for name in PIECES}, meta)
         q._validate(prefix)
         return q
 
@@ -268,7 +253,7 @@ class NF4Tensor:
             if t.device != self.packed.device:
                 raise ValueError(f"{name(key)} is on {t.device} but the packed codes are on {self.packed.device}")
 
-        self.blocksize = check_blocksize(self.blocksize)
+        self.meta = self.meta._replace(blocksize=check_blocksize(self.blocksize))
         if self.dtype not in _DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {list(FLOAT_DTYPES)}, got {self.dtype}")
         if len(self.shape) == 0 or any(d <= 0 for d in self.shape):
@@ -281,7 +266,7 @@ class NF4Tensor:
             ((n + 1) // 2, 1),
             f"{n} 4-bit codes for shape {list(self.shape)}, two per byte",
         )
-        double = self.nested_absmax is not None
+        double = self.double_quant
         expect(
             "absmax",
             self.absmax,
@@ -296,8 +281,9 @@ class NF4Tensor:
                 f"{name('quant_map' if prefix else 'code')}: the table is not NF4 (an FP4 or custom "
                 "map?); only the NF4 table is supported"
             )
-        if double or self.nested_offset is not None or self.nested_code is not None:
-            if not (double and self.nested_offset is not None and self.nested_code is not None):
+        present = [getattr(self, k) is not None for k in NESTED_PIECES]
+        if double or any(present):
+            if not (double and all(present)):
                 raise ValueError("double quantization needs nested_absmax, nested_offset and nested_code together")
             nb2 = -(-self.nblocks // NESTED_BLOCKSIZE)
             expect(

@@ -6,6 +6,7 @@ import torch
 import nf4
 import nf4.cpu
 from nf4 import reference
+from nf4.api import decode_absmax
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -44,7 +45,7 @@ def test_compiled_dequantize_is_bit_exact(compiled_cpu, dtype, shape, blocksize,
     x = torch.randn(shape) * torch.exp(torch.randn(shape) * 3)
     q = nf4.quantize(x, blocksize, double_quant)
     got = nf4.dequantize(q, dtype)
-    want = reference.dequantize_ref(q.packed, q.decoded_absmax(), blocksize, q.shape, dtype)
+    want = reference.dequantize_ref(q.packed, decode_absmax(q), blocksize, q.shape, dtype)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
@@ -68,5 +69,5 @@ def test_chunked_matmul_matches_reference(compiled_cpu, trans, dtype):
 
 def test_small_tensors_skip_the_compiler():
     q = nf4.quantize(torch.randn(16, 64))
-    assert nf4.cpu.dequantize_cpu(q.packed, q.decoded_absmax(), q.numel(), 64, torch.float32) is None
+    assert nf4.cpu.dequantize_cpu(q.packed, decode_absmax(q), q.numel(), 64, torch.float32) is None
     assert nf4.cpu.matmul_cpu(torch.randn(2, 64), q) is None

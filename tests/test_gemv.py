@@ -128,26 +128,14 @@ def _without_interpreter(code: str) -> str:
     return proc.stdout
 
 
-def test_every_configuration_compiles_for_ampere_and_hopper():
-    """Every `gemv_configs()` entry compiles for sm_80 and sm_90, specialised as the runtime does for
-    aligned launches and for arguments equal to 1, without spills, stack or 32-bit offsets into tensors."""
-    out = _without_interpreter(
-        "import json\n"
-        "from dataclasses import asdict\n"
-        "from nf4.kernels.aot import compile_config\n"
-        "from nf4.kernels.gemv import gemv_configs\n"
-        "for cfg in gemv_configs():\n"
-        "    for arch in (80, 90):\n"
-        "        for variant in ('aligned', 'ones'):\n"
-        "            r = compile_config(cfg, arch, variant)\n"
-        "            print(json.dumps({**asdict(r), 'ok': r.ok}))\n"
-    )
-    reports = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+def test_configuration_names():
+    """The compiles themselves (sm_80 and sm_90, triton 3.6 and 3.9, every specialisation) are in
+    tests/test_compile.py, which compiles `nf4.kernels.aot.all_configs()`, these included."""
+    from nf4.kernels.aot import all_configs
+
     names = [cfg.name for cfg in gemv_configs()]
     assert len(set(names)) == len(names) and all(name.startswith("nf4_gemv[") for name in names)
-    assert len(reports) == 4 * len(names)
-    bad = [r for r in reports if not r["ok"]]
-    assert not bad, "\n".join(json.dumps(r) for r in bad)
+    assert set(names) <= {cfg.name for cfg in all_configs()}
 
 
 def test_inner_loop_fits_the_bandwidth_budget():

@@ -11,6 +11,7 @@ from torch import nn
 
 import nf4
 from nf4.lora import LinearNF4, LoRALinearNF4, lora_linear
+from nf4.lora.functional import weight_kwargs
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -30,20 +31,13 @@ def reference_forward(x, q, a, b, bias, scaling, mask, keep):
 def run_op(x, q, a, b, bias, scaling, mask, keep):
     y, _ = torch.ops.nf4.lora_linear(
         x,
-        q.packed,
-        q.absmax,
-        q.code,
-        q.nested_absmax,
-        q.nested_offset,
-        q.nested_code,
-        q.shape[0],
-        q.blocksize,
-        a,
-        b,
-        bias,
-        scaling,
-        mask,
-        keep,
+        **weight_kwargs(q),
+        lora_A=a,
+        lora_B=b,
+        bias=bias,
+        scaling=scaling,
+        mask=mask,
+        keep_scale=keep,
     )
     return y
 
@@ -274,6 +268,34 @@ def test_bad_input():
         layer(torch.ones(3, 16, dtype=torch.int64))
     with pytest.raises(TypeError, match="from_linear expects an nn.Linear"):
         LinearNF4.from_linear(nn.Conv1d(1, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "case, error, message",
+    [
+        ("x", ValueError, r"expected input \[\.\.\., 40\], got \[3, 39\] \(the weight is \[12, 40\]\)"),
+        ("lora_A", ValueError, r"expected lora_A \[r, 40\] and lora_B \[12, r\], got \[2, 39\] and \[12, 2\]"),
+        ("lora_B", ValueError, r"expected lora_A \[r, 40\] and lora_B \[12, r\], got \[2, 40\] and \[12, 3\]"),
+        ("one_of_two", ValueError, "pass lora_A and lora_B together"),
+        ("bias", ValueError, r"expected bias \[12\], got \[13\]"),
+        ("weight", TypeError, "weight must be an NF4Tensor"),
+    ],
+)
+def test_functional_bad_input_names_the_argument(case, error, message):
+    q = nf4.quantize(torch.randn(12, 40))
+    args = dict(x=torch.randn(3, 40), weight=q, lora_A=torch.randn(2, 40), lora_B=torch.randn(12, 2))
+    args.update(
+        {
+            "x": dict(x=torch.randn(3, 39)),
+            "lora_A": dict(lora_A=torch.randn(2, 39)),
+            "lora_B": dict(lora_B=torch.randn(12, 3)),
+            "one_of_two": dict(lora_B=None),
+            "bias": dict(bias=torch.randn(13)),
+            "weight": dict(weight=torch.randn(12, 40)),
+        }[case]
+    )
+    with pytest.raises(error, match=message):
+        lora_linear(**args)
 
 
 def test_functional_api(kernel_device):

@@ -91,7 +91,9 @@ def test_one_training_step_on_the_kernel_path(kernel_device, ids):
     for m in (model, reference_model):
         for module in m.modules():
             if isinstance(module, LoRALinearNF4):
-                torch.nn.init.normal_(module.lora_B, std=0.02, generator=torch.Generator().manual_seed(2))
+                torch.nn.init.normal_(
+                    module.lora_B, std=0.02, generator=torch.Generator(module.lora_B.device).manual_seed(2)
+                )
     ids = ids.to(kernel_device)
     loss = model(ids, labels=ids).loss
     loss.backward()
@@ -144,3 +146,23 @@ def test_torch_compile_fullgraph_matches_eager(reference_path, ids, backend):
         model.zero_grad()
         model(ids, labels=ids).loss.backward()
         assert torch.allclose(grad, model.model.layers[0].self_attn.q_proj.lora_A.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_captures_a_converted_model_in_cuda_graphs(ids):
+    """gpu-findings.md, finding 3: a host read on every call made CUDA-graph capture fail."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = apply_lora(tiny_llama(), r=4, lora_alpha=8).cuda()
+    for module in model.modules():
+        if isinstance(module, LoRALinearNF4):
+            torch.nn.init.normal_(module.lora_B, std=0.02)
+    ids = ids.cuda()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            logits = compiled(ids).logits.clone()
+        assert torch.allclose(logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])

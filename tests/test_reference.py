@@ -190,3 +190,45 @@ def test_extreme_block_magnitudes_quantize_like_unit_data(value):
     if value >= 1e-38:  # normal float32: the scaled data is the same up to rounding
         assert torch.equal(packed, ref_packed)
     assert codes[3] == 7 and codes[0] == 15 and codes[7] == 0
+
+
+def _exact_mean_f32(values: torch.Tensor) -> float:
+    """The mean of float32 `values`: their exact sum rounded to float64 (math.fsum), / n, then float32."""
+    return float(torch.tensor(math.fsum(values.double().tolist()) / values.numel(), dtype=torch.float32))
+
+
+@pytest.mark.parametrize("n", [1, 255, 4096, 100_003], ids=lambda n: f"nblocks={n}")
+def test_offset_is_the_exact_mean_whatever_the_order_of_the_blocks(n):
+    """gpu-findings.md, finding 2: a float32 mean depends on the reduction order (CPU and CUDA stored
+    different offsets for one weight). The offset must be a function of the set of absmax values."""
+    g = torch.Generator().manual_seed(n)
+    absmax = torch.rand(n, generator=g) * 3 + 0.01
+    offset = reference.absmax_offset(absmax)
+    assert offset.dtype == torch.float32 and offset.shape == ()
+    assert offset.item() == _exact_mean_f32(absmax)
+    for seed in range(4):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(reference.absmax_offset(absmax[perm]).view(torch.int32), offset.view(torch.int32))
+    if n == 100_003:  # this input does move a float32 mean with the order: the test bites
+        means = {absmax[torch.randperm(n, generator=torch.Generator().manual_seed(s))].mean().item() for s in range(8)}
+        assert len(means) > 1
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 3000), spread=st.sampled_from([1.0, 1e3, 1e30]))
+def test_offset_is_order_independent_for_any_spread(seed, n, spread):
+    g = torch.Generator().manual_seed(seed)
+    absmax = (torch.rand(n, generator=g) * torch.exp(torch.randn(n, generator=g) * math.log(spread) / 4)).float()
+    offset = reference.absmax_offset(absmax)
+    perm = torch.randperm(n, generator=g)
+    assert torch.equal(reference.absmax_offset(absmax[perm]).view(torch.int32), offset.view(torch.int32))
+    assert torch.isfinite(offset) and absmax.min() <= offset <= absmax.max()
+    if spread == 1.0:
+        assert offset.item() == _exact_mean_f32(absmax)
+
+
+def test_offset_of_extreme_absmax_is_finite():
+    big = torch.full((1000,), torch.finfo(torch.float32).max)
+    assert reference.absmax_offset(big).item() == torch.finfo(torch.float32).max
+    assert reference.absmax_offset(torch.zeros(7)).item() == 0.0
+    tiny = torch.full((5,), 1e-45)
+    assert reference.absmax_offset(tiny).item() == torch.tensor(1e-45).item()

@@ -11,6 +11,7 @@ from bitsandbytes.functional import QuantState
 import nf4
 from helpers import make_data
 from nf4 import NF4Tensor, reference
+from nf4.api import decode_absmax
 
 BNB_KEYS = {"absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4"}
 
@@ -41,7 +42,7 @@ def test_to_moves_bytes_without_requantizing():
     back = q.to("cpu")
     for name in ("packed", "absmax", "nested_absmax", "nested_offset", "nested_code", "code"):
         assert torch.equal(getattr(back, name), getattr(q, name))
-    assert torch.equal(q.cpu().dequantize(), nf4.dequantize(q))
+    assert torch.equal(nf4.dequantize(q.cpu()), nf4.dequantize(q))
 
 
 @pytest.mark.gpu
@@ -81,7 +82,17 @@ def test_ours_loads_into_bitsandbytes(shape, dtype):
     )
     theirs = bnbf.dequantize_4bit(q.packed, state, quant_type="nf4")
     assert theirs.dtype == dtype and theirs.shape == shape
-    assert torch.equal(theirs, nf4.dequantize(q))
+    oracle = reference.dequantize_ref(q.packed, decode_absmax(q), blocksize, shape, dtype)
+    assert torch.equal(nf4.dequantize(q), oracle)
+    # bitsandbytes' CPU dequantize is itself wrong on some CPUs and shapes (nf4-format.md, section 6; the
+    # GPU machine's CPU at float16 48x64): compare with it only where it agrees with the formula on
+    # bytes it produced itself
+    packed, their_state = bnbf.quantize_4bit(x, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
+    their_absmax = their_state.absmax
+    own = bnbf.dequantize_4bit(packed, their_state, quant_type="nf4")
+    if not torch.equal(own, reference.dequantize_ref(packed, their_absmax, blocksize, shape, dtype)):
+        pytest.skip("bitsandbytes' CPU dequantize disagrees with the format's formula on this CPU and shape")
+    assert torch.equal(theirs, oracle)
 
 
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
@@ -206,7 +217,7 @@ def test_decoded_absmax_matches_reference():
     x = torch.randn(1000, 64)
     q = nf4.quantize(x, 64, double_quant=True)
     plain = nf4.quantize(x, 64, double_quant=False)
-    decoded = q.decoded_absmax()
+    decoded = decode_absmax(q)
     assert decoded.dtype == torch.float32 and decoded.shape == plain.absmax.shape
     assert torch.equal(
         decoded, reference.dequantize_absmax_ref(q.absmax, q.nested_absmax, q.nested_offset, q.nested_code)

@@ -1,0 +1,105 @@
+"""The import graph: arrows run one way (`nf4.lora` -> `nf4.kernels` -> the format), with no cycles, and
+the repository root does not shadow Hugging Face's `kernels` package."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {"nf4": ROOT / "nf4", "nf4.kernels": ROOT / "kernels", "nf4.lora": ROOT / "lora"}
+LEAVES = {"nf4.format", "nf4.codebook"}
+"""Modules that import no other part of the package."""
+KERNELS_MAY_IMPORT = LEAVES | {"nf4.reference"}
+"""What `nf4.kernels` may import from outside itself (the reference is the epilogue's definition)."""
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.glob("*.py"):
+            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere in its body (function-level imports too)."""
+    mods = modules()
+    edges = {}
+    for name, path in mods.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from nf4 import reference` imports the module nf4.reference; `from nf4.x import f`, nf4.x
+                subs = {f"{node.module}.{a.name}" for a in node.names} & mods.keys()
+                targets |= subs or {node.module}
+        edges[name] = {t for t in targets if t in mods and t != name}
+    return edges
+
+
+def test_leaf_modules_import_nothing_from_the_package():
+    edges = graph()
+    assert {name: edges[name] for name in LEAVES} == {name: set() for name in LEAVES}
+
+
+def test_kernels_import_only_the_format_layer():
+    edges = graph()
+    for name, targets in edges.items():
+        if name.startswith("nf4.kernels"):
+            outside = {t for t in targets if not t.startswith("nf4.kernels")}
+            assert outside <= KERNELS_MAY_IMPORT, (name, outside)
+
+
+def test_only_the_dispatch_point_imports_the_kernels_from_nf4():
+    edges = graph()
+    importers = {name for name, targets in edges.items() if any(t.startswith("nf4.kernels") for t in targets)}
+    importers = {name for name in importers if not name.startswith(("nf4.kernels", "nf4.lora"))}
+    assert importers <= {"nf4.dispatch", "nf4"}, importers  # the package facade exposes it lazily
+
+
+def test_no_import_cycles():
+    edges = graph()
+    edges = {name: targets - {"nf4"} for name, targets in edges.items() if name != "nf4"}  # the facade
+    state: dict[str, int] = {}
+
+    def visit(name, stack):
+        state[name] = 1
+        for t in sorted(edges.get(name, ())):
+            assert state.get(t) != 1, "import cycle: " + " -> ".join([*stack, name, t])
+            if t not in state:
+                visit(t, [*stack, name])
+        state[name] = 2
+
+    for name in sorted(edges):
+        if name not in state:
+            visit(name, [])
+
+
+def _run_in_root(code: str, extra_path: str = "") -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    if extra_path:
+        env["PYTHONPATH"] = extra_path
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_repository_root_steps_aside_for_the_real_kernels_package(tmp_path):
+    """Started in the repository root, `import kernels` finds `kernels/`: it must load Hugging Face's
+    package where one is installed, and be an empty module (not ours, not an error) where none is."""
+    fake = tmp_path / "kernels"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("get_kernel = 'the real one'\n")
+    proc = _run_in_root("import kernels, nf4.kernels; print(kernels.get_kernel, nf4.kernels.__name__)", str(tmp_path))
+    assert proc.returncode == 0 and proc.stdout.split() == ["the", "real", "one", "nf4.kernels"], proc.stderr
+    proc = _run_in_root("import kernels; print(hasattr(kernels, 'dequantize_nf4'), hasattr(kernels, 'get_kernel'))")
+    assert proc.returncode == 0 and proc.stdout.split() == ["False", "False"], proc.stderr
+
+
+@pytest.mark.slow
+def test_peft_imports_from_the_repository_root():
+    proc = _run_in_root("import peft, nf4.lora; print('ok')")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
