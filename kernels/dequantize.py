@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, ptr_type, round_to
+from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, ptr_type, round_to
 from nf4.kernels.quantize import quantize_config
 
 
@@ -115,13 +115,13 @@ def dequantize_nf4(weight, dtype: torch.dtype) -> torch.Tensor:
     n = weight.numel()
     assert dtype in TL_DTYPES and n > 0, "validated by nf4.dequantize"
     out = torch.empty((n,), dtype=dtype, device=weight.device)
-    nblocks = triton.cdiv(n, weight.blocksize)
+    nblocks = cdiv(n, weight.blocksize)
     meta = quantize_config(weight.blocksize)
     if weight.double_quant:  # the 0-d offset is passed as is: the kernel only needs its address
         nested = (weight.nested_absmax, weight.nested_offset, weight.nested_code)
     else:
         nested = (weight.absmax, weight.absmax, weight.absmax)  # never read when DOUBLE_QUANT is off
-    grid = (triton.cdiv(nblocks, meta["BLOCKS"]),)
+    grid = (cdiv(nblocks, meta["BLOCKS"]),)
     _dequantize_nf4_kernel[grid](
         weight.packed,
         weight.absmax,

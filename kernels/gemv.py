@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, ptr_type, round_to, to_f32
+from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, ptr_type, round_to, to_f32
 from nf4.kernels.dequantize import decode_absmax
 
 BM = 16  # rows of x per program: M <= 16 padded to the smallest tensor-core tile
@@ -412,8 +412,8 @@ def split_for(n: int, k: int, bn: int, device: torch.device) -> int:
     least MIN_STEPS steps. 1 off CUDA (the interpreter)."""
     if device.type != "cuda":
         return 1
-    tiles = triton.cdiv(n, bn)
-    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), tiles), triton.cdiv(k, BK * MIN_STEPS)))
+    tiles = cdiv(n, bn)
+    return max(1, min(cdiv(PROGRAMS_PER_SM * _multiprocessors(device), tiles), cdiv(k, BK * MIN_STEPS)))
 
 
 def nf4_gemv(
@@ -473,15 +473,15 @@ def nf4_gemv(
     bn = block_n(x.dtype, aligned)
     if split is None:
         split = split_for(n, k, bn, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
-    split = triton.cdiv(k, k_per_split)
+    k_per_split = cdiv(cdiv(k, split), bk) * bk
+    split = cdiv(k, k_per_split)
     partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     if weight.double_quant:  # the 0-d offset is passed as is: the kernel only needs its address
         nested = (weight.nested_absmax, weight.nested_offset, weight.nested_code)
     else:
         nested = (weight.absmax, weight.absmax, weight.absmax)  # never read when DOUBLE_QUANT is off
     interpret = INTERPRET or x.device.type != "cuda"
-    _nf4_gemv_kernel[(triton.cdiv(n, bn), split)](
+    _nf4_gemv_kernel[(cdiv(n, bn), split)](
         x,
         weight.packed,
         weight.absmax,
@@ -495,7 +495,7 @@ def nf4_gemv(
         k // 2,
         x.stride(0),
         weight.blocksize.bit_length() - 1,
-        triton.cdiv(n * k, weight.blocksize),
+        cdiv(n * k, weight.blocksize),
         k_per_split,
         k_per_split // 2,
         **_main_constexprs(x.dtype, aligned, weight.double_quant, interpret, bk),
@@ -508,7 +508,7 @@ def nf4_gemv(
         u = v = x  # never read: r = 0
         r, strides = 0, (0, 0, 0, 0)
     bias32 = bias.to(torch.float32) if bias is not None else constants["none_f32"]
-    _nf4_gemv_epilogue_kernel[(triton.cdiv(n, EPILOGUE_BN),)](
+    _nf4_gemv_epilogue_kernel[(cdiv(n, EPILOGUE_BN),)](
         partial,
         u,
         v,

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, ptr_type, round_to, to_f32
+from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, ptr_type, round_to, to_f32
 from nf4.kernels.dequantize import decode_absmax
 from nf4.reference import add_lora_and_bias_
 
@@ -527,8 +527,8 @@ def _split_for(m: int, in_dim: int, out_dim: int, cfg: MatmulConfig, device: tor
     least 4 BK steps."""
     if device.type != "cuda":
         return 1
-    tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(out_dim, cfg.BN)
-    return max(1, min(triton.cdiv(2 * _multiprocessors(device), tiles), in_dim // (4 * cfg.BK)))
+    tiles = cdiv(m, cfg.BM) * cdiv(out_dim, cfg.BN)
+    return max(1, min(cdiv(2 * _multiprocessors(device), tiles), in_dim // (4 * cfg.BK)))
 
 
 DEQUANT = "dequantize+matmul"
@@ -683,8 +683,8 @@ def _fused(x, weight, trans, u, v, bias, mask, lora_scale, cfg, split):
 
     if split is None:
         split = _split_for(m, in_dim, out_dim, cfg, x.device) if bucket(m) == "small" else 1
-    k_per_split = triton.cdiv(triton.cdiv(in_dim, split), cfg.BK) * cfg.BK
-    split = triton.cdiv(in_dim, k_per_split)
+    k_per_split = cdiv(cdiv(in_dim, split), cfg.BK) * cfg.BK
+    split = cdiv(in_dim, k_per_split)
     target = out if split == 1 else torch.empty((split, m, out_dim), dtype=torch.float32, device=x.device)
     epilogue = dict(
         stride_vr=stride_vr,
@@ -695,7 +695,7 @@ def _fused(x, weight, trans, u, v, bias, mask, lora_scale, cfg, split):
         has_mask=int(mask is not None and has_lora),
     )
     dot_f32 = INTERPRET or x.dtype == torch.float32
-    grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(out_dim, cfg.BN), split)
+    grid = (cdiv(m, cfg.BM) * cdiv(out_dim, cfg.BN), split)
     _nf4_matmul_kernel[grid](
         x,
         weight.packed,
@@ -712,7 +712,7 @@ def _fused(x, weight, trans, u, v, bias, mask, lora_scale, cfg, split):
         out_dim,
         k,
         blocksize.bit_length() - 1,
-        triton.cdiv(n * k, blocksize),
+        cdiv(n * k, blocksize),
         r,
         k_per_split,
         **epilogue,
@@ -731,7 +731,7 @@ def _fused(x, weight, trans, u, v, bias, mask, lora_scale, cfg, split):
     )
     if split > 1:
         bm, bn = REDUCE_TILE
-        _splitk_reduce_kernel[(triton.cdiv(m, bm), triton.cdiv(out_dim, bn))](
+        _splitk_reduce_kernel[(cdiv(m, bm), cdiv(out_dim, bn))](
             target,
             u,
             v,

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import IEEE_DIV_STACK, INTERPRET, TL_DTYPES, LaunchConfig, ptr_type, to_f32
+from nf4.kernels.common import IEEE_DIV_STACK, INTERPRET, TL_DTYPES, LaunchConfig, cdiv, ptr_type, to_f32
 
 _TARGET_ELEMENTS = 2048  # elements per program: big enough to stream, small enough for registers
 _NESTED = 256
@@ -180,11 +180,11 @@ def quantize_nf4(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.T
     assert x.dtype in TL_DTYPES and x.numel() > 0, "validated by nf4.quantize"
     x = x.contiguous().view(-1)
     n = x.numel()
-    nblocks = triton.cdiv(n, blocksize)
+    nblocks = cdiv(n, blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
     absmax = torch.empty((nblocks,), dtype=torch.float32, device=x.device)
     meta = quantize_config(blocksize)
-    grid = (triton.cdiv(nblocks, meta["BLOCKS"]),)
+    grid = (cdiv(nblocks, meta["BLOCKS"]),)
     _quantize_nf4_kernel[grid](
         x,
         packed,
@@ -209,7 +209,7 @@ def quantize_absmax(
     """
     nb = absmax.numel()
     codes = torch.empty((nb,), dtype=torch.uint8, device=absmax.device)
-    absmax2 = torch.empty((triton.cdiv(nb, _NESTED),), dtype=torch.float32, device=absmax.device)
+    absmax2 = torch.empty((cdiv(nb, _NESTED),), dtype=torch.float32, device=absmax.device)
     _quantize_absmax_kernel[(absmax2.numel(),)](
         absmax,
         offset,
