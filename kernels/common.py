@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,22 @@ stack frame (seen in every quantize configuration, sm_80 and sm_90); triton 3.9'
 divisors are pre-scaled into [2**-64, 2**64] (`nf4.reference.unit_scale`), so the slow path, and with
 it the stack, is never used at run time. Any other stack use, or any spill, still fails the report.
 """
+
+
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 [256]: for byte b, the float32 bits of code[b >> 4] (low word) and code[b & 15] (high word)."""
+    bits = code.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    byte = torch.arange(256, device=code.device)
+    return bits[byte >> 4] | (bits[byte & 15] << 32)
+
+
+@functools.cache
+def nf4_pairs(device: torch.device) -> torch.Tensor:
+    """The pair table of the NF4 code on `device`, built once (every NF4Tensor's code is the NF4 table:
+    checked when the NF4Tensor is built, so kernels never read the per-tensor copy)."""
+    from nf4.codebook import NF4_CODE
+
+    return pair_table(NF4_CODE.to(device))
 
 
 def cdiv(a: int, b: int) -> int:

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, ptr_type, round_to, to_f32
+from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, nf4_pairs, ptr_type, round_to, to_f32
 from nf4.kernels.dequantize import decode_absmax
 from nf4.reference import add_lora_and_bias_
 
@@ -153,13 +153,6 @@ def dequant_pairs(
     high = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
     low = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
     return high * absmax, low * absmax
-
-
-def pair_table(code: torch.Tensor) -> torch.Tensor:
-    """int64 [256]: for byte b, the float32 bits of code[b >> 4] (low word) and code[b & 15] (high word)."""
-    bits = code.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    byte = torch.arange(256, device=code.device)
-    return bits[byte >> 4] | (bits[byte & 15] << 32)
 
 
 @triton.jit
@@ -647,12 +640,9 @@ def dequantize_then_matmul(x, weight, trans, u, v, bias, mask, lora_scale) -> to
 
 @functools.cache
 def _constants(device: torch.device) -> dict[str, torch.Tensor]:
-    """Per-device constants, built once: the pair table of the NF4 code (the code of every NF4Tensor
-    is the NF4 table, checked when it was built) and an empty float32 tensor standing in for absent
-    optional pointers."""
-    from nf4.codebook import NF4_CODE
-
-    return {"pairs": pair_table(NF4_CODE.to(device)), "none_f32": torch.empty(0, device=device)}
+    """Per-device constants, built once: the pair table of the NF4 code and an empty float32 tensor
+    standing in for absent optional pointers."""
+    return {"pairs": nf4_pairs(device), "none_f32": torch.empty(0, device=device)}
 
 
 def _fused(x, weight, trans, u, v, bias, mask, lora_scale, cfg, split):
