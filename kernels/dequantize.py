@@ -22,7 +22,14 @@ import triton
 import triton.language as tl
 
 from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, nf4_pairs, ptr_type, round_to
-from nf4.kernels.quantize import quantize_config
+
+
+_ELEMENTS = 4096  # per program: 32 per thread with 4 warps, so each thread loads 16 packed bytes at once
+
+
+def dequantize_config(blocksize: int) -> dict[str, int]:
+    """Meta-parameters for one blocksize: whole blocks per program and warps."""
+    return {"BLOCKS": max(1, _ELEMENTS // blocksize), "num_warps": 4 if blocksize <= _ELEMENTS else 8}
 
 
 @triton.jit
@@ -87,7 +94,7 @@ def dequantize_configs() -> list[LaunchConfig]:
 
     out = []
     for blocksize in BLOCKSIZES:
-        meta = quantize_config(blocksize)
+        meta = dequantize_config(blocksize)
         for dtype in TL_DTYPES:
             for double_quant in (False, True):
                 out.append(
@@ -123,7 +130,7 @@ def dequantize_nf4(weight, dtype: torch.dtype) -> torch.Tensor:
     assert dtype in TL_DTYPES and n > 0, "validated by nf4.dequantize"
     out = torch.empty((n,), dtype=dtype, device=weight.device)
     nblocks = cdiv(n, weight.blocksize)
-    meta = quantize_config(weight.blocksize)
+    meta = dequantize_config(weight.blocksize)
     if weight.double_quant:  # the 0-d offset is passed as is: the kernel only needs its address
         nested = (weight.nested_absmax, weight.nested_offset, weight.nested_code)
     else:

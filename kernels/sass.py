@@ -215,3 +215,29 @@ if __name__ == "__main__":
         split = _split_on_h200(n, k)
         t = predict_us(n, k, m, report.per_byte, split=split)
         print(f"{f'{n}x{k}':>12} {m:>3} {split:>5} {t:>12.1f}")
+
+
+def dequantize_report(dtype_name: str = "bf16", double_quant: bool = True, blocksize: int = 64, arch: int = 90) -> dict:
+    """Static cost of the dequantize kernel (`nf4.kernels.dequantize`), which has no loop: every thread
+    runs its straight-line SASS once for `elements_per_thread` outputs. Per element it moves half a
+    byte of codes, the output (2 or 4 bytes) and its share of the absmax; at 4.1 TB/s the H200 can issue
+    `budget_per_element` lane-instructions in the time those bytes take. Also the widths of the packed
+    loads and of the stores (16-byte: `LDG.E.128`, `STG.E.128`)."""
+    from nf4.kernels.dequantize import dequantize_configs
+
+    name = f"dequantize_nf4[bs={blocksize},{dtype_name},dq={int(double_quant)}]"
+    cfg = next(c for c in dequantize_configs() if c.name == name)
+    ops = [opcode(i) for _, i in disassemble(compile_cubin(cfg, arch))]
+    threads = 32 * cfg.options["num_warps"]
+    per_thread = cfg.constexprs["BLOCKS"] * blocksize / threads
+    out_bytes = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype_name]
+    moved = 0.5 + out_bytes + (1 if double_quant else 4) / blocksize
+    return {
+        "name": name,
+        "instructions": len(ops),
+        "elements_per_thread": per_thread,
+        "per_element": len(ops) / per_thread,
+        "budget_per_element": BUDGET * moved,
+        "loads": sorted({op for op in ops if op.startswith("LDG")}),
+        "stores": sorted({op for op in ops if op.startswith("STG")}),
+    }

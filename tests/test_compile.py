@@ -122,3 +122,21 @@ def test_large_m_matmul_uses_wgmma_on_hopper_and_mma_on_ampere(reports):
     assert all("wgmma" in r["mma"] for r in large if r["arch"] == 90)
     assert all("mma.sync" in r["mma"] for r in large if r["arch"] == 80)
     assert any(r["arch"] == 90 for r in large)
+
+
+def test_dequantize_kernel_fits_the_bandwidth_budget():
+    """sm_90: 16-byte loads of the packed codes and 16-byte stores, and at most half of the
+    lane-instructions the H200 can issue per element while 4.1 TB/s moves its bytes (so the kernel is
+    bound by memory, not issue; issue "QLoRA training at cuBLAS speed": >= 85% of the copy bandwidth)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import json\nfrom nf4.kernels.sass import dequantize_report\n"
+        "for dt in ('bf16', 'fp32'):\n    for dq in (False, True):\n"
+        "        print(json.dumps(dequantize_report(dt, dq, 64)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in proc.stdout.splitlines():
+        r = json.loads(line)
+        assert "LDG.E.128" in r["loads"] and r["stores"] == ["STG.E.128"], r
+        assert r["per_element"] <= r["budget_per_element"] / 2, r
