@@ -6,7 +6,7 @@ CUDA tensors. The reference always runs on the CPU.
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import nf4
@@ -47,8 +47,7 @@ def bits(t):
 def test_quantize_kernel_bit_exact(kernel_device, shape, blocksize, dtype, kind, double_quant, seed):
     x = make_data(shape, dtype, kind, seed, blocksize)
     q, ref = quantize_both(x, blocksize, double_quant, kernel_device)
-    if q is None:
-        return
+    assume(q is not None)  # not the documented double-quant overflow of ~1e38 magnitudes
     assert torch.equal(q.packed, ref["packed"])
     if double_quant:
         assert torch.equal(q.absmax, ref["codes"])
@@ -75,7 +74,7 @@ def test_dequantize_kernel_exact(kernel_device, shape, blocksize, dtype, out_dty
             q = nf4.quantize(x, blocksize, double_quant=True)
         except ValueError as e:
             assert "overflows float32" in str(e)
-            return
+            assume(False)  # the documented double-quant overflow: nothing to dequantize
     out = nf4.dequantize(q.to(kernel_device), out_dtype).cpu()
     expect = reference.dequantize_ref(q.packed, decode_absmax(q), blocksize, q.shape, out_dtype)
     assert out.dtype == out_dtype and out.shape == x.shape
