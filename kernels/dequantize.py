@@ -23,7 +23,6 @@ import triton.language as tl
 
 from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, nf4_pairs, ptr_type, round_to
 
-
 _ELEMENTS = 4096  # per program: 32 per thread with 4 warps, so each thread loads 16 packed bytes at once
 
 

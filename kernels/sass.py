@@ -217,27 +217,43 @@ if __name__ == "__main__":
         print(f"{f'{n}x{k}':>12} {m:>3} {split:>5} {t:>12.1f}")
 
 
+def _straight_line_report(cfg: LaunchConfig, elements: int, bytes_per_element: float, arch: int) -> dict:
+    """Instructions per element of a loop-free kernel (each thread runs its SASS once for its share of
+    the program's `elements`), the budget the H200 issues while 4.1 TB/s moves `bytes_per_element`, and
+    the global load / store widths."""
+    ops = [opcode(i) for _, i in disassemble(compile_cubin(cfg, arch))]
+    per_thread = elements / (32 * cfg.options["num_warps"])
+    return {
+        "name": cfg.name,
+        "instructions": len(ops),
+        "elements_per_thread": per_thread,
+        "per_element": len(ops) / per_thread,
+        "budget_per_element": BUDGET * bytes_per_element,
+        "loads": sorted({op for op in ops if op.startswith("LDG")}),
+        "stores": sorted({op for op in ops if op.startswith("STG")}),
+    }
+
+
+_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
 def dequantize_report(dtype_name: str = "bf16", double_quant: bool = True, blocksize: int = 64, arch: int = 90) -> dict:
-    """Static cost of the dequantize kernel (`nf4.kernels.dequantize`), which has no loop: every thread
-    runs its straight-line SASS once for `elements_per_thread` outputs. Per element it moves half a
-    byte of codes, the output (2 or 4 bytes) and its share of the absmax; at 4.1 TB/s the H200 can issue
-    `budget_per_element` lane-instructions in the time those bytes take. Also the widths of the packed
-    loads and of the stores (16-byte: `LDG.E.128`, `STG.E.128`)."""
+    """Static cost of the dequantize kernel (`nf4.kernels.dequantize`, no loop): per element it reads half
+    a byte of codes and its share of the absmax and writes the output (2 or 4 bytes)."""
     from nf4.kernels.dequantize import dequantize_configs
 
     name = f"dequantize_nf4[bs={blocksize},{dtype_name},dq={int(double_quant)}]"
     cfg = next(c for c in dequantize_configs() if c.name == name)
-    ops = [opcode(i) for _, i in disassemble(compile_cubin(cfg, arch))]
-    threads = 32 * cfg.options["num_warps"]
-    per_thread = cfg.constexprs["BLOCKS"] * blocksize / threads
-    out_bytes = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype_name]
-    moved = 0.5 + out_bytes + (1 if double_quant else 4) / blocksize
-    return {
-        "name": name,
-        "instructions": len(ops),
-        "elements_per_thread": per_thread,
-        "per_element": len(ops) / per_thread,
-        "budget_per_element": BUDGET * moved,
-        "loads": sorted({op for op in ops if op.startswith("LDG")}),
-        "stores": sorted({op for op in ops if op.startswith("STG")}),
-    }
+    moved = 0.5 + _BYTES[dtype_name] + (1 if double_quant else 4) / blocksize
+    return _straight_line_report(cfg, cfg.constexprs["BLOCKS"] * blocksize, moved, arch)
+
+
+def quantize_report(dtype_name: str = "bf16", blocksize: int = 64, arch: int = 90) -> dict:
+    """Static cost of the quantize kernel (`nf4.kernels.quantize`, no loop): per element it reads the
+    input (2 or 4 bytes) and writes half a byte of codes and its share of the float32 absmax."""
+    from nf4.kernels.quantize import quantize_configs
+
+    name = f"quantize_nf4[bs={blocksize},{dtype_name}]"
+    cfg = next(c for c in quantize_configs() if c.name == name)
+    moved = _BYTES[dtype_name] + 0.5 + 4 / blocksize
+    return _straight_line_report(cfg, cfg.constexprs["BLOCKS"] * blocksize, moved, arch)

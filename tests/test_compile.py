@@ -140,3 +140,34 @@ def test_dequantize_kernel_fits_the_bandwidth_budget():
         r = json.loads(line)
         assert "LDG.E.128" in r["loads"] and r["stores"] == ["STG.E.128"], r
         assert r["per_element"] <= r["budget_per_element"] / 2, r
+
+
+def test_quantize_kernel_loads_and_stores_16_bytes():
+    """sm_90: the input is read and the packed codes written 16 bytes at a time. Its instruction count
+    (recorded in benchmarks/results) is above the bandwidth budget: the kernel is issue-bound."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import json\nfrom nf4.kernels.sass import quantize_report\n"
+        "for dt in ('bf16', 'fp32'):\n    print(json.dumps(quantize_report(dt, 64)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in proc.stdout.splitlines():
+        r = json.loads(line)
+        assert r["loads"] == ["LDG.E.128"] and "STG.E.128" in r["stores"], r
+
+
+def test_quantize_midpoint_literals_are_the_nf4_midpoints():
+    """The quantize kernel compares with float32 literals; they must be `nf4_midpoints()` bit for bit."""
+    import inspect
+    import re
+
+    import torch
+
+    from nf4.codebook import nf4_midpoints
+    from nf4.kernels import quantize
+
+    source = inspect.getsource(quantize._nf4_codes.fn)
+    literals = sorted({float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", source.split('"""')[2])})
+    assert torch.equal(torch.tensor(literals, dtype=torch.float32), nf4_midpoints())
+    assert all(torch.tensor(v, dtype=torch.float32).item() == v for v in literals)  # exact in float32
