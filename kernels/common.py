@@ -15,7 +15,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """True when Triton runs kernels through its CPU interpreter (set before this module is imported)."""
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-FLOAT_DTYPES = tuple(TL_DTYPES)
 
 
 @dataclass(frozen=True)

@@ -605,14 +605,16 @@ def nf4_matmul(
     m, in_dim = x.shape
     assert in_dim == (n if trans else k) and x.dtype in TL_DTYPES, "validated by nf4.lora"
     x = x.contiguous()
+    gemv = gemv_applies(x, weight, trans, mask)
     if k % 2 and config not in (GEMV, DEQUANT):  # the tiles need rows that start on a byte
-        config = GEMV if gemv_applies(x, weight, trans, mask) else DEQUANT
+        config = GEMV if gemv else DEQUANT
     if config is None:
-        options = {GEMV: GEMV} if gemv_applies(x, weight, trans, mask) else {}
+        options = {GEMV: GEMV} if gemv else {}
         options.update({c.name: c for c in candidates(m, trans, x.dtype)})
         if bucket(m) != "small" and x.dtype != torch.float32:
             options[DEQUANT] = DEQUANT
-        key = (bucket(m), in_dim, n, k, x.dtype, trans, weight.double_quant, weight.blocksize, x.device)
+        # `gemv` is part of the key: a choice of GEMV made for aligned tensors must not serve unaligned ones
+        key = (bucket(m), in_dim, n, k, x.dtype, trans, weight.double_quant, weight.blocksize, gemv, x.device)
         config = choose(key, options, lambda c: _run(x, weight, trans, u, v, bias, mask, lora_scale, c, split))
     return _run(x, weight, trans, u, v, bias, mask, lora_scale, config, split)
 

@@ -18,7 +18,7 @@ import os
 import torch
 
 from nf4 import reference
-from nf4.codebook import dynamic_map, nearest_thresholds, nf4_midpoints
+from nf4.codebook import dynamic_map, nearest_thresholds
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """Read once, at import: Triton itself reads the variable when `nf4.kernels` is first imported."""
@@ -39,7 +39,6 @@ def tables(device: torch.device) -> dict[str, torch.Tensor]:
     """Read-only constant tables, built once per device."""
     nested = dynamic_map()
     return {
-        "midpoints": nf4_midpoints().to(device),
         "nested_code": nested.to(device),
         "thresholds": nearest_thresholds(nested).to(device),
     }

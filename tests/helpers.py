@@ -1,5 +1,9 @@
 """Hypothesis strategies and data generators shared by the tests."""
 
+import os
+import subprocess
+import sys
+
 import torch
 from hypothesis import strategies as st
 
@@ -46,3 +50,12 @@ def make_data(shape, dtype, kind, seed, blocksize=64):
 
 
 data_kinds = st.sampled_from(("normal", "zero_blocks", "scales", "extreme"))
+
+
+def without_interpreter(code: str, timeout: int = 900) -> str:
+    """Run Python `code` in a subprocess without TRITON_INTERPRET (so kernels compile for a GPU target);
+    its stdout. Fails the test with the subprocess's stderr if it fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

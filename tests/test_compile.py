@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import without_interpreter
 from nf4.kernels.aot import ARCHS, SHARED_LIMIT, TABLE_ARGS, all_configs, jobs_for
 
 SIDE_TRITON = "3.6.0"
@@ -128,15 +129,12 @@ def test_dequantize_kernel_fits_the_bandwidth_budget():
     """sm_90: 16-byte loads of the packed codes and 16-byte stores, and at most half of the
     lane-instructions the H200 can issue per element while 4.1 TB/s moves its bytes (so the kernel is
     bound by memory, not issue; issue "QLoRA training at cuBLAS speed": >= 85% of the copy bandwidth)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (
+    out = without_interpreter(
         "import json\nfrom nf4.kernels.sass import dequantize_report\n"
         "for dt in ('bf16', 'fp32'):\n    for dq in (False, True):\n"
         "        print(json.dumps(dequantize_report(dt, dq, 64)))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in proc.stdout.splitlines():
+    for line in out.splitlines():
         r = json.loads(line)
         assert "LDG.E.128" in r["loads"] and r["stores"] == ["STG.E.128"], r
         assert r["per_element"] <= r["budget_per_element"] / 2, r
@@ -145,14 +143,11 @@ def test_dequantize_kernel_fits_the_bandwidth_budget():
 def test_quantize_kernel_loads_and_stores_16_bytes():
     """sm_90: the input is read and the packed codes written 16 bytes at a time. Its instruction count
     (recorded in benchmarks/results) is above the bandwidth budget: the kernel is issue-bound."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (
+    out = without_interpreter(
         "import json\nfrom nf4.kernels.sass import quantize_report\n"
         "for dt in ('bf16', 'fp32'):\n    print(json.dumps(quantize_report(dt, 64)))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in proc.stdout.splitlines():
+    for line in out.splitlines():
         r = json.loads(line)
         assert r["loads"] == ["LDG.E.128"] and "STG.E.128" in r["stores"], r
 

@@ -7,9 +7,6 @@ the output's scale.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import nf4
+from helpers import without_interpreter
 from nf4 import reference
 from nf4.kernels.gemv import gemv_configs, nf4_gemv, step_k
 
@@ -121,13 +119,6 @@ def test_inputs_not_modified(kernel_device):
     assert all(torch.equal(a, c) for a, c in zip(before, (x, u, v, b, q.packed, q.absmax), strict=True))
 
 
-def _without_interpreter(code: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
 def test_configuration_names():
     """The compiles themselves (sm_80 and sm_90, triton 3.6 and 3.9, every specialisation) are in
     tests/test_compile.py, which compiles `nf4.kernels.aot.all_configs()`, these included."""
@@ -141,7 +132,7 @@ def test_configuration_names():
 def test_inner_loop_fits_the_bandwidth_budget():
     """sm_90, bf16, aligned path (double quant, 64-column steps): 128-bit loads of W and at most
     `nf4.kernels.sass.BUDGET` (~8.2) lane-instructions per byte of W in the hot loop."""
-    out = _without_interpreter(
+    out = without_interpreter(
         "import json\n"
         "from nf4.kernels.sass import BUDGET, gemv_loop_report\n"
         "for bk in (64, 32):\n"
