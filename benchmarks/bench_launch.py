@@ -4,10 +4,12 @@
 
 With `TRITON_INTERPRET=1` (set here, before `nf4` is imported) CPU tensors take the same launcher code
 as CUDA tensors; the Triton launches themselves are replaced by no-ops, so what is timed is everything a
-GPU call costs the CPU except Triton's own launch of each kernel. A tiny layer (64 -> 64, r = 16, M = 1)
-keeps torch's own small ops (the LoRA products) cheap, as they are on a GPU, where they are launches.
-The reference point is `nn.Linear` on the same tensors. Issue "Correct on a real GPU" sets the bar at
-60 µs per layer call on a GPU (bitsandbytes + PEFT: ~250 µs eager, gpu-findings.md).
+GPU call costs the CPU except Triton's own launch of each kernel (counted per call: Triton's JIT dispatch
+costs ~9-12 µs a launch on GPU hosts, vllm-project/vllm#34838 and meta-pytorch/tritonbench#1002). A tiny
+layer (64 -> 64, r = 16, M = 1) keeps torch's own small ops (the LoRA products) cheap, as they are on a
+GPU, where they are launches. bfloat16 at M = 1 takes the decode path (`nf4.kernels.gemv`), float32 the
+fused matmul kernel. The reference point is `nn.Linear` on the same tensors. Issue "Correct on a real
+GPU" sets the bar at 60 µs per layer call on a GPU (bitsandbytes + PEFT: ~250 µs eager, gpu-findings.md).
 """
 
 from __future__ import annotations
@@ -25,52 +27,75 @@ IN, OUT, R = 64, 64, 16
 
 
 class _NoLaunch:
-    """Stands in for a Triton kernel: `kernel[grid](*args)` does nothing."""
+    """Stands in for a Triton kernel: `kernel[grid](*args)` does nothing but count itself."""
+
+    launches = 0
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return self._launch
+
+    def _launch(self, *args, **kwargs):
+        _NoLaunch.launches += 1
+
+
+STUBBED = {
+    "nf4.kernels.matmul": ("_nf4_matmul_kernel", "_splitk_reduce_kernel"),
+    "nf4.kernels.gemv": ("_nf4_gemv_kernel", "_nf4_gemv_epilogue_kernel"),
+}
 
 
 def run(device: torch.device, quick: bool, results: Results) -> list[dict]:
-    import nf4.kernels.matmul as matmul
+    import importlib
+
     from nf4.lora import LinearNF4, LoRALinearNF4
 
-    saved = matmul._nf4_matmul_kernel, matmul._splitk_reduce_kernel
-    matmul._nf4_matmul_kernel = matmul._splitk_reduce_kernel = _NoLaunch()
+    modules = {name: importlib.import_module(name) for name in STUBBED}
+    saved = {(name, k): getattr(modules[name], k) for name, kernels in STUBBED.items() for k in kernels}
+    for name, kernel in saved:
+        setattr(modules[name], kernel, _NoLaunch())
     try:
         timer = Timer(torch.device("cpu"), quick)
-        torch.manual_seed(0)
-        linear = nn.Linear(IN, OUT)
-        frozen = LinearNF4.from_linear(linear)
-        layer = LoRALinearNF4.from_linear(linear, r=R)
-        x = torch.randn(1, IN)
-        xg = x.clone().requires_grad_(True)
-
-        def step(module):
-            y = module(xg)
-            y.sum().backward()
-
-        cases = {
-            "nn.Linear forward": lambda: linear(x),
-            "LinearNF4 forward": lambda: frozen(x),
-            "LoRALinearNF4 forward": lambda: layer(x),
-            "nn.Linear forward+backward": lambda: step(linear),
-            "LoRALinearNF4 forward+backward": lambda: step(layer),
-        }
         records = []
-        for name, fn in cases.items():
-            t = timer(fn, warmup=20, repeats=200, min_seconds=0.5)
-            records.append(
-                results.add("launch", {"call": name, "M": 1, "shape": [OUT, IN], "r": R}, name, t, us=t.median_ms * 1e3)
-            )
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            linear = nn.Linear(IN, OUT, dtype=dtype)
+            frozen = LinearNF4.from_linear(linear)
+            layer = LoRALinearNF4.from_linear(linear, r=R)  # float32 adapter (the default)
+            x = torch.randn(1, IN, dtype=dtype)
+            xg = x.clone().requires_grad_(True)
+
+            def step(module):
+                y = module(xg)
+                y.sum().backward()
+
+            cases = {
+                "nn.Linear forward": lambda: linear(x),
+                "LinearNF4 forward": lambda: frozen(x),
+                "LoRALinearNF4 forward": lambda: layer(x),
+                "LoRALinearNF4 forward, no_grad": torch.no_grad()(lambda: layer(x)),
+                "nn.Linear forward+backward": lambda: step(linear),
+                "LoRALinearNF4 forward+backward": lambda: step(layer),
+            }
+            for name, fn in cases.items():
+                _NoLaunch.launches = 0
+                fn()
+                launches = _NoLaunch.launches
+                t = timer(fn, warmup=20, repeats=200, min_seconds=0.5)
+                case = {"call": name, "dtype": str(dtype).removeprefix("torch."), "M": 1, "shape": [OUT, IN], "r": R}
+                records.append(results.add("launch", case, name, t, us=t.median_ms * 1e3, triton_launches=launches))
         return records
     finally:
-        matmul._nf4_matmul_kernel, matmul._splitk_reduce_kernel = saved
+        for (name, kernel), fn in saved.items():
+            setattr(modules[name], kernel, fn)
 
 
 def table(records: list[dict]) -> str:
-    head = "Eager CPU cost per call (64x64, M = 1, float32, r = 16; Triton launches stubbed, interpreter launcher path)"
-    return head + "\n" + format_table(records, [("call", "impl", ""), ("µs per call", "us", ".1f")])
+    head = (
+        "Eager CPU cost per call (64x64, M = 1, r = 16, float32 adapter; Triton launches stubbed, "
+        "interpreter launcher path; bfloat16 at M = 1 is the decode path, nf4.kernels.gemv)"
+    )
+    columns = [("call", "impl", ""), ("dtype", "dtype", ""), ("µs per call", "us", ".1f")]
+    return head + "\n" + format_table(records, columns + [("Triton launches", "triton_launches", "")])
 
 
 if __name__ == "__main__":

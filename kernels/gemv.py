@@ -34,9 +34,11 @@ decoded as `nf4.dequantize` does (float32 product, one rounding to the activatio
 same dot. Correct for every shape; not tuned (such shapes are rare in models).
 
 Split-K and epilogue. Each program writes its fp32 partial sums to `partial[s, M, N]` (no atomics: the
-result is deterministic); a second small kernel sums the `split` slices, adds u @ v (r rank-1 updates in
-fp32) and bias, and rounds once to x's dtype. The LoRA term costs r*(M + N) loads: 0.7% of W's bytes at
-N = K = 8192, r = 16, so it rides in the epilogue rather than in the streaming kernel.
+result is deterministic); a second small kernel sums the `split` slices (8 at a time, their loads in
+flight together), adds u @ v (16 ranks at a time, one exact fp32 dot) and bias, and rounds once to x's
+dtype. It reads u, v and bias in their own dtypes, so a float32 adapter (B^T as v) or a bf16 bias costs
+no conversion kernel. The LoRA term costs r*(M + N) loads: 0.7% of W's bytes at N = K = 8192, r = 16,
+so it rides in the epilogue rather than in the streaming kernel.
 
 Numerics: fp32 accumulation, one rounding at the end. With fp16/bf16 activations the NF4 value enters
 the dot rounded to that dtype and absmax multiplies in fp32 (the unfactored `nf4.dequantize` rounds the
@@ -48,6 +50,8 @@ values (`tl.dot` on bf16 is wrong there).
 from __future__ import annotations
 
 import functools
+import itertools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -60,7 +64,8 @@ BM = 16  # rows of x per program: M <= 16 padded to the smallest tensor-core til
 BK = 32  # smallest reduction step: 16 bytes of each W row, in one absmax block (blocksize >= 32)
 MAX_M = 16
 NUM_WARPS = 4
-EPILOGUE_BN = 128
+EPILOGUE_BN = 64
+SPLITS_PER_STEP = tl.constexpr(8)  # split-K slices the epilogue sums per loop step (loads in flight)
 
 
 def block_n(dtype: torch.dtype, aligned: bool = True) -> int:
@@ -190,7 +195,7 @@ def _nf4_gemv_kernel(
     tl.store(partial_ptr + offs, acc, mask=in_m[None, :] & in_n[:, None])
 
 
-@triton.jit(do_not_specialize=["M", "N", "has_bias"])
+@triton.jit(do_not_specialize=["M", "has_bias"])
 def _nf4_gemv_epilogue_kernel(
     partial_ptr,
     u_ptr,
@@ -211,7 +216,15 @@ def _nf4_gemv_epilogue_kernel(
     BN: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
-    """out = sum_s partial[s] + (u @ v) * lora_scale + bias, rounded once; r = 0 means no LoRA term."""
+    """out = sum_s partial[s] + (u @ v) * lora_scale + bias, rounded once; r = 0 means no LoRA term.
+
+    Latency, not bandwidth, bounds this kernel (a few MB from L2 at most), so it keeps many loads in
+    flight: the split slices are summed SPLITS_PER_STEP at a time (independent loads, one L2 round trip
+    per step instead of per slice) and the low-rank term 16 ranks at a time ([16, 16] tile of u, [16, BN]
+    tile of v, one exact fp32 dot), so a call waits for ceil(split / 8) + ceil(r / 16) + 1 round trips.
+    N is specialised (divisible by 16 on the fast path) so the row offsets are known aligned and the
+    partial sums load 16 bytes at a time.
+    """
     offs_m = tl.arange(0, 16)
     offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     in_m = offs_m < M
@@ -219,20 +232,32 @@ def _nf4_gemv_epilogue_kernel(
     inside = in_m[:, None] & in_n[None, :]
     tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     acc = tl.zeros((16, BN), dtype=tl.float32)
-    slice_ptr = partial_ptr + tile
-    for _ in range(0, split):  # pointer increments (stride_split = M*N is an i64 argument) are 64-bit
-        acc += tl.load(slice_ptr, mask=inside, other=0.0)
-        slice_ptr += stride_split
-    u_col = u_ptr + offs_m.to(tl.int64) * stride_um
-    v_row = v_ptr + offs_n * stride_vn
-    for _ in range(0, r):
-        u = to_f32(tl.load(u_col, mask=in_m, other=0.0), SOFT_BF16) * lora_scale
-        v = to_f32(tl.load(v_row, mask=in_n, other=0.0), SOFT_BF16)
-        acc += u[:, None] * v[None, :]
-        u_col += stride_ur
-        v_row += stride_vr
+    # 64-bit slice offsets: the runtime passes stride_split = M*N as i32 when it fits, (s0 + t) times it
+    # may not (and `.to()` on it fails where it is specialised to 1: a plain int)
+    stride64 = tl.zeros((), tl.int64) + stride_split
+    slice_off = tl.zeros((), tl.int64)  # a scalar, not a tensor of pointers: no layout change in the loop
+    for s0 in range(0, split, SPLITS_PER_STEP):
+        part = tl.zeros((16, BN), dtype=tl.float32)
+        for t in tl.static_range(SPLITS_PER_STEP):
+            in_split = tl.full((16,), s0 + t, tl.int32) < split  # a tensor: the interpreter rejects a bool mask
+            ptrs = partial_ptr + (slice_off + t * stride64) + tile
+            part += tl.load(ptrs, mask=inside & in_split[:, None], other=0.0)
+        acc += part
+        slice_off += SPLITS_PER_STEP * stride64
+    offs_r = tl.arange(0, 16)
+    u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
+    v_ptrs = v_ptr + offs_r.to(tl.int64)[:, None] * stride_vr + offs_n[None, :] * stride_vn
+    lora = tl.zeros((16, BN), dtype=tl.float32)  # its own accumulator: the dot's layout stays out of the loop above
+    for r0 in range(0, r, 16):
+        in_r = offs_r < r - r0
+        u = to_f32(tl.load(u_ptrs, mask=in_m[:, None] & in_r[None, :], other=0.0), SOFT_BF16)
+        v = to_f32(tl.load(v_ptrs, mask=in_r[:, None] & in_n[None, :], other=0.0), SOFT_BF16)
+        lora = tl.dot(u, v, lora, input_precision="ieee")
+        u_ptrs += 16 * stride_ur
+        v_ptrs += 16 * stride_vr
+    acc += lora * lora_scale
     if has_bias:
-        acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0)[None, :]
+        acc += to_f32(tl.load(bias_ptr + offs_n, mask=in_n, other=0.0), SOFT_BF16)[None, :]
     tl.store(out_ptr + tile, round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=inside)
 
 
@@ -305,13 +330,13 @@ def _options(aligned: bool, dtype: torch.dtype, bk: int) -> dict:
     return {**_OPTIONS, "num_stages": stages}
 
 
-def _epilogue_signature(dtype: torch.dtype) -> dict[str, str]:
+def _epilogue_signature(dtype: torch.dtype, v_dtype: torch.dtype, bias_dtype: torch.dtype) -> dict[str, str]:
     act = ptr_type(dtype)
     return {
         "partial_ptr": "*fp32",
         "u_ptr": act,
-        "v_ptr": act,
-        "bias_ptr": "*fp32",
+        "v_ptr": ptr_type(v_dtype),
+        "bias_ptr": ptr_type(bias_dtype),
         "out_ptr": act,
         "M": "i32",
         "N": "i32",
@@ -346,15 +371,19 @@ def gemv_configs() -> list[LaunchConfig]:
                         aligned_only=True,
                     )
                 )
-        out.append(
-            LaunchConfig(
-                name=f"nf4_gemv[epilogue,{dname},BN={EPILOGUE_BN}]",
-                kernel=_nf4_gemv_epilogue_kernel,
-                signature=_epilogue_signature(dtype),
-                constexprs={"BN": EPILOGUE_BN, "SOFT_BF16": False},
-                options={"num_warps": NUM_WARPS, "enable_fp_fusion": True},
+        # u = x_d @ A^T comes in x's dtype; B^T and the bias in x's dtype or float32 (the adapter's and
+        # the layer's own dtypes, read as they are)
+        for v_dtype, bias_dtype in itertools.product(*[dict.fromkeys((dtype, torch.float32))] * 2):
+            out.append(
+                LaunchConfig(
+                    name=f"nf4_gemv[epilogue,{dname},v={ptr_type(v_dtype)[1:]},bias={ptr_type(bias_dtype)[1:]},"
+                    f"BN={EPILOGUE_BN}]",
+                    kernel=_nf4_gemv_epilogue_kernel,
+                    signature=_epilogue_signature(dtype, v_dtype, bias_dtype),
+                    constexprs={"BN": EPILOGUE_BN, "SOFT_BF16": False},
+                    options={"num_warps": NUM_WARPS, "enable_fp_fusion": True},
+                )
             )
-        )
     return out
 
 
@@ -431,9 +460,9 @@ def nf4_gemv(
     Args:
         x: [M, K] activations, fp32/fp16/bf16, M <= 16 (any strides along M; contiguous along K).
         weight: the `NF4Tensor` W [N, K] (any K, any blocksize, with or without double quantization).
-        u, v: the low-rank (LoRA) term [M, r] and [r, N], any strides, converted to x's dtype (no copy
-            when they already are), or both None.
-        bias: [N] or None (used in fp32: keep it fp32 to avoid a copy per call).
+        u, v: the low-rank (LoRA) term [M, r] and [r, N], any strides, any float dtype (read as they
+            are and used in fp32: no conversion kernel), or both None.
+        bias: [N] in any float dtype (read as it is, used in fp32), or None.
         split: split-K factor (tests); by default `split_for`.
     Returns:
         [M, N] in x's dtype.
@@ -462,26 +491,61 @@ def nf4_gemv(
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"expected bias of shape [{n}], got {list(bias.shape)}")
 
+    return launch(x, weight, u, v, bias, lora_scale, split)
+
+
+class _Plan(NamedTuple):
+    """Everything about a launch that depends only on the shapes, dtypes and device (cached)."""
+
+    grid: tuple[int, int]
+    epilogue_grid: tuple[int]
+    split: int
+    scalars: tuple[int, ...]  # M, N, K, KB, (stride_xm goes here), log2_bs, n_blocks, k_per_split, kb_per_split
+    meta: dict  # constexprs and compile options of the streaming kernel
+    epilogue_meta: dict
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(m, n, k, dtype, device, blocksize, double_quant, split) -> _Plan:
+    interpret = INTERPRET or device.type != "cuda"
+    aligned = k % BK == 0
+    bk = step_k(k, blocksize) if aligned else BK
+    bn = block_n(dtype, aligned)
+    if split is None:
+        split = split_for(n, k, bn, device)
+    k_per_split = cdiv(cdiv(k, split), bk) * bk
+    split = cdiv(k, k_per_split)
+    return _Plan(
+        grid=(cdiv(n, bn), split),
+        epilogue_grid=(cdiv(n, EPILOGUE_BN),),
+        split=split,
+        scalars=(m, n, k, k // 2, blocksize.bit_length() - 1, cdiv(n * k, blocksize), k_per_split, k_per_split // 2),
+        meta={**_main_constexprs(dtype, aligned, double_quant, interpret, bk), **_options(aligned, dtype, bk)},
+        epilogue_meta=dict(BN=EPILOGUE_BN, SOFT_BF16=interpret, num_warps=NUM_WARPS, enable_fp_fusion=True),
+    )
+
+
+def launch(x, weight, u, v, bias, lora_scale, split=None) -> torch.Tensor:
+    """`nf4_gemv` without its argument checks (for `nf4.kernels.matmul`, whose callers checked them):
+    x [M, K] contiguous along K, u [M, r] and v [r, N] in any float dtype (or None), bias [N] in any
+    float dtype (or None). The epilogue reads u, v and bias in their own dtypes, so a float32 adapter
+    or bias costs no conversion kernel."""
+    m, k = x.shape
+    n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
+    plan = _plan(m, n, k, x.dtype, x.device, weight.blocksize, weight.double_quant, split)
     constants = _constants(x.device, x.dtype)
-    aligned = k % BK == 0
-    bk = step_k(k, weight.blocksize) if aligned else BK
-    bn = block_n(x.dtype, aligned)
-    if split is None:
-        split = split_for(n, k, bn, x.device)
-    k_per_split = cdiv(cdiv(k, split), bk) * bk
-    split = cdiv(k, k_per_split)
-    partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    partial = torch.empty((plan.split, m, n), dtype=torch.float32, device=x.device)
     if weight.double_quant:  # the 0-d offset is passed as is: the kernel only needs its address
         nested = (weight.nested_absmax, weight.nested_offset, weight.nested_code)
     else:
         nested = (weight.absmax, weight.absmax, weight.absmax)  # never read when DOUBLE_QUANT is off
-    interpret = INTERPRET or x.device.type != "cuda"
-    _nf4_gemv_kernel[(cdiv(n, bn), split)](
+    m_, n_, k_, kb, log2_bs, n_blocks, k_per_split, kb_per_split = plan.scalars
+    _nf4_gemv_kernel[plan.grid](
         x,
         weight.packed,
         weight.absmax,
@@ -489,42 +553,36 @@ def nf4_gemv(
         constants["pairs"],
         constants["code"],
         partial,
-        m,
-        n,
-        k,
-        k // 2,
+        m_,
+        n_,
+        k_,
+        kb,
         x.stride(0),
-        weight.blocksize.bit_length() - 1,
-        cdiv(n * k, weight.blocksize),
+        log2_bs,
+        n_blocks,
         k_per_split,
-        k_per_split // 2,
-        **_main_constexprs(x.dtype, aligned, weight.double_quant, interpret, bk),
-        **_options(aligned, x.dtype, bk),
+        kb_per_split,
+        **plan.meta,
     )
     if u is not None and u.shape[1] > 0:
-        u, v = u.to(x.dtype), v.to(x.dtype)
         r, strides = u.shape[1], (u.stride(0), u.stride(1), v.stride(0), v.stride(1))
     else:
         u = v = x  # never read: r = 0
         r, strides = 0, (0, 0, 0, 0)
-    bias32 = bias.to(torch.float32) if bias is not None else constants["none_f32"]
-    _nf4_gemv_epilogue_kernel[(cdiv(n, EPILOGUE_BN),)](
+    _nf4_gemv_epilogue_kernel[plan.epilogue_grid](
         partial,
         u,
         v,
-        bias32,
+        bias if bias is not None else constants["none_f32"],
         out,
         m,
         n,
         r,
-        split,
+        plan.split,
         m * n,
         *strides,
         int(bias is not None),
         float(lora_scale),
-        BN=EPILOGUE_BN,
-        SOFT_BF16=interpret,
-        num_warps=NUM_WARPS,
-        enable_fp_fusion=True,
+        **plan.epilogue_meta,
     )
     return out

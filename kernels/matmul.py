@@ -609,21 +609,23 @@ def nf4_matmul(
     if k % 2 and config not in (GEMV, DEQUANT):  # the tiles need rows that start on a byte
         config = GEMV if gemv else DEQUANT
     if config is None:
-        options = {GEMV: GEMV} if gemv else {}
-        options.update({c.name: c for c in candidates(m, trans, x.dtype)})
-        if bucket(m) != "small" and x.dtype != torch.float32:
-            options[DEQUANT] = DEQUANT
         # `gemv` is part of the key: a choice of GEMV made for aligned tensors must not serve unaligned ones
         key = (bucket(m), in_dim, n, k, x.dtype, trans, weight.double_quant, weight.blocksize, gemv, x.device)
-        config = choose(key, options, lambda c: _run(x, weight, trans, u, v, bias, mask, lora_scale, c, split))
+        config = _CHOSEN.get(key)
+        if config is None:
+            options = {GEMV: GEMV} if gemv else {}
+            options.update({c.name: c for c in candidates(m, trans, x.dtype)})
+            if bucket(m) != "small" and x.dtype != torch.float32:
+                options[DEQUANT] = DEQUANT
+            config = choose(key, options, lambda c: _run(x, weight, trans, u, v, bias, mask, lora_scale, c, split))
     return _run(x, weight, trans, u, v, bias, mask, lora_scale, config, split)
 
 
 def _run(x, weight, trans, u, v, bias, mask, lora_scale, config, split):
     if config == GEMV:
-        from nf4.kernels.gemv import nf4_gemv
+        from nf4.kernels import gemv
 
-        return nf4_gemv(x, weight, u=u, v=v, bias=bias, lora_scale=lora_scale, split=split)
+        return gemv.launch(x, weight, u, v, bias, lora_scale, split)
     if config == DEQUANT:
         return dequantize_then_matmul(x, weight, trans, u, v, bias, mask, lora_scale)
     return _fused(x, weight, trans, u, v, bias, mask, lora_scale, config, split)

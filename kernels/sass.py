@@ -44,6 +44,21 @@ BUDGET = LANE_INSTRUCTIONS_PER_S / BANDWIDTH
 LAUNCH_US = 2.0
 """GPU time per kernel of a CUDA-graph replay besides its own work (launch, ramp-up, tail), an assumed
 figure for small kernels on Hopper; the decode call launches two (streaming kernel + epilogue)."""
+L2_ROUND_TRIP_US = 0.3
+"""Time for a dependent load that hits L2 to come back (~260 cycles near, more from the far partition,
+plus queueing: an assumed figure). The epilogue is bound by how many of these it waits for in a row."""
+
+
+def epilogue_round_trips(split: int, r: int) -> int:
+    """Dependent L2 round trips of `nf4_gemv`'s epilogue: the split-K slices summed `SPLITS_PER_STEP` at a
+    time, the low-rank term 16 ranks at a time, then bias and the store.
+
+    NOTE: the first epilogue summed one slice per loop iteration and one rank per iteration, each load
+    waiting for the previous (its SASS: one 32-bit load per element, FADD right behind it): split + r + 2
+    round trips, 51 at 8192x8192 (split 33, r = 16), ~15 us, more than the streaming kernel itself."""
+    from nf4.kernels.gemv import SPLITS_PER_STEP
+
+    return -(-split // SPLITS_PER_STEP.value) + -(-r // 16) + 2
 
 
 @dataclass(frozen=True)
@@ -88,17 +103,20 @@ def opcode(instruction: str) -> str:
     return parts[0] if parts else ""
 
 
-def hot_loop(instructions: list[tuple[int, str]]) -> list[str]:
-    """The body of the largest loop: from the target of a backward `BRA` to the branch itself."""
-    best: list[str] = []
+def loops(instructions: list[tuple[int, str]]) -> list[list[str]]:
+    """The body of every loop: from the target of a backward `BRA` to the branch itself."""
+    found = []
     for addr, ins in instructions:
         m = re.match(r"(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)", ins)
         if m and int(m.group(1), 16) < addr:
             target = int(m.group(1), 16)
-            body = [i for a, i in instructions if target <= a <= addr]
-            if len(body) > len(best):
-                best = body
-    return best
+            found.append([i for a, i in instructions if target <= a <= addr])
+    return found
+
+
+def hot_loop(instructions: list[tuple[int, str]]) -> list[str]:
+    """The body of the largest loop."""
+    return max(loops(instructions), key=len, default=[])
 
 
 def analyze(cubin: bytes, bytes_per_thread: float) -> LoopReport:
@@ -166,7 +184,8 @@ def predict_us(
                 + 2 * 4*split*m*n                         fp32 partial sums, written then read
         t_mem   = bytes / 4.1 TB/s
         t_issue = (n*k/2) * per_byte / 3.35e13            (lane-instructions of the loop, all SMs busy)
-        time    = max(t_mem, t_issue) + launches * LAUNCH_US
+        t_epi   = epilogue_round_trips(split, r) * L2_ROUND_TRIP_US
+        time    = max(t_mem, t_issue) + t_epi + launches * LAUNCH_US
 
     `per_byte` is the loop's lane-instructions per byte of W (`LoopReport.per_byte`). The partial sums
     mostly stay in the 60 MB L2, so counting them at DRAM speed is pessimistic. Not modelled: the tail of
@@ -181,7 +200,8 @@ def predict_us(
     other = 2 * m * k + 2 * r * (m + n) + 2 * m * n + 4 * n + 8 * split * m * n
     t_mem = (w + absmax + other) / BANDWIDTH
     t_issue = w * per_byte / LANE_INSTRUCTIONS_PER_S
-    return max(t_mem, t_issue) * 1e6 + launches * LAUNCH_US
+    t_epi = epilogue_round_trips(split, r) * L2_ROUND_TRIP_US
+    return max(t_mem, t_issue) * 1e6 + t_epi + launches * LAUNCH_US
 
 
 SHAPES = ((8192, 8192, 1), (14336, 4096, 1), (4096, 4096, 1), (8192, 8192, 16))
@@ -215,6 +235,26 @@ if __name__ == "__main__":
         split = _split_on_h200(n, k)
         t = predict_us(n, k, m, report.per_byte, split=split)
         print(f"{f'{n}x{k}':>12} {m:>3} {split:>5} {t:>12.1f}")
+
+
+def epilogue_report(arch: int = 90) -> dict:
+    """The split-K sum loop of `nf4_gemv`'s epilogue (bf16 activations, float32 B^T as a float32 adapter
+    gives it, bf16 bias): its 128-bit loads (issued together: SPLITS_PER_STEP slices x 2 per thread) and
+    its barriers / shared-memory stores (a layout conversion inside the loop would wait for each slice's
+    load before issuing the next)."""
+    from nf4.kernels.gemv import gemv_configs
+
+    (cfg,) = [c for c in gemv_configs() if c.name.startswith("nf4_gemv[epilogue,bf16,v=fp32,bias=bf16,")]
+    body = max(loops(disassemble(compile_cubin(cfg, arch))), key=lambda b: sum(".128" in opcode(i) for i in b))
+    ops = [opcode(i) for i in body]
+    return {
+        "name": cfg.name,
+        "instructions": len(body),
+        "wide_loads": sum(op.startswith("LDG") and op.endswith(".128") for op in ops),
+        "narrow_loads": sum(op.startswith("LDG") and not op.endswith(".128") for op in ops),
+        "barriers": sum(op.startswith("BAR") for op in ops),
+        "shared_stores": sum(op.startswith("STS") for op in ops),
+    }
 
 
 def _straight_line_report(cfg: LaunchConfig, elements: int, bytes_per_element: float, arch: int) -> dict:

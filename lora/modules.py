@@ -116,7 +116,8 @@ class LinearNF4(nn.Module):
     @property
     def weight(self) -> NF4Tensor:
         """The quantized weight [out_features, in_features] as an `NF4Tensor` (a view of the buffers)."""
-        pieces = {piece: getattr(self, buffer) for buffer, piece in _BUFFERS.items()}
+        buffers = self._buffers  # not getattr(self, ...): nn.Module.__getattr__ costs ~0.4 µs a lookup
+        pieces = {piece: buffers[buffer] for buffer, piece in _BUFFERS.items()}
         return NF4Tensor.unflatten(pieces, self._weight_meta)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
