@@ -33,6 +33,12 @@ element is located on its own (byte = f >> 1, nibble by the parity of f = n*K + 
 decoded as `nf4.dequantize` does (float32 product, one rounding to the activation dtype) and fed to the
 same dot. Correct for every shape; not tuned (such shapes are rare in models).
 
+The adapter's A (inference: `a` instead of u, fp16/bf16 on the aligned path). One more row tile of
+programs, i = cdiv(N, BN), computes u = x @ A^T of its K-slice (exact fp32, A read in its own dtype,
+16 columns and 16 ranks per step, cp.async-pipelined: its own loop, so the W loop's code is the same)
+and stores it after W's partial sums; a LoRALinearNF4 decode call is then these two kernels and nothing
+else (no GEMV for x @ A^T, no cast of a float32 A).
+
 Split-K and epilogue. Each program writes its fp32 partial sums to `partial[s, M, N]` (no atomics: the
 result is deterministic); a second small kernel sums the `split` slices (8 at a time, their loads in
 flight together), adds u @ v (16 ranks at a time, one exact fp32 dot) and bias, and rounds once to x's
@@ -65,6 +71,7 @@ BK = 32  # smallest reduction step: 16 bytes of each W row, in one absmax block 
 MAX_M = 16
 NUM_WARPS = 4
 EPILOGUE_BN = 64
+A_BK = tl.constexpr(16)  # columns of A per step of the low-rank program (64 took 8 B of stack, triton 3.6)
 SPLITS_PER_STEP = tl.constexpr(8)  # split-K slices the epilogue sums per loop step (loads in flight)
 
 
@@ -116,6 +123,7 @@ def _nf4_gemv_kernel(
     pairs_ptr,
     code_ptr,
     partial_ptr,
+    a_ptr,
     # sizes
     M,
     N,
@@ -126,6 +134,9 @@ def _nf4_gemv_kernel(
     n_blocks,
     k_per_split,
     kb_per_split,
+    r,
+    stride_ar,
+    stride_ak,
     # meta-parameters
     ALIGNED: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
@@ -134,16 +145,57 @@ def _nf4_gemv_kernel(
     CODE_F32: tl.constexpr,
     DOT_F32: tl.constexpr,
     SOFT_BF16: tl.constexpr,
+    HAS_A: tl.constexpr,
 ):
     pid_k = tl.program_id(1).to(tl.int64)
-    offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     offs_m = tl.arange(0, 16)
-    in_n = offs_n < N
     in_m = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    act = x_ptr.dtype.element_ty
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    if HAS_A and tl.program_id(0) * BN >= N:  # the extra row tile (launched with HAS_A): x @ A^T of this slice
+        _lora_a_slice(
+            x_rows, in_m, a_ptr, partial_ptr, pid_k, k_start, k_end, M, N, r, stride_ar, stride_ak, BK, SOFT_BF16
+        )
+    else:
+        _w_slice(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
+                 pairs_ptr, code_ptr, partial_ptr, pid_k, k_start, k_end, M, N, K, KB, log2_bs, n_blocks,
+                 kb_per_split, ALIGNED, DOUBLE_QUANT, BN, BK, CODE_F32, DOT_F32, SOFT_BF16)  # fmt: skip
+
+
+@triton.jit
+def _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, k_start, k_end, M, N, r, stride_ar, stride_ak,
+                  BK: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
+    """xa[pid_k] = x[:, slice] @ A[:, slice]^T in exact fp32 (A in its own dtype), 16 ranks at a time,
+    stored as float32 [M, r] after the split slices of W's partial sums (`partial[split, M, N]`)."""
+    xa_ptr = partial_ptr + tl.num_programs(1).to(tl.int64) * M * N
+    offs_m = tl.arange(0, 16)
+    offs_j = tl.arange(0, 16)
+    for j0 in range(0, r, 16):
+        rank = j0 + offs_j
+        in_j = rank < r
+        a_rows = a_ptr + rank.to(tl.int64)[:, None] * stride_ar
+        acc = tl.zeros((16, 16), dtype=tl.float32)  # [ranks, rows of x]
+        for k0 in range(k_start, k_end, A_BK):
+            offs_k = k0 + tl.arange(0, A_BK)
+            in_k = offs_k < k_end
+            a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=in_j[:, None] & in_k[None, :], other=0.0)
+            x = tl.load(x_rows + offs_k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
+            acc += tl.dot(to_f32(a, SOFT_BF16), tl.trans(to_f32(x, SOFT_BF16)), input_precision="ieee")
+        offs = (pid_k * M + offs_m[None, :]) * r + rank[:, None]
+        tl.store(xa_ptr + offs, acc, mask=in_m[None, :] & in_j[:, None])
+
+
+@triton.jit
+def _w_slice(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
+             pairs_ptr, code_ptr, partial_ptr, pid_k, k_start, k_end, M, N, K, KB, log2_bs, n_blocks,
+             kb_per_split, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             CODE_F32: tl.constexpr, DOT_F32: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
+    """partial[pid_k] = x[:, slice] @ dequant(W)[rows, slice]^T for this program's BN rows of W."""
+    offs_m = tl.arange(0, 16)
+    offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    in_n = offs_n < N
+    act = x_rows.dtype.element_ty
     acc = tl.zeros((BN, 16), dtype=tl.float32)  # transposed: W is the dot's A operand
     if ALIGNED:
         # K % 32 == 0: byte offsets of a step are row * KB + kb0 + [0, 16), with KB, the loop's start
@@ -195,6 +247,25 @@ def _nf4_gemv_kernel(
     tl.store(partial_ptr + offs, acc, mask=in_m[None, :] & in_n[:, None])
 
 
+@triton.jit
+def _sum_slices(ptr, tile, mask, split, stride_split):
+    """sum over s < split of ptr[s * stride_split + tile] (float32), SPLITS_PER_STEP slices per loop step:
+    their loads are independent, so a step waits for one L2 round trip, not SPLITS_PER_STEP. 64-bit slice
+    offsets: the runtime passes stride_split (M*N or M*r) as i32 when it fits, (s0 + t) times it may not
+    (and `.to()` on it fails where it is specialised to 1, a plain int)."""
+    total = tl.zeros(tile.shape, dtype=tl.float32)
+    stride64 = tl.zeros((), tl.int64) + stride_split
+    slice_off = tl.zeros((), tl.int64)  # a scalar, not a tensor of pointers: no layout change in the loop
+    for s0 in range(0, split, SPLITS_PER_STEP):
+        part = tl.zeros(tile.shape, dtype=tl.float32)
+        for t in tl.static_range(SPLITS_PER_STEP):
+            in_split = tl.full(tile.shape, s0 + t, tl.int32) < split  # a tensor: the interpreter rejects a bool
+            part += tl.load(ptr + (slice_off + t * stride64) + tile, mask=mask & in_split, other=0.0)
+        total += part
+        slice_off += SPLITS_PER_STEP * stride64
+    return total
+
+
 @triton.jit(do_not_specialize=["M", "has_bias"])
 def _nf4_gemv_epilogue_kernel(
     partial_ptr,
@@ -215,15 +286,18 @@ def _nf4_gemv_epilogue_kernel(
     lora_scale,
     BN: tl.constexpr,
     SOFT_BF16: tl.constexpr,
+    FUSED_U: tl.constexpr,
 ):
     """out = sum_s partial[s] + (u @ v) * lora_scale + bias, rounded once; r = 0 means no LoRA term.
+    With FUSED_U, u = x @ A^T is the sum of the streaming kernel's float32 slices stored after W's
+    (`partial[split, M, N]`, then `[split, M, r]`); otherwise u_ptr [M, r] in x's dtype.
 
     Latency, not bandwidth, bounds this kernel (a few MB from L2 at most), so it keeps many loads in
-    flight: the split slices are summed SPLITS_PER_STEP at a time (independent loads, one L2 round trip
-    per step instead of per slice) and the low-rank term 16 ranks at a time ([16, 16] tile of u, [16, BN]
-    tile of v, one exact fp32 dot), so a call waits for ceil(split / 8) + ceil(r / 16) + 1 round trips.
-    N is specialised (divisible by 16 on the fast path) so the row offsets are known aligned and the
-    partial sums load 16 bytes at a time.
+    flight: the split slices are summed SPLITS_PER_STEP at a time (`_sum_slices`) and the low-rank term
+    16 ranks at a time ([16, 16] tile of u, [16, BN] tile of v, one exact fp32 dot), so a call waits for
+    about ceil(split / 8) * (1 + ceil(r / 16) with FUSED_U) + ceil(r / 16) + 1 round trips. N is
+    specialised (divisible by 16 on the fast path) so the row offsets are known aligned and the partial
+    sums load 16 bytes at a time.
     """
     offs_m = tl.arange(0, 16)
     offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
@@ -231,30 +305,28 @@ def _nf4_gemv_epilogue_kernel(
     in_n = offs_n < N
     inside = in_m[:, None] & in_n[None, :]
     tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    acc = tl.zeros((16, BN), dtype=tl.float32)
-    # 64-bit slice offsets: the runtime passes stride_split = M*N as i32 when it fits, (s0 + t) times it
-    # may not (and `.to()` on it fails where it is specialised to 1: a plain int)
-    stride64 = tl.zeros((), tl.int64) + stride_split
-    slice_off = tl.zeros((), tl.int64)  # a scalar, not a tensor of pointers: no layout change in the loop
-    for s0 in range(0, split, SPLITS_PER_STEP):
-        part = tl.zeros((16, BN), dtype=tl.float32)
-        for t in tl.static_range(SPLITS_PER_STEP):
-            in_split = tl.full((16,), s0 + t, tl.int32) < split  # a tensor: the interpreter rejects a bool mask
-            ptrs = partial_ptr + (slice_off + t * stride64) + tile
-            part += tl.load(ptrs, mask=inside & in_split[:, None], other=0.0)
-        acc += part
-        slice_off += SPLITS_PER_STEP * stride64
+    acc = _sum_slices(partial_ptr, tile, inside, split, stride_split)
     offs_r = tl.arange(0, 16)
-    u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
     v_ptrs = v_ptr + offs_r.to(tl.int64)[:, None] * stride_vr + offs_n[None, :] * stride_vn
-    lora = tl.zeros((16, BN), dtype=tl.float32)  # its own accumulator: the dot's layout stays out of the loop above
-    for r0 in range(0, r, 16):
-        in_r = offs_r < r - r0
-        u = to_f32(tl.load(u_ptrs, mask=in_m[:, None] & in_r[None, :], other=0.0), SOFT_BF16)
-        v = to_f32(tl.load(v_ptrs, mask=in_r[:, None] & in_n[None, :], other=0.0), SOFT_BF16)
-        lora = tl.dot(u, v, lora, input_precision="ieee")
-        u_ptrs += 16 * stride_ur
-        v_ptrs += 16 * stride_vr
+    lora = tl.zeros((16, BN), dtype=tl.float32)  # its own accumulator: the dot's layout stays out of the sums
+    if FUSED_U:
+        xa_ptr = partial_ptr + (tl.zeros((), tl.int64) + split) * stride_split
+        u_tile = offs_m.to(tl.int64)[:, None] * r + offs_r[None, :]
+        for r0 in range(0, r, 16):
+            in_r = offs_r < r - r0
+            u = _sum_slices(xa_ptr + r0, u_tile, in_m[:, None] & in_r[None, :], split, M * r)
+            v = to_f32(tl.load(v_ptrs, mask=in_r[:, None] & in_n[None, :], other=0.0), SOFT_BF16)
+            lora = tl.dot(u, v, lora, input_precision="ieee")
+            v_ptrs += 16 * stride_vr
+    else:
+        u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
+        for r0 in range(0, r, 16):
+            in_r = offs_r < r - r0
+            u = to_f32(tl.load(u_ptrs, mask=in_m[:, None] & in_r[None, :], other=0.0), SOFT_BF16)
+            v = to_f32(tl.load(v_ptrs, mask=in_r[:, None] & in_n[None, :], other=0.0), SOFT_BF16)
+            lora = tl.dot(u, v, lora, input_precision="ieee")
+            u_ptrs += 16 * stride_ur
+            v_ptrs += 16 * stride_vr
     acc += lora * lora_scale
     if has_bias:
         acc += to_f32(tl.load(bias_ptr + offs_n, mask=in_n, other=0.0), SOFT_BF16)[None, :]
@@ -265,7 +337,7 @@ def _nf4_gemv_epilogue_kernel(
 # configurations (for the ahead-of-time report)
 
 
-def _main_signature(dtype: torch.dtype, double_quant: bool) -> dict[str, str]:
+def _main_signature(dtype: torch.dtype, double_quant: bool, a_dtype: torch.dtype) -> dict[str, str]:
     return {
         "x_ptr": ptr_type(dtype),
         "packed_ptr": "*u8",
@@ -276,6 +348,7 @@ def _main_signature(dtype: torch.dtype, double_quant: bool) -> dict[str, str]:
         "pairs_ptr": "*i64" if dtype == torch.float32 else "*i32",
         "code_ptr": "*fp32",
         "partial_ptr": "*fp32",
+        "a_ptr": ptr_type(a_dtype),
         "M": "i32",
         "N": "i32",
         "K": "i64",
@@ -285,6 +358,9 @@ def _main_signature(dtype: torch.dtype, double_quant: bool) -> dict[str, str]:
         "n_blocks": "i64",
         "k_per_split": "i64",
         "kb_per_split": "i64",
+        "r": "i32",
+        "stride_ar": "i64",
+        "stride_ak": "i64",
     }
 
 
@@ -295,8 +371,21 @@ def step_k(k: int, blocksize: int) -> int:
     return 64 if blocksize >= 64 and k % 64 == 0 else BK
 
 
-def _main_constexprs(dtype: torch.dtype, aligned: bool, double_quant: bool, soft_bf16: bool, bk: int) -> dict:
+def fuses_a(dtype: torch.dtype, aligned: bool) -> bool:
+    """Whether the streaming kernel computes x @ A^T itself (given the adapter's A): fp16/bf16 on the
+    aligned path (K % 32 == 0), the decode case; elsewhere the launcher computes it with torch first.
+
+    NOTE: the low-rank program is compiled in only where used (`HAS_A`): present in every variant, it
+    changed the register allocation of the W loop enough to give 8-byte stack frames (fp16/bf16,
+    no double quant: 64-column steps on sm_90 and 32-column steps on sm_80, triton 3.6)."""
+    return aligned and dtype != torch.float32
+
+
+def _main_constexprs(
+    dtype: torch.dtype, aligned: bool, double_quant: bool, soft_bf16: bool, bk: int, has_a: bool = False
+) -> dict:
     return dict(
+        HAS_A=has_a,
         ALIGNED=aligned,
         DOUBLE_QUANT=double_quant,
         BN=block_n(dtype, aligned),
@@ -359,28 +448,33 @@ def gemv_configs() -> list[LaunchConfig]:
     for dtype in TL_DTYPES:
         dname = ptr_type(dtype)[1:]
         for aligned, bk in ((True, 64), (True, 32), (False, 32)):
-            for double_quant in (False, True):
+            # without the low-rank program (x stands in for A), and for fp16/bf16 on the aligned path with
+            # it (`fuses_a`): A in x's dtype or float32 (the default adapter dtype)
+            a_dtypes = [None] + (list(dict.fromkeys((dtype, torch.float32))) if fuses_a(dtype, aligned) else [])
+            for double_quant, a_dtype in itertools.product((False, True), a_dtypes):
+                a_name = "" if a_dtype is None else f",A={ptr_type(a_dtype)[1:]}"
                 out.append(
                     LaunchConfig(
                         name=f"nf4_gemv[{dname},aligned={int(aligned)},dq={int(double_quant)},"
-                        f"BN={block_n(dtype, aligned)},BK={bk}]",
+                        f"BN={block_n(dtype, aligned)},BK={bk}{a_name}]",
                         kernel=_nf4_gemv_kernel,
-                        signature=_main_signature(dtype, double_quant),
-                        constexprs=_main_constexprs(dtype, aligned, double_quant, False, bk),
+                        signature=_main_signature(dtype, double_quant, a_dtype or dtype),
+                        constexprs=_main_constexprs(dtype, aligned, double_quant, False, bk, a_dtype is not None),
                         options=_options(aligned, dtype, bk),
                         aligned_only=True,
                     )
                 )
-        # u = x_d @ A^T comes in x's dtype; B^T and the bias in x's dtype or float32 (the adapter's and
-        # the layer's own dtypes, read as they are)
-        for v_dtype, bias_dtype in itertools.product(*[dict.fromkeys((dtype, torch.float32))] * 2):
+        # u = x_d @ A^T comes in x's dtype (or as the streaming kernel's float32 slices, `fused_u`); B^T and
+        # the bias in x's dtype or float32 (the adapter's and the layer's own dtypes, read as they are)
+        fused_u = (False, True) if fuses_a(dtype, True) else (False,)
+        for v_dtype, bias_dtype, fused in itertools.product(*[dict.fromkeys((dtype, torch.float32))] * 2, fused_u):
             out.append(
                 LaunchConfig(
                     name=f"nf4_gemv[epilogue,{dname},v={ptr_type(v_dtype)[1:]},bias={ptr_type(bias_dtype)[1:]},"
-                    f"BN={EPILOGUE_BN}]",
+                    f"BN={EPILOGUE_BN}{',fused_u' if fused else ''}]",
                     kernel=_nf4_gemv_epilogue_kernel,
                     signature=_epilogue_signature(dtype, v_dtype, bias_dtype),
-                    constexprs={"BN": EPILOGUE_BN, "SOFT_BF16": False},
+                    constexprs={"BN": EPILOGUE_BN, "SOFT_BF16": False, "FUSED_U": fused},
                     options={"num_warps": NUM_WARPS, "enable_fp_fusion": True},
                 )
             )
@@ -454,6 +548,7 @@ def nf4_gemv(
     bias: torch.Tensor | None = None,
     lora_scale: float = 1.0,
     split: int | None = None,
+    a: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ dequant(weight)^T + (u @ v) * lora_scale + bias` for M <= 16 rows, over two kernel launches.
 
@@ -462,6 +557,9 @@ def nf4_gemv(
         weight: the `NF4Tensor` W [N, K] (any K, any blocksize, with or without double quantization).
         u, v: the low-rank (LoRA) term [M, r] and [r, N], any strides, any float dtype (read as they
             are and used in fp32: no conversion kernel), or both None.
+        a: instead of u, the adapter's A [r, K] (any strides, fp32 or x's dtype): u = x @ a^T is then
+            computed by the streaming kernel (one extra row tile of programs, exact fp32 products and
+            sums, never rounded to x's dtype), saving the separate GEMV and a cast of A per call.
         bias: [N] in any float dtype (read as it is, used in fp32), or None.
         split: split-K factor (tests); by default `split_for`.
     Returns:
@@ -484,14 +582,21 @@ def nf4_gemv(
         raise ValueError(f"nf4_gemv takes at most {MAX_M} rows, got M = {m}; use nf4.kernels.matmul.nf4_matmul")
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but the weight is on {weight.device}; move one of them")
-    if (u is None) != (v is None):
-        raise ValueError("pass both u [M, r] and v [r, N] for the low-rank term, or neither")
+    if u is not None and a is not None:
+        raise ValueError("pass u [M, r] or a [r, K] (u = x @ a^T), not both")
+    lhs = u if a is None else a
+    if (lhs is None) != (v is None):
+        raise ValueError("pass both u [M, r] (or a [r, K]) and v [r, N] for the low-rank term, or neither")
+    if a is not None and (a.dim() != 2 or v.dim() != 2 or a.shape[1] != k or v.shape != (a.shape[0], n)):
+        raise ValueError(f"expected a [r, {k}] and v [r, {n}], got a {list(a.shape)} and v {list(v.shape)}")
     if u is not None and (u.dim() != 2 or v.dim() != 2 or u.shape[0] != m or v.shape != (u.shape[1], n)):
         raise ValueError(f"expected u [{m}, r] and v [r, {n}], got u {list(u.shape)} and v {list(v.shape)}")
+    if a is not None and a.dtype not in TL_DTYPES:
+        raise TypeError(f"a must be float32, float16 or bfloat16, got {a.dtype}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"expected bias of shape [{n}], got {list(bias.shape)}")
 
-    return launch(x, weight, u, v, bias, lora_scale, split)
+    return launch(x, weight, u, v, bias, lora_scale, split, a)
 
 
 class _Plan(NamedTuple):
@@ -506,7 +611,7 @@ class _Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(m, n, k, dtype, device, blocksize, double_quant, split) -> _Plan:
+def _plan(m, n, k, dtype, device, blocksize, double_quant, split, has_a) -> _Plan:
     interpret = INTERPRET or device.type != "cuda"
     aligned = k % BK == 0
     bk = step_k(k, blocksize) if aligned else BK
@@ -516,20 +621,23 @@ def _plan(m, n, k, dtype, device, blocksize, double_quant, split) -> _Plan:
     k_per_split = cdiv(cdiv(k, split), bk) * bk
     split = cdiv(k, k_per_split)
     return _Plan(
-        grid=(cdiv(n, bn), split),
+        grid=(cdiv(n, bn) + has_a, split),  # with A: one more row tile, the low-rank program
         epilogue_grid=(cdiv(n, EPILOGUE_BN),),
         split=split,
         scalars=(m, n, k, k // 2, blocksize.bit_length() - 1, cdiv(n * k, blocksize), k_per_split, k_per_split // 2),
-        meta={**_main_constexprs(dtype, aligned, double_quant, interpret, bk), **_options(aligned, dtype, bk)},
+        meta={
+            **_main_constexprs(dtype, aligned, double_quant, interpret, bk, bool(has_a)),
+            **_options(aligned, dtype, bk),
+        },
         epilogue_meta=dict(BN=EPILOGUE_BN, SOFT_BF16=interpret, num_warps=NUM_WARPS, enable_fp_fusion=True),
     )
 
 
-def launch(x, weight, u, v, bias, lora_scale, split=None) -> torch.Tensor:
+def launch(x, weight, u, v, bias, lora_scale, split=None, a=None) -> torch.Tensor:
     """`nf4_gemv` without its argument checks (for `nf4.kernels.matmul`, whose callers checked them):
-    x [M, K] contiguous along K, u [M, r] and v [r, N] in any float dtype (or None), bias [N] in any
-    float dtype (or None). The epilogue reads u, v and bias in their own dtypes, so a float32 adapter
-    or bias costs no conversion kernel."""
+    x [M, K] contiguous along K, u [M, r] (or a [r, K]: u = x @ a^T is then computed by the streaming
+    kernel's extra row tile) and v [r, N] in any float dtype (or None), bias [N] in any float dtype (or
+    None). Everything is read in its own dtype, so a float32 adapter or bias costs no conversion kernel."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -537,14 +645,20 @@ def launch(x, weight, u, v, bias, lora_scale, split=None) -> torch.Tensor:
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
-    plan = _plan(m, n, k, x.dtype, x.device, weight.blocksize, weight.double_quant, split)
+    fused = a is not None and a.shape[0] > 0 and fuses_a(x.dtype, k % BK == 0)
+    if a is not None and not fused:
+        u = x @ a.to(x.dtype).t()
+    plan = _plan(m, n, k, x.dtype, x.device, weight.blocksize, weight.double_quant, split, int(fused))
     constants = _constants(x.device, x.dtype)
-    partial = torch.empty((plan.split, m, n), dtype=torch.float32, device=x.device)
+    r = a.shape[0] if fused else u.shape[1] if u is not None else 0
+    # W's partial sums [split, M, N], then (fused) x @ A^T's [split, M, r]: one allocation
+    partial = torch.empty(plan.split * m * (n + r * fused), dtype=torch.float32, device=x.device)
     if weight.double_quant:  # the 0-d offset is passed as is: the kernel only needs its address
         nested = (weight.nested_absmax, weight.nested_offset, weight.nested_code)
     else:
         nested = (weight.absmax, weight.absmax, weight.absmax)  # never read when DOUBLE_QUANT is off
     m_, n_, k_, kb, log2_bs, n_blocks, k_per_split, kb_per_split = plan.scalars
+    a_args = (a, r, a.stride(0), a.stride(1)) if fused else (x, 0, 0, 0)  # x stands in: never read
     _nf4_gemv_kernel[plan.grid](
         x,
         weight.packed,
@@ -553,6 +667,7 @@ def launch(x, weight, u, v, bias, lora_scale, split=None) -> torch.Tensor:
         constants["pairs"],
         constants["code"],
         partial,
+        a_args[0],
         m_,
         n_,
         k_,
@@ -562,13 +677,16 @@ def launch(x, weight, u, v, bias, lora_scale, split=None) -> torch.Tensor:
         n_blocks,
         k_per_split,
         kb_per_split,
+        *a_args[1:],
         **plan.meta,
     )
-    if u is not None and u.shape[1] > 0:
-        r, strides = u.shape[1], (u.stride(0), u.stride(1), v.stride(0), v.stride(1))
+    if fused:
+        u, strides = x, (0, 0, v.stride(0), v.stride(1))  # u is read from `partial`
+    elif r:
+        strides = (u.stride(0), u.stride(1), v.stride(0), v.stride(1))
     else:
         u = v = x  # never read: r = 0
-        r, strides = 0, (0, 0, 0, 0)
+        strides = (0, 0, 0, 0)
     _nf4_gemv_epilogue_kernel[plan.epilogue_grid](
         partial,
         u,
@@ -583,6 +701,7 @@ def launch(x, weight, u, v, bias, lora_scale, split=None) -> torch.Tensor:
         *strides,
         int(bias is not None),
         float(lora_scale),
+        FUSED_U=fused,
         **plan.epilogue_meta,
     )
     return out

@@ -580,6 +580,7 @@ def nf4_matmul(
     lora_scale: float = 1.0,
     config: MatmulConfig | str | None = None,
     split: int | None = None,
+    a: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ W^T` (or `x @ W` with `trans`) + `(u @ v) * lora_scale [* mask]` + `bias`, fused.
 
@@ -589,6 +590,9 @@ def nf4_matmul(
         u, v: the low-rank term, [M, r] and [r, OUT] (any strides for v; used in x's dtype), or None.
         bias: [OUT] or None. mask: [M, OUT] bool dropout mask applied to the low-rank term, or None.
         lora_scale: multiplies the low-rank term (in float32, before the single rounding).
+        a: instead of u, the adapter's A [r, IN] with u = x @ a^T: the GEMV strategy computes it inside
+            its streaming kernel in float32 (`nf4.kernels.gemv.nf4_gemv`); the others with torch in x's
+            dtype, first.
         config, split: force a tile configuration (or `DEQUANT`, `GEMV`) and a split-K factor (tests,
             benchmarks). By default the configuration is chosen per (M bucket, shape, dtype) by `choose`
             among the bucket's tiles, `GEMV` where `gemv_applies` (M <= 16) and `DEQUANT` (M > 16), and
@@ -617,15 +621,17 @@ def nf4_matmul(
             options.update({c.name: c for c in candidates(m, trans, x.dtype)})
             if bucket(m) != "small" and x.dtype != torch.float32:
                 options[DEQUANT] = DEQUANT
-            config = choose(key, options, lambda c: _run(x, weight, trans, u, v, bias, mask, lora_scale, c, split))
-    return _run(x, weight, trans, u, v, bias, mask, lora_scale, config, split)
+            config = choose(key, options, lambda c: _run(x, weight, trans, u, v, bias, mask, lora_scale, c, split, a))
+    return _run(x, weight, trans, u, v, bias, mask, lora_scale, config, split, a)
 
 
-def _run(x, weight, trans, u, v, bias, mask, lora_scale, config, split):
+def _run(x, weight, trans, u, v, bias, mask, lora_scale, config, split, a=None):
     if config == GEMV:
         from nf4.kernels import gemv
 
-        return gemv.launch(x, weight, u, v, bias, lora_scale, split)
+        return gemv.launch(x, weight, u, v, bias, lora_scale, split, a)
+    if a is not None:
+        u = x @ a.to(x.dtype).t()
     if config == DEQUANT:
         return dequantize_then_matmul(x, weight, trans, u, v, bias, mask, lora_scale)
     return _fused(x, weight, trans, u, v, bias, mask, lora_scale, config, split)

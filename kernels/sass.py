@@ -49,16 +49,18 @@ L2_ROUND_TRIP_US = 0.3
 plus queueing: an assumed figure). The epilogue is bound by how many of these it waits for in a row."""
 
 
-def epilogue_round_trips(split: int, r: int) -> int:
+def epilogue_round_trips(split: int, r: int, fused_u: bool = True) -> int:
     """Dependent L2 round trips of `nf4_gemv`'s epilogue: the split-K slices summed `SPLITS_PER_STEP` at a
-    time, the low-rank term 16 ranks at a time, then bias and the store.
+    time, the low-rank term 16 ranks at a time (with `fused_u` each chunk of u summed over the slices
+    first), then bias and the store.
 
     NOTE: the first epilogue summed one slice per loop iteration and one rank per iteration, each load
     waiting for the previous (its SASS: one 32-bit load per element, FADD right behind it): split + r + 2
     round trips, 51 at 8192x8192 (split 33, r = 16), ~15 us, more than the streaming kernel itself."""
     from nf4.kernels.gemv import SPLITS_PER_STEP
 
-    return -(-split // SPLITS_PER_STEP.value) + -(-r // 16) + 2
+    steps = -(-split // SPLITS_PER_STEP.value)
+    return steps + -(-r // 16) * (1 + steps * fused_u) + 1
 
 
 @dataclass(frozen=True)
@@ -154,13 +156,18 @@ def compile_cubin(cfg: LaunchConfig, arch: int = 90, variant: str = "aligned") -
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg.options).asm["cubin"]
 
 
-def gemv_loop_report(dtype_name: str = "bf16", double_quant: bool = True, arch: int = 90, bk: int = 64) -> LoopReport:
+def gemv_loop_report(
+    dtype_name: str = "bf16", double_quant: bool = True, arch: int = 90, bk: int = 64, a: str | None = "fp32"
+) -> LoopReport:
     """The loop report of the aligned decode kernel for `dtype_name` activations and `bk`-element steps
-    (64: blocksize >= 64, the common case; 32: blocksize 32)."""
+    (64: blocksize >= 64, the common case; 32: blocksize 32), compiled with the low-rank program for an
+    adapter in `a` ("fp32", the default adapter dtype: what a LoRALinearNF4 decode call launches) or
+    without one (None)."""
     from nf4.kernels.gemv import gemv_configs
 
     name = f"nf4_gemv[{dtype_name},aligned=1,dq={int(double_quant)},"
-    cfg = next(c for c in gemv_configs() if c.name.startswith(name) and c.constexprs["BK"] == bk)
+    suffix = f",BK={bk}]" if a is None else f",BK={bk},A={a}]"
+    cfg = next(c for c in gemv_configs() if c.name.startswith(name) and c.name.endswith(suffix))
     threads = 32 * cfg.options["num_warps"]
     return analyze(compile_cubin(cfg, arch), cfg.constexprs["BN"] * (bk // 2) / threads)
 
@@ -176,12 +183,13 @@ def predict_us(
     split: int = 1,
     launches: int = 2,
 ) -> float:
-    """Predicted GPU time (us, CUDA-graph replay) of `nf4_gemv` for an [n, k] weight and m rows, bf16.
+    """Predicted GPU time (us, CUDA-graph replay) of `nf4_gemv` for an [n, k] weight and m rows, bf16, with
+    a float32 adapter of rank r handed over as A (what a LoRALinearNF4 decode call is: these two kernels).
 
         bytes   = n*k/2                                   packed codes
                 + n*k/blocksize * (1 with double quant, else 4)   absmax (+ n*k/blocksize/256 * 4 nested)
-                + 2*m*k + 2*r*(m + n) + 2*m*n + 4*n       x, u, v, out, bias
-                + 2 * 4*split*m*n                         fp32 partial sums, written then read
+                + 2*m*k + 4*r*(k + n) + 2*m*n + 2*n       x, A and B (fp32 adapter), out, bias
+                + 2 * 4*split*m*(n + r)                   fp32 partial sums (W's and x @ A^T's), written, read
         t_mem   = bytes / 4.1 TB/s
         t_issue = (n*k/2) * per_byte / 3.35e13            (lane-instructions of the loop, all SMs busy)
         t_epi   = epilogue_round_trips(split, r) * L2_ROUND_TRIP_US
@@ -197,7 +205,7 @@ def predict_us(
     absmax = n * k / blocksize * (1 if double_quant else 4)
     if double_quant:
         absmax += n * k / blocksize / 256 * 4
-    other = 2 * m * k + 2 * r * (m + n) + 2 * m * n + 4 * n + 8 * split * m * n
+    other = 2 * m * k + 4 * r * (k + n) + 2 * m * n + 2 * n + 8 * split * m * (n + r)
     t_mem = (w + absmax + other) / BANDWIDTH
     t_issue = w * per_byte / LANE_INSTRUCTIONS_PER_S
     t_epi = epilogue_round_trips(split, r) * L2_ROUND_TRIP_US
@@ -239,12 +247,14 @@ if __name__ == "__main__":
 
 def epilogue_report(arch: int = 90) -> dict:
     """The split-K sum loop of `nf4_gemv`'s epilogue (bf16 activations, float32 B^T as a float32 adapter
-    gives it, bf16 bias): its 128-bit loads (issued together: SPLITS_PER_STEP slices x 2 per thread) and
-    its barriers / shared-memory stores (a layout conversion inside the loop would wait for each slice's
-    load before issuing the next)."""
-    from nf4.kernels.gemv import gemv_configs
+    gives it, bf16 bias, u from the streaming kernel's slices): its 128-bit loads (issued together:
+    SPLITS_PER_STEP slices x 2 per thread) and its barriers / shared-memory stores (a layout conversion
+    inside the loop would wait for each slice's load before issuing the next)."""
+    from nf4.kernels.gemv import EPILOGUE_BN, gemv_configs
 
-    (cfg,) = [c for c in gemv_configs() if c.name.startswith("nf4_gemv[epilogue,bf16,v=fp32,bias=bf16,")]
+    (cfg,) = [
+        c for c in gemv_configs() if c.name == f"nf4_gemv[epilogue,bf16,v=fp32,bias=bf16,BN={EPILOGUE_BN},fused_u]"
+    ]
     body = max(loops(disassemble(compile_cubin(cfg, arch))), key=lambda b: sum(".128" in opcode(i) for i in b))
     ops = [opcode(i) for i in body]
     return {

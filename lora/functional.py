@@ -139,6 +139,16 @@ def _forward(x, q, lora_A, lora_B, bias, scaling, mask, keep_scale) -> tuple[Ten
     return y.reshape(*x.shape[:-1], q.shape[0]), xa
 
 
+def _inference(x, q, lora_A, lora_B, bias, scaling) -> Tensor:
+    """`_forward`'s y when nothing needs xa (no backward, no dropout): x @ A^T is left to the matmul,
+    which computes it inside the decode kernel at M <= 16 (`nf4.kernels.gemv`, in float32: no separate
+    GEMV, no cast of a float32 A) and with torch in x's dtype otherwise."""
+    x2 = x.reshape(-1, x.shape[-1])
+    v = None if lora_A is None else lora_B.t()
+    y = dispatch.matmul(x2, q, False, None, v, bias, None, scaling, a=lora_A)
+    return y.reshape(*x.shape[:-1], q.shape[0])
+
+
 def eager(x: Tensor) -> bool:
     """True when a call may run the ops' bodies directly instead of through the `nf4::` custom ops.
 
@@ -330,8 +340,8 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout, training) ->
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)):
         args = dict(x=x, **weight_kwargs(weight), lora_A=lora_A, lora_B=lora_B, bias=bias, scaling=float(scaling))
         y, _ = _LoRALinear.apply(*args.values(), mask, keep_scale)
-    elif eager(x):  # nothing to differentiate, nothing tracing: the op's body
-        y, _ = _forward(x, weight, lora_A, lora_B, bias, float(scaling), mask, keep_scale)
+    elif eager(x):  # nothing to differentiate, nothing tracing: the op's body, without xa
+        y = _inference(x, weight, lora_A, lora_B, bias, float(scaling))
     else:
         args = dict(x=x, **weight_kwargs(weight), lora_A=lora_A, lora_B=lora_B, bias=bias, scaling=float(scaling))
         y, _ = torch.ops.nf4.lora_linear(**args, mask=mask, keep_scale=keep_scale)

@@ -80,13 +80,16 @@ def dequantize(q, dtype: torch.dtype) -> torch.Tensor:
     return reference.dequantize_ref(q.packed, absmax, q.blocksize, q.shape, dtype, q.code)
 
 
-def matmul(x2, q, trans=False, u=None, v=None, bias=None, mask=None, lora_scale: float = 1.0) -> torch.Tensor:
+def matmul(x2, q, trans=False, u=None, v=None, bias=None, mask=None, lora_scale: float = 1.0, a=None) -> torch.Tensor:
     """`x2 @ W^T` (`x2 @ W` with `trans`) + `(u @ v) * lora_scale [* mask]` + `bias`, W = dequant(q) [N, K];
-    see `nf4.kernels.matmul.nf4_matmul` for the shapes."""
+    see `nf4.kernels.matmul.nf4_matmul` for the shapes. `a` [r, IN] instead of u means u = x2 @ a^T
+    (computed inside the decode kernel where that runs, else first, with torch in x2's dtype)."""
     if use_kernels(x2.device) and x2.dtype in KERNEL_DTYPES:
         from nf4.kernels.matmul import nf4_matmul
 
-        return nf4_matmul(x2, q, trans=trans, u=u, v=v, bias=bias, mask=mask, lora_scale=lora_scale)
+        return nf4_matmul(x2, q, trans=trans, u=u, v=v, bias=bias, mask=mask, lora_scale=lora_scale, a=a)
+    if a is not None:
+        u = x2 @ a.to(x2.dtype).t()
     if x2.device.type == "cpu":
         from nf4.cpu import matmul_cpu
 

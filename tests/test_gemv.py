@@ -39,7 +39,7 @@ def check(y, q, x, u, v, b):
     exact = reference.matmul_ref(x.double(), w.double(), False, u, v, b)
     torch_y = x @ w.to(dtype).t()
     if u is not None:
-        torch_y = torch_y + u @ v.to(dtype)
+        torch_y = torch_y + u.to(dtype) @ v.to(dtype)
     if b is not None:
         torch_y = torch_y + b.to(dtype)
     torch_err = (torch_y.double() - exact).abs().max().item()
@@ -49,9 +49,12 @@ def check(y, q, x, u, v, b):
     assert err <= 2 * torch_err + 2 * ulp, (err, torch_err, ulp)
 
 
-def run_and_check(device, q, x, u, v, b, split=None):
+def run_and_check(device, q, x, u, v, b, split=None, a=None):
+    """With `a` ([r, K]), u is x @ a^T computed by the kernel; the oracle uses it in float64."""
     on = lambda t: None if t is None else t.to(device)  # noqa: E731
-    y = nf4_gemv(on(x), q.to(device), u=on(u), v=on(v), bias=on(b), split=split)
+    y = nf4_gemv(on(x), q.to(device), u=on(u), v=on(v), bias=on(b), split=split, a=on(a))
+    if a is not None:
+        u = x.double() @ a.double().t()
     check(y.cpu(), q, x, u, v, b)
 
 
@@ -67,14 +70,18 @@ def run_and_check(device, q, x, u, v, b, split=None):
     split=st.sampled_from([None, 2, 3, 11]),
     f32_adapter=st.booleans(),
     bias_dtype=st.sampled_from([torch.float32, None]),
+    fused_a=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_gemv_matches_reference(
-    kernel_device, m, n, k, r, dtype, bias, blocksize, double_quant, split, f32_adapter, bias_dtype, seed
+    kernel_device, m, n, k, r, dtype, bias, blocksize, double_quant, split, f32_adapter, bias_dtype, fused_a, seed
 ):
     v_dtype = torch.float32 if f32_adapter else dtype
     q, x, u, v, b = problem(m, n, k, r, dtype, bias, blocksize, double_quant, seed, v_dtype, bias_dtype or dtype)
-    run_and_check(kernel_device, q, x, u, v, b, split)
+    a = None
+    if fused_a and r:  # the adapter's A instead of u: x @ A^T computed by the kernel's extra row tile
+        a, u = (torch.randn(r, k, generator=torch.Generator().manual_seed(seed)) / k**0.5).to(v_dtype), None
+    run_and_check(kernel_device, q, x, u, v, b, split, a)
 
 
 PATHS = [  # (K, blocksize): 64-column steps, 32-column steps (blocksize 32 / K % 64 == 32), general path
@@ -111,6 +118,9 @@ def test_epilogue_steps_and_rank_chunks(kernel_device):
     # the bf16 bias; x scaled down so that the low-rank term dominates (a missing rank chunk shows)
     q, x, u, v, b = problem(3, 70, 64 * 20, 40, torch.bfloat16, True, 64, True, 11, torch.float32, torch.bfloat16)
     run_and_check(kernel_device, q, x * 0.01, u, v, b * 0.01, split=20)
+    # the same with u = x @ A^T from the kernel (float32 A): its slices summed 8 at a time too
+    a = torch.randn(40, 64 * 20, generator=torch.Generator().manual_seed(5)) * 4
+    run_and_check(kernel_device, q, x * 0.01, None, v, b * 0.01, split=20, a=a)
 
 
 def test_validation(kernel_device):
