@@ -523,20 +523,93 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-PROGRAMS_PER_SM = 8
-"""Split-K target: about 8 programs of 4 warps per multiprocessor (32 warps in flight), enough loads in
-flight to cover DRAM latency (4.1 TB/s x ~0.7 us / 132 SMs ~ 22 KB per SM = 16 B x ~1400 threads)."""
+# --------------------------------------------------------------------------------------------------
+# cost model: chooses split-K here, predicts GPU time in `nf4.kernels.sass` (H200 figures)
+
+BANDWIDTH = 4.1e12
+"""bytes/s: the H200's measured copy bandwidth (gpu-findings.md)."""
+H200_SMS = 132
+LAUNCH_US = 2.0
+"""GPU time per kernel of a CUDA-graph replay besides its own work (launch, ramp-up, tail), an assumed
+figure for small kernels on Hopper; a decode call launches two (streaming kernel + epilogue)."""
+L2_ROUND_TRIP_US = 0.3
+"""Time for a dependent load that hits L2 to come back (~260 cycles near, more from the far partition,
+plus queueing: an assumed figure). The epilogue is bound by how many of these it waits for in a row."""
+DRAM_LATENCY_US = 1.0
+"""Loaded DRAM latency with margin (unloaded ~0.6 us on Hopper): by Little's law each SM must keep its
+share of the bandwidth times this in flight, 4.1 TB/s / 132 x 1 us = 31 KB, or the stream slows down."""
 MIN_STEPS = 4
-"""Each program walks at least this many 32-column steps (amortises its prologue and epilogue)."""
+"""Each program walks at least this many steps (amortises its prologue and fills the pipeline)."""
+MODEL_RANK = 16
+"""The adapter rank the split choice assumes (r only adds epilogue round trips: ceil(r / 16) each)."""
 
 
-def split_for(n: int, k: int, bn: int, device: torch.device) -> int:
-    """Split-K factor: programs = row tiles x split ~ PROGRAMS_PER_SM x multiprocessors, each with at
-    least MIN_STEPS steps. 1 off CUDA (the interpreter)."""
+def epilogue_round_trips(split: int, r: int, fused_u: bool = True) -> int:
+    """Dependent L2 round trips of the epilogue: the split-K slices summed `SPLITS_PER_STEP` at a time,
+    the low-rank term 16 ranks at a time (with `fused_u` each chunk of u summed over the slices first),
+    then bias and the store.
+
+    NOTE: the first epilogue summed one slice per loop iteration and one rank per iteration, each load
+    waiting for the previous (its SASS: one 32-bit load per element, FADD right behind it): split + r + 2
+    round trips, 51 at 8192x8192 (split 33, r = 16), ~15 us, more than the streaming kernel itself."""
+    steps = cdiv(split, SPLITS_PER_STEP.value)
+    return steps + cdiv(r, 16) * (1 + steps * fused_u) + 1
+
+
+def in_flight_bytes(bn: int, bk: int, stages: int) -> int:
+    """Bytes of W one program has requested and not yet received: Triton's pipeliner keeps `stages - 1`
+    steps of [bn, bk] codes (bn * bk / 2 bytes each) in flight."""
+    return bn * bk // 2 * max(1, stages - 1)
+
+
+def model_us(n, k, m=1, r=MODEL_RANK, split=1, sms=H200_SMS, blocksize=64, double_quant=True, issue_us=0.0, bk=None):
+    """Predicted GPU time (us, CUDA-graph replay) of a decode call, bf16 activations, the adapter's A and
+    B in float32 handed to the kernels (what a LoRALinearNF4 decode call is: these two kernels):
+
+        bytes   = n*k/2 + n*k/blocksize * (1 + 4/256 with double quant, else 4)    codes, absmax
+                + 2*m*k + 4*r*(k + n) + 2*m*n + 2*n                               x, A, B, out, bias
+                + 2 * 4*split*m*(n + r)                 float32 partial sums, written and read back
+        eff     = min(1, programs / sms * in_flight_bytes / (BANDWIDTH / H200_SMS * DRAM_LATENCY_US))
+        time    = max(bytes / (BANDWIDTH * eff), issue_us)
+                + epilogue_round_trips(split, r) * L2_ROUND_TRIP_US + 2 * LAUNCH_US
+
+    `issue_us`: the streaming loop's instruction issue time (`nf4.kernels.sass`). The partial sums mostly
+    stay in the 60 MB L2, so counting them at DRAM speed is pessimistic. Not modelled: the tail of an
+    uneven wave, L1 throughput of the table gathers.
+    """
+    bk = bk or step_k(k, blocksize)
+    bn = block_n(torch.bfloat16)
+    absmax = n * k / blocksize * ((1 + 4 / 256) if double_quant else 4)
+    other = 2 * m * k + 4 * r * (k + n) + 2 * m * n + 2 * n + 8 * split * m * (n + r)
+    programs = cdiv(n, bn) * split
+    need = BANDWIDTH / H200_SMS * DRAM_LATENCY_US * 1e-6
+    eff = min(1.0, programs / sms * in_flight_bytes(bn, bk, _options(True, torch.bfloat16, bk)["num_stages"]) / need)
+    t_mem = (n * k / 2 + absmax + other) / (BANDWIDTH * eff) * 1e6
+    return max(t_mem, issue_us) + epilogue_round_trips(split, r) * L2_ROUND_TRIP_US + 2 * LAUNCH_US
+
+
+def effective_split(k: int, split: int, bk: int) -> int:
+    """The split-K factor a launch really gets: slices are whole steps, so some requests collapse."""
+    return cdiv(k, cdiv(cdiv(k, split), bk) * bk)
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_split(n: int, k: int, m: int, bk: int, sms: int) -> int:
+    """The split-K factor `model_us` predicts fastest (the smallest among equals), each slice at least
+    MIN_STEPS steps long. More slices keep more of W in flight (Little's law) but write and read back
+    more partial sums and add epilogue round trips: at 8192x8192 this gives 8 (M = 1 and 16)."""
+    best = (float("inf"), 1)
+    for split in sorted({effective_split(k, s, bk) for s in range(1, max(1, k // (bk * MIN_STEPS)) + 1)}):
+        best = min(best, (model_us(n, k, m, split=split, sms=sms, bk=bk), split))
+    return best[1]
+
+
+def split_for(n: int, k: int, m: int, bk: int, device: torch.device) -> int:
+    """Split-K factor for a launch: `choose_split` for the device's multiprocessors; 1 off CUDA (the
+    interpreter)."""
     if device.type != "cuda":
         return 1
-    tiles = cdiv(n, bn)
-    return max(1, min(cdiv(PROGRAMS_PER_SM * _multiprocessors(device), tiles), cdiv(k, BK * MIN_STEPS)))
+    return choose_split(n, k, m, bk, _multiprocessors(device))
 
 
 def nf4_gemv(
@@ -617,7 +690,7 @@ def _plan(m, n, k, dtype, device, blocksize, double_quant, split, has_a) -> _Pla
     bk = step_k(k, blocksize) if aligned else BK
     bn = block_n(dtype, aligned)
     if split is None:
-        split = split_for(n, k, bn, device)
+        split = split_for(n, k, m, bk, device)
     k_per_split = cdiv(cdiv(k, split), bk) * bk
     split = cdiv(k, k_per_split)
     return _Plan(

@@ -47,7 +47,7 @@ import triton.language as tl
 
 from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, nf4_pairs, ptr_type, round_to, to_f32
 from nf4.kernels.dequantize import decode_absmax
-from nf4.reference import add_lora_and_bias_
+from nf4.reference import matmul_onto_lora_and_bias
 
 RK = tl.constexpr(16)  # rank chunk of the LoRA epilogue: r is walked in steps of 16 (any r works)
 
@@ -638,14 +638,14 @@ def _run(x, weight, trans, u, v, bias, mask, lora_scale, config, split, a=None):
 
 
 def dequantize_then_matmul(x, weight, trans, u, v, bias, mask, lora_scale) -> torch.Tensor:
-    """The unfused strategy, for large M: W dequantized once to x's dtype at the copy bandwidth, one
-    cuBLAS GEMM, then the low-rank term and bias added in x's dtype (`reference.add_lora_and_bias_`:
-    no float32 [M, OUT] tensor)."""
+    """The unfused strategy, for large M: W dequantized once to x's dtype at the copy bandwidth, the
+    low-rank term and bias formed in x's dtype, then one cuBLAS GEMM adding x @ W^T onto them
+    (`reference.matmul_onto_lora_and_bias`: no float32 [M, OUT] tensor, no pass over the output after
+    the GEMM)."""
     from nf4.kernels.dequantize import dequantize_nf4
 
     w = dequantize_nf4(weight, x.dtype).view(weight.shape)
-    y = x @ (w if trans else w.t())
-    return add_lora_and_bias_(y, u, v, bias, mask, lora_scale)
+    return matmul_onto_lora_and_bias(x, w if trans else w.t(), u, v, bias, mask, lora_scale)
 
 
 @functools.cache

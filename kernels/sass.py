@@ -41,26 +41,6 @@ BANDWIDTH = 4.1e12  # bytes/s, measured copy bandwidth of the H200 (read + write
 LANE_INSTRUCTIONS_PER_S = SMS * SCHEDULERS * LANES * CLOCK_HZ
 BUDGET = LANE_INSTRUCTIONS_PER_S / BANDWIDTH
 """~8.2 lane-instructions per byte of W: above it the loop is instruction-bound, below memory-bound."""
-LAUNCH_US = 2.0
-"""GPU time per kernel of a CUDA-graph replay besides its own work (launch, ramp-up, tail), an assumed
-figure for small kernels on Hopper; the decode call launches two (streaming kernel + epilogue)."""
-L2_ROUND_TRIP_US = 0.3
-"""Time for a dependent load that hits L2 to come back (~260 cycles near, more from the far partition,
-plus queueing: an assumed figure). The epilogue is bound by how many of these it waits for in a row."""
-
-
-def epilogue_round_trips(split: int, r: int, fused_u: bool = True) -> int:
-    """Dependent L2 round trips of `nf4_gemv`'s epilogue: the split-K slices summed `SPLITS_PER_STEP` at a
-    time, the low-rank term 16 ranks at a time (with `fused_u` each chunk of u summed over the slices
-    first), then bias and the store.
-
-    NOTE: the first epilogue summed one slice per loop iteration and one rank per iteration, each load
-    waiting for the previous (its SASS: one 32-bit load per element, FADD right behind it): split + r + 2
-    round trips, 51 at 8192x8192 (split 33, r = 16), ~15 us, more than the streaming kernel itself."""
-    from nf4.kernels.gemv import SPLITS_PER_STEP
-
-    steps = -(-split // SPLITS_PER_STEP.value)
-    return steps + -(-r // 16) * (1 + steps * fused_u) + 1
 
 
 @dataclass(frozen=True)
@@ -180,69 +160,29 @@ def predict_us(
     r: int = 16,
     blocksize: int = 64,
     double_quant: bool = True,
-    split: int = 1,
-    launches: int = 2,
+    split: int | None = None,
 ) -> float:
-    """Predicted GPU time (us, CUDA-graph replay) of `nf4_gemv` for an [n, k] weight and m rows, bf16, with
-    a float32 adapter of rank r handed over as A (what a LoRALinearNF4 decode call is: these two kernels).
+    """Predicted GPU time (us, CUDA-graph replay) of a LoRALinearNF4 decode call on the H200 (bf16, float32
+    adapter of rank r): `nf4.kernels.gemv.model_us` with the streaming loop's issue time from its SASS,
+    `per_byte` lane-instructions per byte of W (`LoopReport.per_byte`), and by default the split-K factor
+    the launcher chooses there (`split_on_h200`)."""
+    from nf4.kernels.gemv import model_us
 
-        bytes   = n*k/2                                   packed codes
-                + n*k/blocksize * (1 with double quant, else 4)   absmax (+ n*k/blocksize/256 * 4 nested)
-                + 2*m*k + 4*r*(k + n) + 2*m*n + 2*n       x, A and B (fp32 adapter), out, bias
-                + 2 * 4*split*m*(n + r)                   fp32 partial sums (W's and x @ A^T's), written, read
-        t_mem   = bytes / 4.1 TB/s
-        t_issue = (n*k/2) * per_byte / 3.35e13            (lane-instructions of the loop, all SMs busy)
-        t_epi   = epilogue_round_trips(split, r) * L2_ROUND_TRIP_US
-        time    = max(t_mem, t_issue) + t_epi + launches * LAUNCH_US
-
-    `per_byte` is the loop's lane-instructions per byte of W (`LoopReport.per_byte`). The partial sums
-    mostly stay in the 60 MB L2, so counting them at DRAM speed is pessimistic. Not modelled: the tail of
-    an uneven last wave, and L1 throughput for the table gathers (one 32-bit gather per byte of W: at
-    4.1 TB/s that is ~16 gathers per SM per clock against the L1's 32 lanes per clock, if a random
-    gather into a 1 KB table costs one wavefront; more wavefronts would make it the limit).
-    """
-    w = n * k / 2
-    absmax = n * k / blocksize * (1 if double_quant else 4)
-    if double_quant:
-        absmax += n * k / blocksize / 256 * 4
-    other = 2 * m * k + 4 * r * (k + n) + 2 * m * n + 2 * n + 8 * split * m * (n + r)
-    t_mem = (w + absmax + other) / BANDWIDTH
-    t_issue = w * per_byte / LANE_INSTRUCTIONS_PER_S
-    t_epi = epilogue_round_trips(split, r) * L2_ROUND_TRIP_US
-    return max(t_mem, t_issue) * 1e6 + t_epi + launches * LAUNCH_US
+    if split is None:
+        split = split_on_h200(n, k, m, blocksize)
+    issue_us = n * k / 2 * per_byte / LANE_INSTRUCTIONS_PER_S * 1e6
+    return model_us(n, k, m, r, split, SMS, blocksize, double_quant, issue_us)
 
 
 SHAPES = ((8192, 8192, 1), (14336, 4096, 1), (4096, 4096, 1), (8192, 8192, 16))
 """(N, K, M) of the issue's goals (out x in features, rows)."""
 
 
-def _split_on_h200(n: int, k: int) -> int:
-    import torch
+def split_on_h200(n: int, k: int, m: int = 1, blocksize: int = 64) -> int:
+    """The split-K factor `nf4_gemv` launches with on the H200 (132 multiprocessors)."""
+    from nf4.kernels.gemv import choose_split, step_k
 
-    from nf4.kernels.gemv import BK, MIN_STEPS, PROGRAMS_PER_SM, block_n, step_k
-
-    tiles = (n + block_n(torch.bfloat16) - 1) // block_n(torch.bfloat16)
-
-    def cdiv(a: int, b: int) -> int:
-        return -(-a // b)
-
-    split = max(1, min(cdiv(PROGRAMS_PER_SM * SMS, tiles), cdiv(k, BK * MIN_STEPS)))
-    bk = step_k(k, 64)
-    return cdiv(k, cdiv(cdiv(k, split), bk) * bk)
-
-
-if __name__ == "__main__":
-    report = gemv_loop_report("bf16", True, 90)
-    print(
-        f"sm_90 bf16 dq: loop of {report.instructions} SASS instructions for {report.bytes_per_thread:g} B of W "
-        f"per thread = {report.per_byte:.2f} lane-instructions per byte (budget {BUDGET:.1f}); "
-        f"W loads {report.w_load}; table in {report.table} ({report.gathers} gathers per iteration)"
-    )
-    print(f"{'N x K':>12} {'M':>3} {'split':>5} {'predicted us':>12}")
-    for n, k, m in SHAPES:
-        split = _split_on_h200(n, k)
-        t = predict_us(n, k, m, report.per_byte, split=split)
-        print(f"{f'{n}x{k}':>12} {m:>3} {split:>5} {t:>12.1f}")
+    return choose_split(n, k, m, step_k(k, blocksize), SMS)
 
 
 def epilogue_report(arch: int = 90) -> dict:
@@ -307,3 +247,17 @@ def quantize_report(dtype_name: str = "bf16", blocksize: int = 64, arch: int = 9
     cfg = next(c for c in quantize_configs() if c.name == name)
     moved = _BYTES[dtype_name] + 0.5 + 4 / blocksize
     return _straight_line_report(cfg, cfg.constexprs["BLOCKS"] * blocksize, moved, arch)
+
+
+if __name__ == "__main__":
+    report = gemv_loop_report("bf16", True, 90)
+    print(
+        f"sm_90 bf16 dq: loop of {report.instructions} SASS instructions for {report.bytes_per_thread:g} B of W "
+        f"per thread = {report.per_byte:.2f} lane-instructions per byte (budget {BUDGET:.1f}); "
+        f"W loads {report.w_load}; table in {report.table} ({report.gathers} gathers per iteration)"
+    )
+    print(f"{'N x K':>12} {'M':>3} {'split':>5} {'predicted us':>12}")
+    for n, k, m in SHAPES:
+        split = split_on_h200(n, k, m)
+        t = predict_us(n, k, m, report.per_byte, split=split)
+        print(f"{f'{n}x{k}':>12} {m:>3} {split:>5} {t:>12.1f}")

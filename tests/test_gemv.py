@@ -185,3 +185,24 @@ def test_epilogue_keeps_the_split_loads_in_flight():
 
     assert report["wide_loads"] >= SPLITS_PER_STEP.value, report
     assert report["narrow_loads"] == 0 and report["barriers"] == 0 and report["shared_stores"] == 0, report
+
+
+@pytest.mark.parametrize("n,k,m", [(8192, 8192, 1), (14336, 4096, 1), (4096, 4096, 1), (8192, 8192, 16)])
+def test_split_choice_keeps_w_in_flight_and_partial_sums_small(n, k, m):
+    """The split-K factor chosen for the H200 (`choose_split`, by `model_us`): enough programs that each
+    SM keeps its share of the bandwidth x DRAM latency of W in flight (Little's law), while the float32
+    partial sums written and read back stay under a third of W's bytes and the epilogue waits for at
+    most 6 L2 round trips. (The first choice, 8 programs per SM regardless of M, gave 32 slices at
+    8192x8192: partial sums as large as W at M = 16 and 51 epilogue round trips.)"""
+    from nf4.kernels import gemv
+
+    bk = step_k(k, 64)
+    split = gemv.choose_split(n, k, m, bk, gemv.H200_SMS)
+    assert split == gemv.effective_split(k, split, bk) and k // split >= gemv.MIN_STEPS * bk
+    bn = gemv.block_n(torch.bfloat16)
+    stages = gemv._options(True, torch.bfloat16, bk)["num_stages"]
+    in_flight_per_sm = gemv.cdiv(n, bn) * split / gemv.H200_SMS * gemv.in_flight_bytes(bn, bk, stages)
+    assert in_flight_per_sm >= gemv.BANDWIDTH / gemv.H200_SMS * gemv.DRAM_LATENCY_US * 1e-6
+    assert 8 * split * m * n <= n * k / 2 / 3
+    assert gemv.epilogue_round_trips(split, 16) <= 6
+    assert gemv.split_for(n, k, m, bk, torch.device("cpu")) == 1  # the interpreter: one slice

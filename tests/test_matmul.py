@@ -168,4 +168,6 @@ def test_unfused_paths_make_no_float32_tensor_of_the_output_size(kernel_device, 
     big_f32 = [s for s in rec.seen if s[1] == torch.float32 and s[2] == (m, out_dim)]
     assert not big_f32, big_f32
     assert any(s[1] == torch.bfloat16 and s[2] == (m, out_dim) for s in rec.seen)  # the recording works
+    if path != "cpu":  # the GEMM adds x @ W^T onto the low-rank term and bias: no pass over y after it
+        assert [s[0] for s in rec.seen if s[2] == (m, out_dim)][-1] == "aten.addmm_.default", rec.seen
     check(y.cpu(), q.cpu(), x.cpu(), trans, u.cpu(), v.cpu(), bias.cpu(), None if mask is None else mask.cpu(), 2.0)
