@@ -5,7 +5,8 @@ Quantize (`quantize_nf4`), for n elements of x (fp32/fp16/bf16, flattened row-ma
 
     absmax[b] = max |x|                                              float32 [ceil(n / blocksize)]
     xs        = x * div_rn(1, absmax[b])                             IEEE reciprocal, then multiply
-    code      = #{i : mid[i] < xs}, mid = float32 NF4 midpoints       (a tie goes to the lower code)
+    code      = #{i : mid[i] < xs}, mid = float32 NF4 midpoints       (a tie goes to the lower code;
+                                                                        by a 64-entry bucket table)
     packed[k] = code[2k] << 4 | code[2k+1]                            uint8 [(n + 1) // 2]
 
 Each program loads BLOCKS whole blocks as a [BLOCKS, blocksize] tile, splits it into even and odd
@@ -22,6 +23,8 @@ Offsets are int64: tensors past 2**31 elements index correctly.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -32,10 +35,17 @@ _TARGET_ELEMENTS = 4096  # elements per program: 32 per thread with 4 warps (16-
 _NESTED = 256
 
 
-def quantize_config(blocksize: int) -> dict[str, int]:
-    """Meta-parameters for one blocksize: whole blocks per program and warps."""
+def quantize_config(blocksize: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Meta-parameters for one blocksize and input dtype: whole blocks per program and warps.
+
+    NOTE: float32 input with blocksize 1024 takes 8 warps (16 elements per thread, still 16-byte loads):
+    with 4 warps it took a 40-byte stack frame on sm_90 (triton 3.9) once the bucket-table gather came
+    in. The other float32 variants stay at 4 warps (32 elements per thread: 34.0 instructions per
+    element at blocksize 64, within the bandwidth budget; 40.5 with 8 warps)."""
     blocks = max(1, _TARGET_ELEMENTS // blocksize)
-    return {"BLOCKS": blocks, "num_warps": 4 if blocks * blocksize <= _TARGET_ELEMENTS else 8}
+    fits = blocks * blocksize <= _TARGET_ELEMENTS and not (dtype == torch.float32 and blocksize == 1024)
+    warps = 4 if fits else 8
+    return {"BLOCKS": blocks, "num_warps": warps}
 
 
 @triton.jit
@@ -48,44 +58,61 @@ def _unit_scale(x, absmax):
     return (x * pre) * inv
 
 
-@triton.jit
-def _nf4_codes(xs):
-    """Number of the 15 NF4 midpoints strictly below each element of xs (int32), by binary search.
+BUCKET_MAGIC = tl.constexpr(8388624.0)
+"""2**23 + 16: in fp32, `16 * xs + BUCKET_MAGIC` rounds 16 * xs + 16 to an integer r (ulp 1 in [2**23, 2**24))
+and leaves r in the low mantissa bits."""
+BUCKETS = tl.constexpr(64)
+"""Entries of the bucket table: r is 0 .. 32 for |xs| <= 1 (+ a rounding), the mask keeps any bits in range."""
 
-    The midpoints m0 < ... < m14 are float32 literals (`nf4.codebook.nf4_midpoints()`, bit for bit: the
-    test compares this source with them). The code is `8*b3 + 4*b2 + 2*b1 + b0` with b3 = xs > m7,
-    b2 = xs > m[8*b3 + 3], b1 = xs > m[8*b3 + 4*b2 + 1], b0 = xs > m[8*b3 + 4*b2 + 2*b1]: the count
-    of midpoints below xs, since they are sorted (ties go to the lower code, as `>` is strict).
-    NOTE: 4 comparisons and 11 selects of immediates per element instead of 15 compare-and-adds. sm_90
-    SASS of quantize_nf4[bs=64,bf16] (`kernels/sass.quantize_report`): 75.5 instructions per element
-    before (compare-and-adds, element masks, 16 elements per thread), 47.0 now (this search, byte-index
-    masks, 32 elements per thread); the H200 issues ~20.9 per element in the time its 2.56 bytes move,
-    so the kernel stays issue-bound: predicted ~45% of the copy bandwidth (measured 8% before, H200).
+
+def bucket_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 [BUCKETS]: entry r = (base[r] << 32) | float32 bits of mid[r], for the bucket of scaled values
+    xs with round-half-even(16 * xs + 16) == r, i.e. xs in [(r - 16.5) / 16, (r - 15.5) / 16]:
+
+        base[r] = number of NF4 midpoints below the bucket's lower edge
+        mid[r]  = the midpoint inside the bucket, or +inf where there is none
+
+    The buckets are 1/16 wide and consecutive midpoints at least 0.0796 apart, so a bucket holds at most
+    one midpoint, and for every xs of bucket r: #{midpoints < xs} = base[r] + (xs > mid[r]), edges
+    included (an xs on an edge belongs to either neighbour and both give the same count). The rounding
+    that picks r is exact (16 * xs is exact, one rounding of the sum), so the kernel's codes equal the
+    reference's `searchsorted` bit for bit; tests/test_kernels.py checks every float32 within 64 ulps of
+    every midpoint and edge, and one value inside every interval between them.
     """
-    b3 = xs > 0.03979014977812767
-    t2 = tl.where(b3, 0.3893125355243683, -0.33967941999435425)
-    b2 = xs > t2
-    t1 = tl.where(
-        b3,
-        tl.where(b2, 0.6427869200706482, 0.2035212516784668),
-        tl.where(b2, -0.13791173696517944, -0.6106328964233398),
-    )
-    b1 = xs > t1
-    t0 = tl.where(
-        b3,
-        tl.where(
-            b2,
-            tl.where(b1, 0.8614784479141235, 0.5016634464263916),
-            tl.where(b1, 0.2920137643814087, 0.120255246758461),
-        ),
-        tl.where(
-            b2,
-            tl.where(b1, -0.045525018125772476, -0.23460739850997925),
-            tl.where(b1, -0.4599952697753906, -0.8480963706970215),
-        ),
-    )
-    b0 = xs > t0
-    return b3.to(tl.int32) * 8 + b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
+    from nf4.codebook import nf4_midpoints
+
+    mids = nf4_midpoints().double()
+    bits = torch.full((BUCKETS.value,), 0x7F800000, dtype=torch.int64)  # +inf: no midpoint in the bucket
+    base = torch.zeros(BUCKETS.value, dtype=torch.int64)
+    for r in range(33):
+        lo, hi = (r - 16.5) / 16, (r - 15.5) / 16
+        inside = ((mids >= lo) & (mids <= hi)).nonzero().flatten()
+        assert inside.numel() <= 1, "a bucket holds at most one midpoint"
+        base[r] = int((mids < lo).sum())
+        if inside.numel():
+            mid = mids[inside[0]].to(torch.float32)
+            bits[r] = int(mid.view(torch.int32)) & 0xFFFFFFFF
+    return ((base << 32) | bits).to(device)
+
+
+@triton.jit
+def _nf4_codes(xs, table_ptr):
+    """Number of the 15 NF4 midpoints strictly below each element of xs (int32; a tie goes to the lower
+    code): one FFMA to the bucket index, one 8-byte gather from the 512-byte `bucket_table` (L1), one
+    compare and one add.
+
+    NOTE: sm_90 SASS of quantize_nf4[bs=64,bf16] (`kernels/sass.quantize_report`): 29.5 instructions per
+    element with this table; 47.0 with the previous binary search over the midpoints as immediates (4
+    compares, 11 selects and the bits' assembly per element, predicates stashed in registers as bit
+    masks); 75.5 with 15 compare-and-adds before it. The H200 issues ~20.9 per element in the time 4.1
+    TB/s moves its 2.56 bytes, so the kernel stays issue-bound: predicted ~71% of the copy bandwidth
+    (was ~45%; measured 8% with the first kernel, gpu-findings.md). fp32 input: 34.0 against a budget
+    of 37.2, memory-bound.
+    """
+    v = tl.fma(xs, 16.0, BUCKET_MAGIC)
+    entry = tl.load(table_ptr + (v.to(tl.int32, bitcast=True) & (BUCKETS - 1)))
+    mid = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    return (entry >> 32).to(tl.int32) + (xs > mid).to(tl.int32)
 
 
 @triton.jit
@@ -93,6 +120,7 @@ def _quantize_nf4_kernel(
     x_ptr,
     packed_ptr,
     absmax_ptr,
+    table_ptr,
     n_elements,
     n_bytes,
     BLOCKSIZE: tl.constexpr,
@@ -109,7 +137,7 @@ def _quantize_nf4_kernel(
     absmax = tl.where(has_nan, float("nan"), absmax)
 
     even, odd = tl.split(tl.reshape(_unit_scale(x, absmax[:, None]), (BLOCKS, HALF, 2)))
-    byte = (_nf4_codes(even) << 4) | _nf4_codes(odd)
+    byte = (_nf4_codes(even, table_ptr) << 4) | _nf4_codes(odd, table_ptr)
 
     pair = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
     tl.store(packed_ptr + pair, byte.to(tl.uint8), mask=pair < n_bytes)  # byte indices: 16-byte stores
@@ -150,8 +178,8 @@ def quantize_configs() -> list[LaunchConfig]:
 
     out = []
     for blocksize in BLOCKSIZES:
-        meta = quantize_config(blocksize)
         for dtype in TL_DTYPES:
+            meta = quantize_config(blocksize, dtype)
             out.append(
                 LaunchConfig(
                     name=f"quantize_nf4[bs={blocksize},{ptr_type(dtype)[1:]}]",
@@ -160,6 +188,7 @@ def quantize_configs() -> list[LaunchConfig]:
                         "x_ptr": ptr_type(dtype),
                         "packed_ptr": "*u8",
                         "absmax_ptr": "*fp32",
+                        "table_ptr": "*i64",
                         "n_elements": "i64",
                         "n_bytes": "i64",
                     },
@@ -188,6 +217,11 @@ def quantize_configs() -> list[LaunchConfig]:
     return out
 
 
+@functools.cache
+def _bucket_table(device: torch.device) -> torch.Tensor:
+    return bucket_table(device)
+
+
 def quantize_nf4(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """NF4-quantize `x` (fp32/fp16/bf16, any shape; read in row-major order).
 
@@ -200,12 +234,13 @@ def quantize_nf4(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.T
     nblocks = cdiv(n, blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
     absmax = torch.empty((nblocks,), dtype=torch.float32, device=x.device)
-    meta = quantize_config(blocksize)
+    meta = quantize_config(blocksize, x.dtype)
     grid = (cdiv(nblocks, meta["BLOCKS"]),)
     _quantize_nf4_kernel[grid](
         x,
         packed,
         absmax,
+        _bucket_table(x.device),
         n,
         (n + 1) // 2,
         BLOCKSIZE=blocksize,

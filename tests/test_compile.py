@@ -141,28 +141,17 @@ def test_dequantize_kernel_fits_the_bandwidth_budget():
 
 
 def test_quantize_kernel_loads_and_stores_16_bytes():
-    """sm_90: the input is read and the packed codes written 16 bytes at a time. Its instruction count
-    (recorded in benchmarks/results) is above the bandwidth budget: the kernel is issue-bound."""
+    """sm_90: the input is read and the packed codes written 16 bytes at a time; the only other loads
+    are the 8-byte bucket-table gathers, one per element. Instructions per element stay under 32 for
+    bf16 (29.5 measured: ~71% of the copy bandwidth predicted, issue-bound; 47.0 with the binary search
+    before) and within the budget for fp32 input (memory-bound)."""
     out = without_interpreter(
         "import json\nfrom nf4.kernels.sass import quantize_report\n"
         "for dt in ('bf16', 'fp32'):\n    print(json.dumps(quantize_report(dt, 64)))\n"
     )
-    for line in out.splitlines():
-        r = json.loads(line)
-        assert r["loads"] == ["LDG.E.128"] and "STG.E.128" in r["stores"], r
-
-
-def test_quantize_midpoint_literals_are_the_nf4_midpoints():
-    """The quantize kernel compares with float32 literals; they must be `nf4_midpoints()` bit for bit."""
-    import inspect
-    import re
-
-    import torch
-
-    from nf4.codebook import nf4_midpoints
-    from nf4.kernels import quantize
-
-    source = inspect.getsource(quantize._nf4_codes.fn)
-    literals = sorted({float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", source.split('"""')[2])})
-    assert torch.equal(torch.tensor(literals, dtype=torch.float32), nf4_midpoints())
-    assert all(torch.tensor(v, dtype=torch.float32).item() == v for v in literals)  # exact in float32
+    reports = {r["name"]: r for r in map(json.loads, out.splitlines())}
+    for r in reports.values():
+        assert r["loads"] == ["LDG.E.128", "LDG.E.64"] and "STG.E.128" in r["stores"], r
+    assert reports["quantize_nf4[bs=64,bf16]"]["per_element"] < 32, reports
+    fp32 = reports["quantize_nf4[bs=64,fp32]"]
+    assert fp32["per_element"] <= fp32["budget_per_element"], fp32

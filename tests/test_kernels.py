@@ -123,3 +123,37 @@ def test_absmax_kernel_matches_reference(kernel_device, nblocks):
     codes, absmax2 = quantize_absmax(absmax.to(kernel_device), offset.to(kernel_device), t.to(kernel_device))
     ref_codes, ref_absmax2 = reference.double_quantize_ref(absmax, offset, t)
     assert torch.equal(codes.cpu(), ref_codes) and torch.equal(absmax2.cpu(), ref_absmax2)
+
+
+def test_bucket_table_counts_midpoints_exactly():
+    """The quantize kernel's code of a scaled value xs, `base[r] + (xs > mid[r])` with r the bucket of
+    RN(16 * xs + 16) (`nf4.kernels.quantize.bucket_table`), equals the number of NF4 midpoints strictly
+    below xs for every float32 in [-1 - 2**-20, 1 + 2**-20]. Both sides are step functions that change
+    only at the midpoints (the count) and the bucket edges (r), so checking every float32 within 64 ulps
+    of each of them, and one value inside every interval between them, checks every float32."""
+    import numpy as np
+
+    from nf4.codebook import nf4_midpoints
+    from nf4.kernels.quantize import BUCKET_MAGIC, bucket_table
+
+    mids = nf4_midpoints().numpy()
+    edges = (np.arange(34, dtype=np.float64) - 16.5) / 16
+    points = np.sort(np.concatenate([mids.astype(np.float64), edges, [-1.0, 0.0, 1.0]]))
+    probes = [np.float32(p) for p in points]
+    near = []
+    for p in probes:
+        up = down = p
+        for _ in range(64):
+            up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+            near += [up, down]
+    between = ((points[:-1] + points[1:]) / 2).astype(np.float32)
+    xs = np.array(probes + near + list(between), dtype=np.float32)
+    xs = xs[np.abs(xs) <= 1 + 2**-20]
+    assert xs.size > 5000
+
+    v = (xs * np.float32(16) + np.float32(BUCKET_MAGIC.value)).astype(np.float32)  # 16 * xs is exact
+    entry = bucket_table().numpy()[v.view(np.int32) & 63]
+    mid = (entry & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+    codes = (entry >> 32) + (xs > mid)
+    expected = np.searchsorted(mids, xs, side="left")  # midpoints strictly below xs
+    assert np.array_equal(codes, expected), xs[codes != expected][:10]
