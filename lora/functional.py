@@ -20,9 +20,11 @@ are `torch.library` custom ops with fake implementations, so `torch.compile(full
 modules using them without graph breaks. The weight reaches them as one `NF4Tensor`, passed as keyword
 arguments (`weight_kwargs`: its pieces by name, then shape, dtype, blocksize, double_quant) and rebuilt
 on the other side without copies or checks; nothing on the forward or backward path reads a value
-back from the device, so a converted model can be captured in a CUDA graph. Plain eager calls (nothing
-compiling, tracing or intercepting: `eager`) run the ops' bodies directly, skipping the dispatcher's
-wrapping of custom ops (~25-40 µs a call); the results are bit-identical either way.
+back from the device, so a converted model can be captured in a CUDA graph. A call that needs no
+gradient and no dropout goes through `nf4::lora_linear_inference` instead, which leaves x @ A^T to
+the matmul (inside the decode kernel at M <= 16: no separate GEMV, no cast of A). Plain eager calls
+(nothing compiling, tracing or intercepting: `eager`) run the ops' bodies directly, skipping the
+dispatcher's wrapping of custom ops (~25-40 µs a call); the results are bit-identical either way.
 """
 
 from __future__ import annotations
@@ -147,6 +149,38 @@ def _inference(x, q, lora_A, lora_B, bias, scaling) -> Tensor:
     v = None if lora_A is None else lora_B.t()
     y = dispatch.matmul(x2, q, False, None, v, bias, None, scaling, a=lora_A)
     return y.reshape(*x.shape[:-1], q.shape[0])
+
+
+def _lora_linear_inference_body(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    nested_absmax: Tensor | None,
+    nested_offset: Tensor | None,
+    nested_code: Tensor | None,
+    shape: list[int],
+    dtype: torch.dtype,
+    blocksize: int,
+    double_quant: bool,
+    lora_A: Tensor | None,
+    lora_B: Tensor | None,
+    bias: Tensor | None,
+    scaling: float,
+) -> Tensor:
+    """The LoRA linear without dropout when nothing needs xa (no gradient): `_inference`."""
+    q = _weight(packed, absmax, code, nested_absmax, nested_offset, nested_code, shape, dtype, blocksize, double_quant)
+    return _inference(x, q, lora_A, lora_B, bias, scaling)
+
+
+lora_linear_inference_op = torch.library.custom_op("nf4::lora_linear_inference", mutates_args=())(
+    _lora_linear_inference_body
+)
+
+
+@lora_linear_inference_op.register_fake
+def _(x, packed, absmax, code, nested_absmax, nested_offset, nested_code, shape, *rest):
+    return x.new_empty((*x.shape[:-1], shape[0]))
 
 
 def eager(x: Tensor) -> bool:
@@ -340,11 +374,15 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout, training) ->
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)):
         args = dict(x=x, **weight_kwargs(weight), lora_A=lora_A, lora_B=lora_B, bias=bias, scaling=float(scaling))
         y, _ = _LoRALinear.apply(*args.values(), mask, keep_scale)
-    elif eager(x):  # nothing to differentiate, nothing tracing: the op's body, without xa
+    elif mask is not None:  # dropout without a gradient (training mode under no_grad)
+        args = dict(x=x, **weight_kwargs(weight), lora_A=lora_A, lora_B=lora_B, bias=bias, scaling=float(scaling))
+        y, _ = (_lora_linear_body if eager(x) else torch.ops.nf4.lora_linear)(**args, mask=mask, keep_scale=keep_scale)
+    elif eager(x):  # nothing to differentiate, nothing tracing: the inference op's body
         y = _inference(x, weight, lora_A, lora_B, bias, float(scaling))
     else:
-        args = dict(x=x, **weight_kwargs(weight), lora_A=lora_A, lora_B=lora_B, bias=bias, scaling=float(scaling))
-        y, _ = torch.ops.nf4.lora_linear(**args, mask=mask, keep_scale=keep_scale)
+        y = torch.ops.nf4.lora_linear_inference(
+            x, **weight_kwargs(weight), lora_A=lora_A, lora_B=lora_B, bias=bias, scaling=float(scaling)
+        )
     return y
 
 
