@@ -21,7 +21,7 @@ modules using them without graph breaks. The weight reaches them as one `NF4Tens
 arguments (`weight_kwargs`: its pieces by name, then shape, dtype, blocksize, double_quant) and rebuilt
 on the other side without copies or checks; nothing on the forward or backward path reads a value
 back from the device, so a converted model can be captured in a CUDA graph. A call that needs no
-gradient and no dropout goes through `nf4::lora_linear_inference` instead, which leaves x @ A^T to
+gradient and no dropout passes `need_xa=False` to `nf4::lora_linear`, which then leaves x @ A^T to
 the matmul (inside the decode kernel at M <= 16: no separate GEMV, no cast of A). Plain eager calls
 (nothing compiling, tracing or intercepting: `eager`) run the ops' bodies directly, skipping the
 dispatcher's wrapping of custom ops (~25-40 µs a call); the results are bit-identical either way.
@@ -119,10 +119,15 @@ def _lora_linear_body(
     scaling: float,
     mask: Tensor | None,
     keep_scale: float,
+    need_xa: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Forward of the LoRA linear: returns (y [..., N], xa = x_d @ A^T [M, r] in x's dtype, saved for
-    backward)."""
+    backward). Without `need_xa` (no gradient) and without dropout, xa comes back empty [M, 0] and
+    x @ A^T is left to the matmul (`_inference`)."""
     q = _weight(packed, absmax, code, nested_absmax, nested_offset, nested_code, shape, dtype, blocksize, double_quant)
+    if not need_xa and mask is None:
+        y = _inference(x, q, lora_A, lora_B, bias, scaling)
+        return y, x.new_empty((x.numel() // x.shape[-1] if x.shape[-1] else 0, 0))
     return _forward(x, q, lora_A, lora_B, bias, scaling, mask, keep_scale)
 
 
@@ -149,38 +154,6 @@ def _inference(x, q, lora_A, lora_B, bias, scaling) -> Tensor:
     v = None if lora_A is None else lora_B.t()
     y = dispatch.matmul(x2, q, False, None, v, bias, None, scaling, a=lora_A)
     return y.reshape(*x.shape[:-1], q.shape[0])
-
-
-def _lora_linear_inference_body(
-    x: Tensor,
-    packed: Tensor,
-    absmax: Tensor,
-    code: Tensor,
-    nested_absmax: Tensor | None,
-    nested_offset: Tensor | None,
-    nested_code: Tensor | None,
-    shape: list[int],
-    dtype: torch.dtype,
-    blocksize: int,
-    double_quant: bool,
-    lora_A: Tensor | None,
-    lora_B: Tensor | None,
-    bias: Tensor | None,
-    scaling: float,
-) -> Tensor:
-    """The LoRA linear without dropout when nothing needs xa (no gradient): `_inference`."""
-    q = _weight(packed, absmax, code, nested_absmax, nested_offset, nested_code, shape, dtype, blocksize, double_quant)
-    return _inference(x, q, lora_A, lora_B, bias, scaling)
-
-
-lora_linear_inference_op = torch.library.custom_op("nf4::lora_linear_inference", mutates_args=())(
-    _lora_linear_inference_body
-)
-
-
-@lora_linear_inference_op.register_fake
-def _(x, packed, absmax, code, nested_absmax, nested_offset, nested_code, shape, *rest):
-    return x.new_empty((*x.shape[:-1], shape[0]))
 
 
 def eager(x: Tensor) -> bool:
@@ -222,9 +195,10 @@ def _(
     scaling,
     mask,
     keep_scale,
+    need_xa=True,
 ):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    r = 0 if lora_A is None else lora_A.shape[0]
+    r = 0 if lora_A is None or not (need_xa or mask is not None) else lora_A.shape[0]
     return x.new_empty((*x.shape[:-1], shape[0])), x.new_empty((m, r))
 
 
@@ -237,13 +211,15 @@ _ARGS = (
     "x",
     *PIECES,
     *("shape", "dtype", "blocksize", "double_quant", "lora_A", "lora_B", "bias", "scaling", "mask", "keep_scale"),
+    "need_xa",
 )
 """The parameters of `nf4::lora_linear`, in order."""
 _GRAD_INPUTS = ("x", "lora_A", "lora_B", "bias")
 
 
 def _setup_context(ctx, inputs, output):
-    args = dict(zip(_ARGS, inputs, strict=True))
+    args = dict(zip(_ARGS, inputs, strict=False))  # a direct caller may leave out need_xa (default True)
+    ctx.n_inputs = len(inputs)
     pieces = [args[name] for name in PIECES]
     ctx.save_for_backward(args["x"], *pieces, args["lora_A"], args["lora_B"], args["mask"], output[1])
     ctx.meta = {k: args[k] for k in ("shape", "dtype", "blocksize", "double_quant", "scaling")}
@@ -259,7 +235,7 @@ def _backward(ctx, dy, dxa):
     out_features, k = meta["shape"]
     dy2 = dy.reshape(-1, out_features).to(x.dtype)
     x2 = x.reshape(-1, k)
-    needs = dict(zip(_ARGS, ctx.needs_input_grad, strict=True))
+    needs = dict(zip(_ARGS, ctx.needs_input_grad, strict=False))
     grads = dict.fromkeys(_GRAD_INPUTS)
     g = a = None
     if lora_A is not None:  # [M, r] and [r, K] products in x's dtype (float32 accumulation in the GEMMs)
@@ -283,7 +259,7 @@ def _backward(ctx, dy, dxa):
         grads["x"] = dx.reshape(x.shape)
     if ctx.bias_dtype is not None and needs["bias"]:
         grads["bias"] = dy2.sum(0, dtype=torch.float32 if dy2.dtype != torch.float64 else None).to(ctx.bias_dtype)
-    return tuple(grads.get(name) for name in _ARGS)
+    return tuple(grads.get(name) for name in _ARGS[: ctx.n_inputs])
 
 
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -371,18 +347,13 @@ def lora_linear(
 def _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout, training) -> Tensor:
     """`lora_linear` without the checks (the modules check their input themselves)."""
     mask, keep_scale = dropout_mask(x, dropout, training and lora_A is not None)
+    args = dict(x=x, **weight_kwargs(weight), lora_A=lora_A, lora_B=lora_B, bias=bias, scaling=float(scaling))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)):
-        args = dict(x=x, **weight_kwargs(weight), lora_A=lora_A, lora_B=lora_B, bias=bias, scaling=float(scaling))
-        y, _ = _LoRALinear.apply(*args.values(), mask, keep_scale)
-    elif mask is not None:  # dropout without a gradient (training mode under no_grad)
-        args = dict(x=x, **weight_kwargs(weight), lora_A=lora_A, lora_B=lora_B, bias=bias, scaling=float(scaling))
-        y, _ = (_lora_linear_body if eager(x) else torch.ops.nf4.lora_linear)(**args, mask=mask, keep_scale=keep_scale)
-    elif eager(x):  # nothing to differentiate, nothing tracing: the inference op's body
-        y = _inference(x, weight, lora_A, lora_B, bias, float(scaling))
+        y, _ = _LoRALinear.apply(*args.values(), mask, keep_scale, True)
+    elif eager(x):  # nothing to differentiate, nothing tracing: the op's body
+        y, _ = _lora_linear_body(**args, mask=mask, keep_scale=keep_scale, need_xa=False)
     else:
-        y = torch.ops.nf4.lora_linear_inference(
-            x, **weight_kwargs(weight), lora_A=lora_A, lora_B=lora_B, bias=bias, scaling=float(scaling)
-        )
+        y, _ = torch.ops.nf4.lora_linear(**args, mask=mask, keep_scale=keep_scale, need_xa=False)
     return y
 
 

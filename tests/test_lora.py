@@ -325,8 +325,8 @@ class _SeenOps(TorchDispatchMode):
 def test_eager_calls_match_the_custom_ops(kernel_device, monkeypatch, m, dtype):
     """Plain eager calls run the ops' bodies directly (no dispatcher wrapping: `functional.eager`); with a
     dispatch mode active (what fake tensors, make_fx and export use) the same calls go through the
-    `nf4::` custom ops (`nf4::lora_linear_inference` for the no-grad call). Both give bit-identical
-    outputs and gradients."""
+    `nf4::` custom ops (`need_xa=False` for the no-grad call). Both give bit-identical outputs and
+    gradients."""
     torch.manual_seed(0)
     layer = LoRALinearNF4.from_linear(nn.Linear(96, 80, dtype=dtype), r=8).to(kernel_device)
     nn.init.normal_(layer.lora_B, std=0.1)
@@ -347,12 +347,11 @@ def test_eager_calls_match_the_custom_ops(kernel_device, monkeypatch, m, dtype):
     with monkeypatch.context() as patch:
         patch.setattr(torch.ops.nf4, "lora_linear", not_called)
         patch.setattr(torch.ops.nf4, "matmul", not_called)
-        patch.setattr(torch.ops.nf4, "lora_linear_inference", not_called)
         direct = run()
     mode = _SeenOps()
     with mode:
         through_ops = run()
-    assert {"nf4.lora_linear", "nf4.lora_linear_inference", "nf4.matmul"} <= mode.ops, mode.ops
+    assert {"nf4.lora_linear", "nf4.matmul"} <= mode.ops, mode.ops
     for a, b in zip(direct, through_ops, strict=True):
         assert torch.equal(a, b)
 
