@@ -347,8 +347,11 @@ def lora_linear(
 def _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout, training) -> Tensor:
     """`lora_linear` without the checks (the modules check their input themselves)."""
     mask, keep_scale = dropout_mask(x, dropout, training and lora_A is not None)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias))
+    if not grad and mask is None and eager(x):  # the op's body for this case, without its arguments' round trip
+        return _inference(x, weight, lora_A, lora_B, bias, float(scaling))
     args = dict(x=x, **weight_kwargs(weight), lora_A=lora_A, lora_B=lora_B, bias=bias, scaling=float(scaling))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)):
+    if grad:
         y, _ = _LoRALinear.apply(*args.values(), mask, keep_scale, True)
     elif eager(x):  # nothing to differentiate, nothing tracing: the op's body
         y, _ = _lora_linear_body(**args, mask=mask, keep_scale=keep_scale, need_xa=False)
