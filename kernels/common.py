@@ -60,6 +60,26 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
     return bits[byte >> 4] | (bits[byte & 15] << 32)
 
 
+def nested_pointers(weight) -> tuple:
+    """(nested_absmax, nested_offset, nested_code) of the NF4Tensor `weight` for a kernel's arguments:
+    the pieces with double quantization (the 0-d offset as is: a kernel only needs its address), else
+    absmax three times (never read when DOUBLE_QUANT is off)."""
+    if weight.double_quant:
+        return weight.nested_absmax, weight.nested_offset, weight.nested_code
+    return weight.absmax, weight.absmax, weight.absmax
+
+
+def weight_signature(double_quant: bool) -> dict[str, str]:
+    """The pointer types of an NF4 weight's pieces in a kernel signature (codes, absmax, nested pieces)."""
+    return {
+        "packed_ptr": "*u8",
+        "absmax_ptr": "*u8" if double_quant else "*fp32",
+        "nested_absmax_ptr": "*fp32",
+        "nested_offset_ptr": "*fp32",
+        "nested_code_ptr": "*fp32",
+    }
+
+
 @functools.cache
 def nf4_pairs(device: torch.device) -> torch.Tensor:
     """The pair table of the NF4 code on `device`, built once (every NF4Tensor's code is the NF4 table:

@@ -17,11 +17,24 @@ Offsets are int64.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, nf4_pairs, ptr_type, round_to
+from nf4.kernels.common import (
+    INTERPRET,
+    TL_DTYPES,
+    LaunchConfig,
+    cdiv,
+    nested_pointers,
+    nf4_pairs,
+    ptr_type,
+    round_to,
+    to_f32,
+    weight_signature,
+)
 
 _ELEMENTS = 4096  # per program: 32 per thread with 4 warps, so each thread loads 16 packed bytes at once
 
@@ -101,11 +114,7 @@ def dequantize_configs() -> list[LaunchConfig]:
                         name=f"dequantize_nf4[bs={blocksize},{ptr_type(dtype)[1:]},dq={int(double_quant)}]",
                         kernel=_dequantize_nf4_kernel,
                         signature={
-                            "packed_ptr": "*u8",
-                            "absmax_ptr": "*u8" if double_quant else "*fp32",
-                            "nested_absmax_ptr": "*fp32",
-                            "nested_offset_ptr": "*fp32",
-                            "nested_code_ptr": "*fp32",
+                            **weight_signature(double_quant),
                             "pairs_ptr": "*i64",
                             "out_ptr": ptr_type(dtype),
                             "n_elements": "i64",
@@ -130,10 +139,7 @@ def dequantize_nf4(weight, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((n,), dtype=dtype, device=weight.device)
     nblocks = cdiv(n, weight.blocksize)
     meta = dequantize_config(weight.blocksize)
-    if weight.double_quant:  # the 0-d offset is passed as is: the kernel only needs its address
-        nested = (weight.nested_absmax, weight.nested_offset, weight.nested_code)
-    else:
-        nested = (weight.absmax, weight.absmax, weight.absmax)  # never read when DOUBLE_QUANT is off
+    nested = nested_pointers(weight)
     grid = (cdiv(nblocks, meta["BLOCKS"]),)
     _dequantize_nf4_kernel[grid](
         weight.packed,
@@ -148,6 +154,175 @@ def dequantize_nf4(weight, dtype: torch.dtype) -> torch.Tensor:
         DOUBLE_QUANT=weight.double_quant,
         SOFT_BF16=INTERPRET,
         num_warps=meta["num_warps"],
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# W + scale * B @ A: the inference strategy for large M (one cuBLAS GEMM on the merged weight)
+
+MERGE_BN = 64  # rows of W per program: with MERGE_BK columns, 32 elements per thread (4 warps)
+
+
+def merge_bk(blocksize: int) -> int:
+    """Columns per program: 64, or 32 for blocksize 32; a row's chunk then lies in one absmax block."""
+    return min(64, blocksize)
+
+
+def merge_applies(weight) -> bool:
+    """Whether `dequantize_lora` takes this weight: rows of whole chunks (K % merge_bk == 0)."""
+    return weight.shape[1] % merge_bk(weight.blocksize) == 0
+
+
+@triton.jit
+def _dequantize_lora_kernel(
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_offset_ptr,
+    nested_code_ptr,
+    pairs_ptr,
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    N,
+    K,
+    KB,
+    r,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    log2_bs,
+    scale,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    """out[n, k] = round(NF4[code(n, k)] * absmax[block(n, k)] + scale * sum_j B[n, j] * A[j, k]).
+
+    Program (i, j) writes the [BN, BK] tile of rows i*BN.. and columns j*BK..: 16-byte loads of the
+    codes (BK / 2 bytes of each row), the pair table, one absmax per row (a row's BK-chunk lies in one
+    block: K % BK == 0 and BK divides the blocksize), the low-rank product 16 ranks at a time on
+    tensor cores (tf32: the adapter's term is small next to W, its 2**-11 relative error is far below
+    the output's rounding), one rounding of the sum, 16-byte stores."""
+    HALF: tl.constexpr = BK // 2
+    rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1).to(tl.int64) * BK
+    in_n = rows < N
+    first = rows * K + k0  # flat index of each row's first code in the tile (even: K % BK == 0)
+    # byte offsets as rows * KB + k0 / 2 (KB = K / 2 divisible by 16 on the fast path): 16-byte loads
+    byte = tl.load(
+        packed_ptr + (rows * KB + k0 // 2)[:, None] + tl.arange(0, HALF)[None, :], mask=in_n[:, None], other=0x77
+    )
+    entry = tl.load(pairs_ptr + byte.to(tl.int32))  # both nibbles' NF4 values in one 8-byte lookup
+    absmax = decode_absmax(
+        absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, first >> log2_bs, in_n, DOUBLE_QUANT
+    )
+    hi = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
+    lo = (entry >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
+    w = tl.reshape(tl.join(hi, lo), (BN, BK))
+
+    cols = k0 + tl.arange(0, BK)
+    offs_j = tl.arange(0, 16)
+    delta = tl.zeros((BN, BK), dtype=tl.float32)
+    for j0 in range(0, r, 16):
+        in_j = offs_j < r - j0
+        b = tl.load(
+            b_ptr + rows[:, None] * stride_bn + (j0 + offs_j)[None, :] * stride_br,
+            mask=in_n[:, None] & in_j[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            a_ptr + (j0 + offs_j).to(tl.int64)[:, None] * stride_ar + cols[None, :] * stride_ak,
+            mask=in_j[:, None],
+            other=0.0,
+        )
+        delta = tl.dot(to_f32(b, SOFT_BF16), to_f32(a, SOFT_BF16), delta, input_precision="tf32")
+    out = round_to(w + delta * scale, out_ptr.dtype.element_ty, SOFT_BF16)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], out, mask=in_n[:, None])
+
+
+def dequantize_lora_configs() -> list[LaunchConfig]:
+    """Every configuration `dequantize_lora` can launch: output fp16/bf16 (the large-M strategy's
+    activation dtypes) x adapter in that dtype or float32 x double quant x 64- or 32-column tiles."""
+    out = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for adapter, double_quant, bk in itertools.product((dtype, torch.float32), (False, True), (64, 32)):
+            out.append(
+                LaunchConfig(
+                    name=f"dequantize_lora[{ptr_type(dtype)[1:]},adapter={ptr_type(adapter)[1:]},"
+                    f"dq={int(double_quant)},BK={bk}]",
+                    kernel=_dequantize_lora_kernel,
+                    signature={
+                        **weight_signature(double_quant),
+                        "pairs_ptr": "*i64",
+                        "a_ptr": ptr_type(adapter),
+                        "b_ptr": ptr_type(adapter),
+                        "out_ptr": ptr_type(dtype),
+                        "N": "i32",
+                        "K": "i64",
+                        "KB": "i64",
+                        "r": "i32",
+                        "stride_ar": "i64",
+                        "stride_ak": "i64",
+                        "stride_bn": "i64",
+                        "stride_br": "i64",
+                        "log2_bs": "i32",
+                        "scale": "fp32",
+                    },
+                    constexprs={
+                        "BN": MERGE_BN,
+                        "BK": bk,
+                        "DOUBLE_QUANT": double_quant,
+                        "SOFT_BF16": False,
+                    },
+                    options={"num_warps": 4, "enable_fp_fusion": False},
+                    aligned_only=True,
+                )
+            )
+    return out
+
+
+def dequantize_lora(weight, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """dequant(weight) + scale * b @ a as a `dtype` tensor [N, K], one rounding per element.
+
+    weight: the NF4Tensor W [N, K] with K % merge_bk(blocksize) == 0 (`merge_applies`); a [r, K] and
+    b [N, r], any strides, in one float dtype (float32 or `dtype`). Used by the large-M strategy when
+    nothing needs x @ A^T (no gradient, no dropout): y = x @ W'^T is then one GEMM with no low-rank
+    pass (`nf4.kernels.matmul.dequantize_then_matmul`). Rounding: the merged weight once, like a bf16
+    checkpoint with the adapter merged in (PEFT's `merge_and_unload`); within the LoRA tests' bound.
+    """
+    n, k = weight.shape
+    assert merge_applies(weight) and dtype in (torch.float16, torch.bfloat16) and a.dtype == b.dtype
+    out = torch.empty((n, k), dtype=dtype, device=weight.device)
+    nested = nested_pointers(weight)
+    bk = merge_bk(weight.blocksize)
+    _dequantize_lora_kernel[(cdiv(n, MERGE_BN), k // bk)](
+        weight.packed,
+        weight.absmax,
+        *nested,
+        nf4_pairs(weight.device),
+        a,
+        b,
+        out,
+        n,
+        k,
+        k // 2,
+        a.shape[0],
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        weight.blocksize.bit_length() - 1,
+        float(scale),
+        BN=MERGE_BN,
+        BK=bk,
+        DOUBLE_QUANT=weight.double_quant,
+        SOFT_BF16=INTERPRET,
+        num_warps=4,
         enable_fp_fusion=False,
     )
     return out

@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, ptr_type, round_to, to_f32
+from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, nested_pointers, ptr_type, round_to, to_f32
 from nf4.kernels.dequantize import decode_absmax
 
 BM = 16  # rows of x per program: M <= 16 padded to the smallest tensor-core tile
@@ -726,10 +726,7 @@ def launch(x, weight, u, v, bias, lora_scale, split=None, a=None) -> torch.Tenso
     r = a.shape[0] if fused else u.shape[1] if u is not None else 0
     # W's partial sums [split, M, N], then (fused) x @ A^T's [split, M, r]: one allocation
     partial = torch.empty(plan.split * m * (n + r * fused), dtype=torch.float32, device=x.device)
-    if weight.double_quant:  # the 0-d offset is passed as is: the kernel only needs its address
-        nested = (weight.nested_absmax, weight.nested_offset, weight.nested_code)
-    else:
-        nested = (weight.absmax, weight.absmax, weight.absmax)  # never read when DOUBLE_QUANT is off
+    nested = nested_pointers(weight)
     m_, n_, k_, kb, log2_bs, n_blocks, k_per_split, kb_per_split = plan.scalars
     a_args = (a, r, a.stride(0), a.stride(1)) if fused else (x, 0, 0, 0)  # x stands in: never read
     _nf4_gemv_kernel[plan.grid](

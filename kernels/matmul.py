@@ -45,7 +45,17 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, nf4_pairs, ptr_type, round_to, to_f32
+from nf4.kernels.common import (
+    INTERPRET,
+    TL_DTYPES,
+    LaunchConfig,
+    cdiv,
+    nested_pointers,
+    nf4_pairs,
+    ptr_type,
+    round_to,
+    to_f32,
+)
 from nf4.kernels.dequantize import decode_absmax
 from nf4.reference import matmul_onto_lora_and_bias
 
@@ -630,20 +640,30 @@ def _run(x, weight, trans, u, v, bias, mask, lora_scale, config, split, a=None):
         from nf4.kernels import gemv
 
         return gemv.launch(x, weight, u, v, bias, lora_scale, split, a)
+    if config == DEQUANT:
+        return dequantize_then_matmul(x, weight, trans, u, v, bias, mask, lora_scale, a)
     if a is not None:
         u = x @ a.to(x.dtype).t()
-    if config == DEQUANT:
-        return dequantize_then_matmul(x, weight, trans, u, v, bias, mask, lora_scale)
     return _fused(x, weight, trans, u, v, bias, mask, lora_scale, config, split)
 
 
-def dequantize_then_matmul(x, weight, trans, u, v, bias, mask, lora_scale) -> torch.Tensor:
+def dequantize_then_matmul(x, weight, trans, u, v, bias, mask, lora_scale, a=None) -> torch.Tensor:
     """The unfused strategy, for large M: W dequantized once to x's dtype at the copy bandwidth, the
     low-rank term and bias formed in x's dtype, then one cuBLAS GEMM adding x @ W^T onto them
     (`reference.matmul_onto_lora_and_bias`: no float32 [M, OUT] tensor, no pass over the output after
-    the GEMM)."""
-    from nf4.kernels.dequantize import dequantize_nf4
+    the GEMM).
 
+    Given the adapter's A (`a`: no gradient, no dropout) for a 16-bit forward, the adapter is merged
+    into the dequantized weight instead (`dequantize_lora`: W + scale * B @ A, rounded once), and the
+    call is that kernel plus one GEMM: no x @ A^T (a read of x) and no low-rank term (a write of y)."""
+    from nf4.kernels.dequantize import dequantize_lora, dequantize_nf4, merge_applies
+
+    if a is not None:
+        if not trans and mask is None and x.dtype != torch.float32 and merge_applies(weight):
+            b = v.t() if v.dtype == a.dtype else v.t().to(a.dtype)
+            w = dequantize_lora(weight, a, b, lora_scale, x.dtype)
+            return x @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
+        u = x @ a.to(x.dtype).t()
     w = dequantize_nf4(weight, x.dtype).view(weight.shape)
     return matmul_onto_lora_and_bias(x, w if trans else w.t(), u, v, bias, mask, lora_scale)
 
@@ -666,10 +686,7 @@ def _fused(x, weight, trans, u, v, bias, mask, lora_scale, cfg, split):
     assert (cfg.BN if trans else cfg.BK) <= SPAN and blocksize >= 32, "a tile row spans at most 3 blocks"
     constants = _constants(x.device)
     absmax = weight.absmax
-    if weight.double_quant:  # the 0-d offset is passed as is: a kernel only needs its address
-        nested = (weight.nested_absmax, weight.nested_offset, weight.nested_code)
-    else:
-        nested = (absmax, absmax, absmax)  # never read when DOUBLE_QUANT is off
+    nested = nested_pointers(weight)
     has_lora = u is not None and u.shape[1] > 0
     if has_lora:
         u = u.to(x.dtype).contiguous()

@@ -171,3 +171,47 @@ def test_unfused_paths_make_no_float32_tensor_of_the_output_size(kernel_device, 
     if path != "cpu":  # the GEMM adds x @ W^T onto the low-rank term and bias: no pass over y after it
         assert [s[0] for s in rec.seen if s[2] == (m, out_dim)][-1] == "aten.addmm_.default", rec.seen
     check(y.cpu(), q.cpu(), x.cpu(), trans, u.cpu(), v.cpu(), bias.cpu(), None if mask is None else mask.cpu(), 2.0)
+
+
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 80),
+    k=st.sampled_from([32, 64, 96, 128, 192, 100]),
+    r=st.sampled_from([1, 16, 20]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    f32_adapter=st.booleans(),
+    bias=st.booleans(),
+    blocksize=st.sampled_from([32, 64, 128]),
+    double_quant=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_large_m_inference_merges_the_adapter(
+    kernel_device, m, n, k, r, dtype, f32_adapter, bias, blocksize, double_quant, seed
+):
+    """The large-M strategy given the adapter's A (no gradient, no dropout): W + scale * B @ A merged by
+    `dequantize_lora` (rounded once), one GEMM; K not a multiple of the tile (100) takes x @ A^T first.
+    Against the float64 oracle with u = x @ A^T exact."""
+    q, x, _, _, b, _ = problem(m, n, k, 0, dtype, False, bias, False, blocksize, double_quant, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    adapter = torch.float32 if f32_adapter else dtype
+    a = (torch.randn(r, k, generator=g) / k**0.5).to(adapter)
+    v = (torch.randn(r, n, generator=g) / 4).to(adapter)  # B^T
+    on = lambda t: None if t is None else t.to(kernel_device)  # noqa: E731
+    y = nf4_matmul(on(x), q.to(kernel_device), v=on(v), bias=on(b), lora_scale=1.5, a=on(a), config=DEQUANT)
+    check(y.cpu(), q, x, False, x.double() @ a.double().t(), v, b, None, 1.5)
+
+
+def test_merged_inference_is_one_kernel_and_one_gemm(kernel_device):
+    """With the adapter merged into W, the only op producing an [M, N] tensor is the GEMM itself, and
+    nothing of x @ A^T's shape [M, r] is made."""
+    m, n, k, r = 48, 64, 128, 8
+    g = torch.Generator().manual_seed(0)
+    q = nf4.quantize(torch.randn(n, k, generator=g)).to(kernel_device)
+    x = torch.randn(m, k, generator=g).to(kernel_device, torch.bfloat16)
+    a = torch.randn(r, k, generator=g).to(kernel_device)
+    v = torch.randn(r, n, generator=g).to(kernel_device)
+    bias = torch.randn(n, generator=g).to(kernel_device, torch.bfloat16)
+    with _Outputs() as rec:
+        nf4_matmul(x, q, v=v, bias=bias, a=a, config=DEQUANT)
+    assert [s[0] for s in rec.seen if s[2] == (m, n)] == ["aten.addmm.default"], rec.seen
+    assert not [s for s in rec.seen if s[2] == (m, r)], rec.seen
