@@ -58,6 +58,15 @@ def decode_absmax(
 
 
 @triton.jit
+def _scaled_pairs(entry, absmax, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS] float32 weights from [ROWS, COLS / 2] pair-table entries (`nf4_pairs`: both nibbles'
+    NF4 values of a byte in one 8-byte lookup), each row scaled by its absmax: one product per value."""
+    hi = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
+    lo = (entry >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
+    return tl.reshape(tl.join(hi, lo), (ROWS, COLS))
+
+
+@triton.jit
 def _dequantize_nf4_kernel(
     packed_ptr,
     absmax_ptr,
@@ -90,10 +99,7 @@ def _dequantize_nf4_kernel(
     # them at once (the element mask gave 8 predicated LDG.E.U8 per thread; sm_90 SASS, triton 3.9).
     pair = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
     byte = tl.load(packed_ptr + pair, mask=pair < n_bytes, other=0x77).to(tl.int32)
-    entry = tl.load(pairs_ptr + byte)  # both nibbles' NF4 values in one 8-byte lookup
-    hi = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
-    lo = (entry >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
-    out = tl.reshape(tl.join(hi, lo), (BLOCKS, BLOCKSIZE))
+    out = _scaled_pairs(tl.load(pairs_ptr + byte), absmax, BLOCKS, BLOCKSIZE)
 
     offs = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     out = round_to(out, out_ptr.dtype.element_ty, SOFT_BF16)
@@ -222,13 +228,10 @@ def _dequantize_lora_kernel(
     byte = tl.load(
         packed_ptr + (rows * KB + k0 // 2)[:, None] + tl.arange(0, HALF)[None, :], mask=in_n[:, None], other=0x77
     )
-    entry = tl.load(pairs_ptr + byte.to(tl.int32))  # both nibbles' NF4 values in one 8-byte lookup
     absmax = decode_absmax(
         absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, first >> log2_bs, in_n, DOUBLE_QUANT
     )
-    hi = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
-    lo = (entry >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
-    w = tl.reshape(tl.join(hi, lo), (BN, BK))
+    w = _scaled_pairs(tl.load(pairs_ptr + byte.to(tl.int32)), absmax, BN, BK)
 
     cols = k0 + tl.arange(0, BK)
     offs_j = tl.arange(0, 16)

@@ -154,9 +154,7 @@ def _nf4_gemv_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     if HAS_A and tl.program_id(0) * BN >= N:  # the extra row tile (launched with HAS_A): x @ A^T of this slice
-        _lora_a_slice(
-            x_rows, in_m, a_ptr, partial_ptr, pid_k, k_start, k_end, M, N, r, stride_ar, stride_ak, BK, SOFT_BF16
-        )
+        _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, k_start, k_end, M, N, r, stride_ar, stride_ak, SOFT_BF16)
     else:
         _w_slice(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
                  pairs_ptr, code_ptr, partial_ptr, pid_k, k_start, k_end, M, N, K, KB, log2_bs, n_blocks,
@@ -165,7 +163,7 @@ def _nf4_gemv_kernel(
 
 @triton.jit
 def _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, k_start, k_end, M, N, r, stride_ar, stride_ak,
-                  BK: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
+                  SOFT_BF16: tl.constexpr):  # fmt: skip
     """xa[pid_k] = x[:, slice] @ A[:, slice]^T in exact fp32 (A in its own dtype), 16 ranks at a time,
     stored as float32 [M, r] after the split slices of W's partial sums (`partial[split, M, N]`)."""
     xa_ptr = partial_ptr + tl.num_programs(1).to(tl.int64) * M * N
@@ -309,24 +307,19 @@ def _nf4_gemv_epilogue_kernel(
     offs_r = tl.arange(0, 16)
     v_ptrs = v_ptr + offs_r.to(tl.int64)[:, None] * stride_vr + offs_n[None, :] * stride_vn
     lora = tl.zeros((16, BN), dtype=tl.float32)  # its own accumulator: the dot's layout stays out of the sums
-    if FUSED_U:
-        xa_ptr = partial_ptr + (tl.zeros((), tl.int64) + split) * stride_split
-        u_tile = offs_m.to(tl.int64)[:, None] * r + offs_r[None, :]
-        for r0 in range(0, r, 16):
-            in_r = offs_r < r - r0
-            u = _sum_slices(xa_ptr + r0, u_tile, in_m[:, None] & in_r[None, :], split, M * r)
-            v = to_f32(tl.load(v_ptrs, mask=in_r[:, None] & in_n[None, :], other=0.0), SOFT_BF16)
-            lora = tl.dot(u, v, lora, input_precision="ieee")
-            v_ptrs += 16 * stride_vr
-    else:
-        u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
-        for r0 in range(0, r, 16):
-            in_r = offs_r < r - r0
+    xa_ptr = partial_ptr + (tl.zeros((), tl.int64) + split) * stride_split  # FUSED_U: u's slices follow W's
+    xa_tile = offs_m.to(tl.int64)[:, None] * r + offs_r[None, :]
+    u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
+    for r0 in range(0, r, 16):
+        in_r = offs_r < r - r0
+        if FUSED_U:
+            u = _sum_slices(xa_ptr + r0, xa_tile, in_m[:, None] & in_r[None, :], split, M * r)
+        else:
             u = to_f32(tl.load(u_ptrs, mask=in_m[:, None] & in_r[None, :], other=0.0), SOFT_BF16)
-            v = to_f32(tl.load(v_ptrs, mask=in_r[:, None] & in_n[None, :], other=0.0), SOFT_BF16)
-            lora = tl.dot(u, v, lora, input_precision="ieee")
             u_ptrs += 16 * stride_ur
-            v_ptrs += 16 * stride_vr
+        v = to_f32(tl.load(v_ptrs, mask=in_r[:, None] & in_n[None, :], other=0.0), SOFT_BF16)
+        lora = tl.dot(u, v, lora, input_precision="ieee")
+        v_ptrs += 16 * stride_vr
     acc += lora * lora_scale
     if has_bias:
         acc += to_f32(tl.load(bias_ptr + offs_n, mask=in_n, other=0.0), SOFT_BF16)[None, :]
@@ -678,7 +671,7 @@ class _Plan(NamedTuple):
     grid: tuple[int, int]
     epilogue_grid: tuple[int]
     split: int
-    scalars: tuple[int, ...]  # M, N, K, KB, (stride_xm goes here), log2_bs, n_blocks, k_per_split, kb_per_split
+    scalars: tuple[int, ...]  # log2_bs, n_blocks, k_per_split, kb_per_split (after M, N, K, KB, stride_xm)
     meta: dict  # constexprs and compile options of the streaming kernel
     epilogue_meta: dict
 
@@ -697,7 +690,7 @@ def _plan(m, n, k, dtype, device, blocksize, double_quant, split, has_a) -> _Pla
         grid=(cdiv(n, bn) + has_a, split),  # with A: one more row tile, the low-rank program
         epilogue_grid=(cdiv(n, EPILOGUE_BN),),
         split=split,
-        scalars=(m, n, k, k // 2, blocksize.bit_length() - 1, cdiv(n * k, blocksize), k_per_split, k_per_split // 2),
+        scalars=(blocksize.bit_length() - 1, cdiv(n * k, blocksize), k_per_split, k_per_split // 2),
         meta={
             **_main_constexprs(dtype, aligned, double_quant, interpret, bk, bool(has_a)),
             **_options(aligned, dtype, bk),
@@ -727,7 +720,6 @@ def launch(x, weight, u, v, bias, lora_scale, split=None, a=None) -> torch.Tenso
     # W's partial sums [split, M, N], then (fused) x @ A^T's [split, M, r]: one allocation
     partial = torch.empty(plan.split * m * (n + r * fused), dtype=torch.float32, device=x.device)
     nested = nested_pointers(weight)
-    m_, n_, k_, kb, log2_bs, n_blocks, k_per_split, kb_per_split = plan.scalars
     a_args = (a, r, a.stride(0), a.stride(1)) if fused else (x, 0, 0, 0)  # x stands in: never read
     _nf4_gemv_kernel[plan.grid](
         x,
@@ -738,15 +730,12 @@ def launch(x, weight, u, v, bias, lora_scale, split=None, a=None) -> torch.Tenso
         constants["code"],
         partial,
         a_args[0],
-        m_,
-        n_,
-        k_,
-        kb,
+        m,
+        n,
+        k,
+        k // 2,
         x.stride(0),
-        log2_bs,
-        n_blocks,
-        k_per_split,
-        kb_per_split,
+        *plan.scalars,
         *a_args[1:],
         **plan.meta,
     )
