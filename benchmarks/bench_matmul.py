@@ -41,7 +41,7 @@ RANKS = (16, 64)
 
 def _dequant_matmul(layer, x):
     """Our unfused path: the dequantize kernel, torch.matmul, the LoRA term added after."""
-    w = layer.weight
+    w = layer.nf4_weight
     x2 = x.reshape(-1, x.shape[-1])
     if x.is_cuda:
         from nf4.kernels.matmul import nf4_matmul
@@ -69,7 +69,7 @@ def run(device: torch.device, quick: bool, results: Results) -> list[dict]:
         for r in ranks:
             layer = ours(linear, r, device)
             theirs = peft_bnb(linear, r, torch.bfloat16, device)
-            weight_bytes = layer.weight.nbytes
+            weight_bytes = layer.nf4_weight.nbytes
             for m in ms:
                 x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
                 impls = {

@@ -202,7 +202,7 @@ def _with_adapter(module: nn.Module, r: int, alpha: float, dropout: float, rslor
     """A LoRALinearNF4 with an adapter of rank r for `module` (quantizing an nn.Linear if needed)."""
     if type(module) is nn.Linear:
         return LoRALinearNF4.from_linear(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora)
-    q = module.weight
+    q = module.nf4_weight
     layer = LoRALinearNF4(
         module.in_features,
         module.out_features,

@@ -156,7 +156,7 @@ def linear_bytes(model: nn.Module) -> tuple[int, int]:
     total, count = 0, 0
     for m in model.modules():
         if isinstance(m, LoRALinearNF4) or type(m).__name__ == "LinearNF4":
-            total, count = total + m.weight.nbytes, count + 1
+            total, count = total + m.nf4_weight.nbytes, count + 1
         elif type(m) is nn.Linear:
             total, count = total + m.weight.numel() * m.weight.element_size(), count + 1
     return total, count

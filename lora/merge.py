@@ -19,7 +19,7 @@ from nf4.lora.modules import LinearNF4, LoRALinearNF4
 
 def merged_weight(layer: LinearNF4, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`dequant(W) [+ scaling * B @ A]` in float32, rounded once to `dtype` (default: W's dtype)."""
-    weight = layer.weight
+    weight = layer.nf4_weight
     w = dequantize(weight, torch.float32)
     if isinstance(layer, LoRALinearNF4) and not layer.merged:
         w = w + layer.delta_weight()

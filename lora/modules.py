@@ -1,11 +1,31 @@
 """Drop-in replacements for nn.Linear with an NF4 weight: `LinearNF4` and `LoRALinearNF4`.
 
-The quantized weight lives in buffers (packed codes, absmax, tables) and `module.weight` returns it as an
-`NF4Tensor` (its `.shape`, `.dtype` and `.device` read like the original weight's). The state dict holds
-the weight in bitsandbytes' serialized form (`weight`, `weight.absmax`, `weight.quant_map`,
-`weight.nested_absmax`, `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`), so a
-checkpoint that transformers saved for a bitsandbytes 4-bit Linear loads into these modules and back.
-`.to(...)`, `.cuda()`, `.half()` move the quantized bytes but never cast or requantize them.
+The quantized weight is stored the way bitsandbytes' `Linear4bit` stores it, so that every loader, wrapper
+and sharder that handles a bitsandbytes model handles these modules too:
+
+    weight                frozen nn.Parameter, uint8 [(n + 1) // 2, 1]   the packed codes (bitsandbytes' bytes)
+    weight_absmax         frozen nn.Parameter, uint8 [nblocks]           double-quantized absmax codes, or the
+                                                                          float32 absmax viewed as int32 bits
+    weight_code           buffer, float32 [16]                          the NF4 table
+    weight_nested_absmax  buffer, float32 [ceil(nblocks / 256)]          } double quantization only
+    weight_nested_offset  buffer, float32 []                            } (None without)
+    weight_nested_code    buffer, float32 [256]                         }
+
+`module.nf4_weight` is the same bytes as one `NF4Tensor` (its `.shape` is [out_features, in_features]).
+Why this layout: the bulk (codes and absmax) is made of integer parameters, which torch's FSDP2 shards like
+any parameter and no mixed-precision policy casts (a float32 absmax is kept as its int32 bit pattern for
+that reason); the rest is small. The buffers are persistent, so loaders that reset non-persistent buffers
+(transformers does, after `from_pretrained`) leave them alone; `weight` is a real parameter, so loaders
+that resolve every expected state-dict key to a module attribute find it.
+
+The state dict holds the weight in bitsandbytes' serialized form (`weight`, `weight.absmax`,
+`weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`,
+`weight.quant_state.bitsandbytes__nf4`), so a checkpoint that transformers saved for a bitsandbytes 4-bit
+Linear loads into these modules and back. A module on the meta device (built with
+`torch.device("meta")`, before its weights are loaded) has no values for the quant state, so its state
+dict lists `weight` alone, as bitsandbytes' Linear4bit does before quantization; `load_state_dict(...,
+assign=True)` and `to_empty` work there. `.to(...)`, `.cuda()`, `.half()` move the quantized bytes but
+never cast or requantize them.
 """
 
 from __future__ import annotations
@@ -17,30 +37,38 @@ from torch import nn
 
 from nf4.api import dequantize, quantize
 from nf4.codebook import dynamic_map
-from nf4.format import PIECES
+from nf4.format import FLOAT_DTYPES, NF4Meta
 from nf4.lora.functional import _lora_linear, check_inputs
 from nf4.tensor import NF4Tensor
 
-_BUFFERS = {f"weight_{piece}": piece for piece in PIECES}
-"""Module buffer name -> NF4Tensor piece: the weight's pieces live in buffers so `.to()` moves them."""
+_PARAMS = {"weight": "packed", "weight_absmax": "absmax"}
+"""Module parameter name -> NF4Tensor piece: the bulk of the weight, frozen parameters (FSDP2 shards them)."""
+_BUFFERS = {
+    "weight_code": "code",
+    "weight_nested_absmax": "nested_absmax",
+    "weight_nested_offset": "nested_offset",
+    "weight_nested_code": "nested_code",
+}
+"""Module buffer name -> NF4Tensor piece: the small pieces, persistent buffers (never sharded or cast)."""
 
 
 def _empty_nf4(out_features: int, in_features: int, blocksize: int, double_quant: bool, dtype, device) -> NF4Tensor:
-    """An all-zero quantized weight (codes 0x77, absmax 0), without quantizing anything."""
+    """An all-zero quantized weight (codes 0x77, absmax 0), without quantizing anything. Every piece gets an
+    explicit dtype, so the default dtype (`torch.set_default_dtype`, transformers' load dtype) never leaks in."""
     n = out_features * in_features
     nblocks = -(-n // blocksize)
     packed = torch.full(((n + 1) // 2, 1), 0x77, dtype=torch.uint8, device=device)
+    shape = (out_features, in_features)
     if not double_quant:
-        absmax = torch.zeros(nblocks, device=device)
-        return NF4Tensor(packed, absmax, (out_features, in_features), dtype, blocksize)
+        return NF4Tensor(packed, torch.zeros(nblocks, dtype=torch.float32, device=device), shape, dtype, blocksize)
     return NF4Tensor(
         packed,
         torch.full((nblocks,), 127, dtype=torch.uint8, device=device),
-        (out_features, in_features),
+        shape,
         dtype,
         blocksize,
-        nested_absmax=torch.zeros(-(-nblocks // 256), device=device),
-        nested_offset=torch.zeros((), device=device),
+        nested_absmax=torch.zeros(-(-nblocks // 256), dtype=torch.float32, device=device),
+        nested_offset=torch.zeros((), dtype=torch.float32, device=device),
         nested_code=dynamic_map().to(device),
     )
 
@@ -61,7 +89,7 @@ class LinearNF4(nn.Module):
         *,
         blocksize: int = 64,
         double_quant: bool = True,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
         """
@@ -71,12 +99,16 @@ class LinearNF4(nn.Module):
             blocksize: NF4 block size, one of `nf4.BLOCKSIZES` (64, what checkpoints use, by default).
             double_quant: quantize the per-block absmax to 8 bits too (4.127 instead of 4.5 bits/param).
             dtype: the original weight's dtype recorded in the format (what `dequantize_weight` returns)
-                and the bias's dtype.
-            device: where the quantized weight and the bias live.
+                and the bias's dtype: float32, float16 or bfloat16; torch's default dtype when None, as
+                for nn.Linear.
+            device: where the quantized weight and the bias live (the meta device too: no values).
         """
         super().__init__()
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in FLOAT_DTYPES.values():
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.in_features = in_features
         self.out_features = out_features
         self._set_weight(_empty_nf4(out_features, in_features, blocksize, double_quant, dtype, device))
@@ -108,34 +140,54 @@ class LinearNF4(nn.Module):
 
     # -- the quantized weight ------------------------------------------------------------------
     def _set_weight(self, q: NF4Tensor) -> None:
+        """Store `q`'s pieces as this module's parameters and buffers (see the module docstring)."""
         pieces, meta = q.flatten()
-        for buffer, piece in _BUFFERS.items():
-            self.register_buffer(buffer, pieces[piece], persistent=False)
+        if not meta.double_quant:  # float32 absmax as its bit pattern: no mixed-precision policy casts it
+            pieces["absmax"] = pieces["absmax"].view(torch.int32)
+        for name, piece in _PARAMS.items():
+            self._parameters.pop(name, None)
+            self.register_parameter(name, nn.Parameter(pieces[piece], requires_grad=False))
+        for name, piece in _BUFFERS.items():
+            self.register_buffer(name, pieces[piece], persistent=True)
         self._weight_meta = meta
 
     @property
-    def weight(self) -> NF4Tensor:
-        """The quantized weight [out_features, in_features] as an `NF4Tensor` (a view of the buffers)."""
-        buffers = self._buffers  # not getattr(self, ...): nn.Module.__getattr__ costs ~0.4 µs a lookup
-        pieces = {piece: buffers[buffer] for buffer, piece in _BUFFERS.items()}
-        return NF4Tensor.unflatten(pieces, self._weight_meta)
+    def nf4_weight(self) -> NF4Tensor:
+        """The quantized weight [out_features, in_features] as an `NF4Tensor` (a view of the stored pieces)."""
+        params, buffers = self._parameters, self._buffers  # not getattr: nn.Module.__getattr__ costs ~0.4 µs
+        meta = self._weight_meta
+        absmax = params["weight_absmax"]
+        pieces = {piece: buffers[name] for name, piece in _BUFFERS.items()}
+        pieces.update(packed=params["weight"], absmax=absmax if meta.double_quant else absmax.view(torch.float32))
+        return NF4Tensor.unflatten(pieces, meta)
+
+    @property
+    def nf4_meta(self) -> NF4Meta:
+        """The weight's shape, original dtype, blocksize and double_quant flag."""
+        return self._weight_meta
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as a float tensor [out_features, in_features] (the original dtype by default)."""
-        return dequantize(self.weight, dtype)
+        return dequantize(self.nf4_weight, dtype)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x @ dequant(W)^T + bias`: x [..., in_features] (float32, float16 or bfloat16; float64 on the
         CPU) -> [..., out_features] in x's dtype. W stays frozen; x gets a gradient if it requires one."""
-        weight = self.weight
+        weight = self.nf4_weight
         check_inputs(x, weight, bias=self.bias, where=type(self).__name__)
         return _lora_linear(x, weight, None, None, self.bias, 1.0, 0.0, False)
 
     # -- state dict in bitsandbytes' form ------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, value in self.weight.to_bnb_state_dict(prefix + "weight").items():
+        for name in (*_PARAMS, *_BUFFERS):  # replaced by bitsandbytes' keys (or, on meta, by `weight` alone)
+            destination.pop(prefix + name, None)
+        q = self.nf4_weight
+        if q.device.type == "meta":  # no values for the quant state yet: what bitsandbytes lists there
+            destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+            return
+        for key, value in q.to_bnb_state_dict(prefix + "weight").items():
             destination[key] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(
@@ -144,7 +196,10 @@ class LinearNF4(nn.Module):
         key = prefix + "weight"
         mine = {k: v for k, v in state_dict.items() if k == key or k.startswith(key + ".")}
         rest = {k: v for k, v in state_dict.items() if k not in mine}
+        n_missing = len(missing_keys)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        internal = {prefix + name for name in (*_PARAMS, *_BUFFERS)}  # never keys of the state dict
+        missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k not in internal]
         if key not in mine:
             missing_keys.append(key)
             return
@@ -159,17 +214,27 @@ class LinearNF4(nn.Module):
                 f"[{self.out_features}, {self.in_features}]"
             )
             return
-        self._set_weight(q.to(self.weight_packed.device))
+        assign = local_metadata.get("assign_to_params_buffers", False) or self.weight.device.type == "meta"
+        self._set_weight(q if assign else q.to(self.weight.device))
 
     # -- device moves never cast the format ----------------------------------------------------
     def _apply(self, fn, recurse=True):
-        saved = {name: self._buffers.pop(name) for name in _BUFFERS}
+        params = {name: self._parameters.pop(name) for name in _PARAMS}
+        buffers = {name: self._buffers.pop(name) for name in _BUFFERS}
         try:
             super()._apply(fn, recurse)
         finally:
-            device = fn(torch.empty(0, device=saved["weight_packed"].device)).device
-            for name, buf in saved.items():
-                self._buffers[name] = None if buf is None else buf.to(device)
+            device = fn(torch.empty(0, device=params["weight"].device)).device
+
+            def move(t):  # the bytes on `device`; out of the meta device (to_empty): uninitialised, like to_empty
+                if t is None or t.device == device:
+                    return t
+                return torch.empty_like(t, device=device) if t.device.type == "meta" else t.to(device)
+
+            for name, p in params.items():
+                self._parameters[name] = nn.Parameter(move(p.detach()), requires_grad=False)
+            for name, b in buffers.items():
+                self._buffers[name] = move(b)
         return self
 
     def extra_repr(self) -> str:
@@ -227,7 +292,7 @@ class LoRALinearNF4(LinearNF4):
         self.lora_dropout = float(lora_dropout)
         self.use_rslora = use_rslora
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        device = self.weight_packed.device
+        device = self.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=adapter_dtype, device=device))
         self.reset_lora_parameters()
@@ -268,7 +333,7 @@ class LoRALinearNF4(LinearNF4):
         active in training mode only; after `merge()` the adapter is inside W and skipped here."""
         if self.merged:
             return super().forward(x)
-        weight = self.weight
+        weight = self.nf4_weight
         check_inputs(x, weight, self.lora_A, self.lora_B, self.bias, where=type(self).__name__)
         return _lora_linear(
             x, weight, self.lora_A, self.lora_B, self.bias, self.scaling, self.lora_dropout, self.training
@@ -295,7 +360,7 @@ class LoRALinearNF4(LinearNF4):
         """
         if self.merged:
             raise RuntimeError("this layer is already merged; unmerge() first")
-        q = self.weight
+        q = self.nf4_weight
         base = dequantize(q, torch.float32)
         delta = self.delta_weight()
         target = base + delta

@@ -96,9 +96,9 @@ def test_round_trip_into_existing_nf4_layers(tmp_path, ids):
     model.model.layers[0].self_attn.q_proj.r  # noqa: B018 - a LoRALinearNF4 layer
     save_adapter(model, tmp_path)
     fresh = apply_lora(tiny_llama(), r=3, lora_alpha=6)
-    packed = fresh.model.layers[0].mlp.up_proj.weight_packed.clone()
+    packed = fresh.model.layers[0].mlp.up_proj.weight.clone()
     load_adapter(fresh, tmp_path)
-    assert torch.equal(fresh.model.layers[0].mlp.up_proj.weight_packed, packed)  # not requantized
+    assert torch.equal(fresh.model.layers[0].mlp.up_proj.weight, packed)  # not requantized
     assert torch.equal(logits(fresh, ids), logits(model, ids))
     inference = quantize_model(tiny_llama(), progress=False)  # LinearNF4 layers gain adapters
     load_adapter(inference, tmp_path)
@@ -196,7 +196,7 @@ def test_merge_into_16_bit_is_exact(ids):
     assert not any(isinstance(m, LinearNF4) for m in merged.modules())
     assert torch.allclose(logits(merged, ids), expect, atol=1e-5, rtol=1e-5)
     layer = model.model.layers[0].self_attn.q_proj
-    w = nf4.dequantize(layer.weight, torch.float32) + layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
+    w = nf4.dequantize(layer.nf4_weight, torch.float32) + layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
     assert torch.equal(merged.model.layers[0].self_attn.q_proj.weight, w)
     half = merge_and_unload(copy.deepcopy(model), dtype=torch.bfloat16)
     assert half.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
@@ -206,14 +206,14 @@ def test_merge_into_nf4_reports_the_loss_and_unmerges_exactly(ids):
     model = trained(apply_lora(tiny_llama(), r=4, lora_alpha=8), std=0.005)  # a realistic, small update
     expect = logits(model, ids)
     layer = model.model.layers[0].mlp.up_proj
-    before = {k: v.clone() for k, v in layer.weight.to_bnb_state_dict().items()}
+    before = {k: v.clone() for k, v in layer.nf4_weight.to_bnb_state_dict().items()}
     stats = layer.merge()
     assert layer.merged and "merged=True" in repr(layer)
     assert set(stats) == {"update_norm", "error_norm", "update_lost"} and stats["update_lost"] > 0.5
     with pytest.raises(RuntimeError, match="already merged"):
         layer.merge()
     layer.unmerge()
-    assert all(torch.equal(before[k], v) for k, v in layer.weight.to_bnb_state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in layer.nf4_weight.to_bnb_state_dict().items())
     assert torch.equal(logits(model, ids), expect)
     with pytest.raises(RuntimeError, match="not merged"):
         layer.unmerge()

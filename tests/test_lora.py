@@ -184,7 +184,7 @@ def test_state_dict_round_trip_and_bitsandbytes_keys(tmp_path):
     fresh = LoRALinearNF4(64, 48, r=4)
     fresh.load_state_dict(load_file(tmp_path / "layer.safetensors"))
     x = torch.randn(3, 64)
-    assert torch.equal(fresh(x), layer(x)) and fresh.weight.blocksize == 32
+    assert torch.equal(fresh(x), layer(x)) and fresh.nf4_weight.blocksize == 32
 
 
 def test_state_dict_loads_into_bitsandbytes_and_back():
@@ -196,7 +196,7 @@ def test_state_dict_loads_into_bitsandbytes_and_back():
     # bitsandbytes' checkpoint into ours
     loaded = LinearNF4(128, 64)
     loaded.load_state_dict(theirs.state_dict())
-    assert torch.equal(loaded.weight.packed, ours.weight.packed)
+    assert torch.equal(loaded.nf4_weight.packed, ours.nf4_weight.packed)
     x = torch.randn(5, 128)
     assert torch.allclose(loaded(x), theirs(x), atol=1e-5, rtol=1e-5)
     # ours into bitsandbytes (the way transformers loads a pre-quantized 4-bit checkpoint)
@@ -221,21 +221,72 @@ def test_load_refuses_a_mismatched_checkpoint():
 
 def test_casts_and_moves_never_touch_the_format():
     layer = LoRALinearNF4.from_linear(nn.Linear(64, 32), r=4, double_quant=False)
-    before = {k: v.clone() for k, v in layer.weight.to_bnb_state_dict().items()}
+    before = {k: v.clone() for k, v in layer.nf4_weight.to_bnb_state_dict().items()}
     layer.half()
-    assert layer.lora_A.dtype == torch.float16 and layer.weight_absmax.dtype == torch.float32
-    assert all(torch.equal(before[k], v) for k, v in layer.weight.to_bnb_state_dict().items())
+    assert layer.lora_A.dtype == torch.float16 and layer.nf4_weight.absmax.dtype == torch.float32
+    assert all(torch.equal(before[k], v) for k, v in layer.nf4_weight.to_bnb_state_dict().items())
     layer.to(torch.bfloat16).to("cpu").float()
-    assert all(torch.equal(before[k], v) for k, v in layer.weight.to_bnb_state_dict().items())
-    assert layer.to("meta").weight_packed.device.type == "meta"
+    assert all(torch.equal(before[k], v) for k, v in layer.nf4_weight.to_bnb_state_dict().items())
+    assert layer.to("meta").weight.device.type == "meta"
+
+
+def _build(cls, double_quant, **kwargs):
+    extra = dict(r=4) if cls is LoRALinearNF4 else {}
+    return cls(64, 48, double_quant=double_quant, **extra, **kwargs)
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+@pytest.mark.parametrize("cls", [LinearNF4, LoRALinearNF4], ids=["base", "lora"])
+def test_builds_on_meta_under_any_default_dtype_then_loads(cls, double_quant):
+    """How loaders build a model (transformers: on meta, under the load dtype), then fill it in."""
+    torch.manual_seed(0)
+    src = _build(cls, double_quant)
+    src.load_state_dict(LinearNF4.from_linear(nn.Linear(64, 48), double_quant=double_quant).state_dict(), strict=False)
+    if cls is LoRALinearNF4:
+        nn.init.normal_(src.lora_B)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            layer = _build(cls, double_quant)
+    finally:
+        torch.set_default_dtype(default)
+    assert layer.weight.device.type == "meta" and layer.nf4_weight.dtype == torch.bfloat16
+    assert layer.bias.dtype == torch.bfloat16 and layer.nf4_weight.code.dtype == torch.float32
+    adapter = {"lora_A", "lora_B"} if cls is LoRALinearNF4 else set()
+    assert set(layer.state_dict()) == {"weight", "bias"} | adapter  # no values for a quant state on meta
+    layer.load_state_dict(src.state_dict(), assign=True)
+    x = torch.randn(3, 64)
+    assert layer.weight.device.type == "cpu" and torch.equal(layer(x), src(x))
+    assert set(layer.state_dict()) == set(src.state_dict())
+    with torch.device("meta"):
+        empty = _build(cls, double_quant)
+    empty.to_empty(device="cpu")
+    assert all(t.device.type == "cpu" for t in (*empty.parameters(), *empty.buffers()))
+    empty.load_state_dict(src.state_dict())
+    assert torch.equal(empty(x), src(x))
+
+
+def test_nothing_lives_in_non_persistent_buffers():
+    """transformers replaces every non-persistent buffer by `torch.empty_like` after loading: the weight
+    must survive that."""
+    layer = LoRALinearNF4.from_linear(nn.Linear(64, 48), r=4)
+    x = torch.randn(3, 64)
+    before = layer(x)
+    assert not layer._non_persistent_buffers_set
+    for name in list(layer._non_persistent_buffers_set):  # what transformers does after loading
+        setattr(layer, name, torch.empty_like(getattr(layer, name)))
+    assert torch.equal(layer(x), before)
+    assert {n for n, _ in layer.named_parameters()} == {"weight", "weight_absmax", "bias", "lora_A", "lora_B"}
+    assert not any(p.requires_grad for n, p in layer.named_parameters() if not n.startswith("lora_"))
 
 
 @pytest.mark.gpu
 def test_cuda_move_without_requantizing():
     layer = LoRALinearNF4.from_linear(nn.Linear(64, 32), r=4)
-    packed = layer.weight_packed.clone()
+    packed = layer.weight.clone()
     layer.cuda()
-    assert layer.weight_packed.is_cuda and torch.equal(layer.weight_packed.cpu(), packed)
+    assert layer.weight.is_cuda and torch.equal(layer.weight.cpu(), packed)
     assert layer(torch.randn(2, 64, device="cuda")).is_cuda
 
 
@@ -244,7 +295,8 @@ def test_repr_and_weight_view():
     text = repr(layer)
     assert "in_features=64, out_features=32, bias=True, blocksize=64, double_quant=True, dtype=bfloat16" in text
     assert "r=4, lora_alpha=8, scaling=2, lora_dropout=0.0, use_rslora=False" in text
-    assert layer.weight.shape == (32, 64) and layer.weight.dtype == torch.bfloat16
+    assert layer.nf4_weight.shape == (32, 64) and layer.nf4_weight.dtype == torch.bfloat16
+    assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (32 * 64 // 2, 1)  # bitsandbytes' bytes
     assert layer.dequantize_weight().dtype == torch.bfloat16
 
 
@@ -376,7 +428,7 @@ def test_inference_leaves_the_adapter_product_to_the_decode_kernel(kernel_device
     with torch.no_grad():
         y = layer(x)
     assert len(seen) == 1 and seen[0] is layer.lora_A
-    q = layer.weight
+    q = layer.nf4_weight
     exact = reference_forward(x.double(), q, layer.lora_A.double(), layer.lora_B.double(), layer.bias.double(),
                               layer.scaling, None, 1.0)  # fmt: skip
     assert (y.double() - exact).abs().max() <= 4 * torch.finfo(torch.bfloat16).eps * exact.abs().max()

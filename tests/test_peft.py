@@ -60,7 +60,7 @@ def test_outputs_and_gradients_agree_with_peft(kernel_device, shape, r, double_q
 
     ours = LoRALinearNF4.from_linear(linear, r=r, lora_alpha=2 * r, double_quant=double_quant)
     # the same base weight, bit for bit
-    assert torch.equal(ours.weight.packed, layer.base_layer.weight.data)
+    assert torch.equal(ours.weight, layer.base_layer.weight.data)
     with torch.no_grad():
         ours.lora_A.copy_(layer.lora_A["default"].weight)
         ours.lora_B.copy_(layer.lora_B["default"].weight)
@@ -77,7 +77,7 @@ def test_outputs_and_gradients_agree_with_peft(kernel_device, shape, r, double_q
     y_ours.backward(dy.to(kernel_device))
 
     # float64 oracle of the same formula, for the tolerance
-    w = nf4.dequantize(ours.weight.cpu(), torch.float32).double()
+    w = nf4.dequantize(ours.nf4_weight.cpu(), torch.float32).double()
     a, b = ours.lora_A.detach().cpu().double(), ours.lora_B.detach().cpu().double()
     exact = x.double() @ w.t() + ours.scaling * (x.double() @ a.t()) @ b.t() + linear.bias.detach().double()
     eps = torch.finfo(torch.float32).eps
