@@ -1,18 +1,34 @@
-"""Model conversion: replace nn.Linear modules by NF4 layers, in place.
+"""Model conversion: replace Linear layers by NF4 layers, in place.
 
-`target_modules` selects layers by qualified name: None means every nn.Linear; otherwise a layer matches
-when its name equals an entry or ends with "." + entry (PEFT's suffix rule: "query" matches
-"encoder.layer.0.attention.self.query").
+What converts:
+- `nn.Linear`: its weight is quantized to NF4.
+- bitsandbytes' `Linear4bit` (nf4): its bytes are reused as they are, nothing is requantized: the new
+  layer's state dict holds the same tensors (an FP4 layer is refused).
+- PEFT's LoRA layers (a model from `peft.get_peft_model`, on bitsandbytes' `Linear4bit` or on nn.Linear):
+  the base becomes a `LinearNF4` as above and the LoRA layer nf4's PEFT layer (`nf4.hf.LoraLinearNF4`,
+  needs the `hf` extra), carrying every adapter over (the same parameters, trainable as they were), so a
+  bitsandbytes + PEFT model runs nf4's fused kernels after one call and stays a PEFT model.
+
+`target_modules` selects layers by qualified name: a layer matches when its name equals an entry or ends
+with "." + entry (PEFT's suffix rule: "query" matches "encoder.layer.0.attention.self.query"). None means
+every nn.Linear, except in a model that bitsandbytes quantized or PEFT adapted: there None means its 4-bit
+and PEFT layers, and the 16-bit nn.Linear layers it kept (the output head) stay as they are. In a PEFT
+model adapters come from PEFT only: its bitsandbytes layers without an adapter become `LinearNF4`, and
+its nn.Linear layers are never converted.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Iterable
 
 from torch import nn
 
+from nf4.api import quantize
 from nf4.lora.modules import LinearNF4, LoRALinearNF4
 from nf4.progress import Progress
+from nf4.tensor import NF4Tensor
 
 
 def _matches(name: str, targets: Iterable[str] | None) -> bool:
@@ -27,29 +43,114 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Linear]]:
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    """bitsandbytes' Linear4bit (checked only where bitsandbytes is already imported: never imported here)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def _is_peft_lora(module: nn.Module) -> bool:
+    """PEFT's LoRA layer over a Linear (duck-typed: peft is not imported here)."""
+    return isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and isinstance(
+        getattr(module, "base_layer", None), nn.Module
+    )
+
+
+def _convertible(module: nn.Module) -> bool:
+    return (
+        type(module) is nn.Linear or _is_bnb_4bit(module) or (_is_peft_lora(module) and _convertible(module.base_layer))
+    )
+
+
+def bnb_weight(module: nn.Module, name: str = "") -> NF4Tensor:
+    """The NF4 weight of bitsandbytes' `Linear4bit` `module`: its own tensors, nothing copied or requantized
+    (a layer that bitsandbytes has not quantized yet, whose weight is still 16-bit, is quantized here as
+    bitsandbytes would). ValueError naming `name` for FP4 and other layouts nf4 cannot hold."""
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        quant_type = getattr(weight, "quant_type", "fp4")
+        if quant_type != "nf4":
+            raise ValueError(f"{name or 'layer'}: bitsandbytes' Linear4bit with quant_type={quant_type!r}; nf4 "
+                             "converts only NF4 layers (quant_type='nf4')")  # fmt: skip
+        blocksize = getattr(weight, "blocksize", 64)
+        return quantize(weight.data, blocksize, bool(getattr(weight, "compress_statistics", True)))
+    # bitsandbytes' own serialized form: the same tensors (its state_dict also undoes the repacking its CPU
+    # inference kernel applies in place on a first no-grad call)
+    pieces = {k: v for k, v in module.state_dict().items() if k == "weight" or k.startswith("weight.")}
+    try:
+        return NF4Tensor.from_bnb_state_dict(pieces, "weight")
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name or 'layer'}: {e}") from None
+
+
+def from_bnb(module: nn.Module, name: str = "", cls: type[LinearNF4] = LinearNF4, **kwargs) -> LinearNF4:
+    """bitsandbytes' `Linear4bit` `module` as a `cls` (LinearNF4, or LoRALinearNF4 with its `kwargs`) holding
+    the same NF4 bytes and bias tensors (`bnb_weight`)."""
+    q = bnb_weight(module, name)
+    out_features, in_features = q.shape
+    layer = cls(in_features, out_features, bias=module.bias is not None, blocksize=q.blocksize,
+                double_quant=q.double_quant, dtype=q.dtype, device=q.device, **kwargs)  # fmt: skip
+    layer._set_weight(q)
+    if module.bias is not None:
+        layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    layer.train(module.training)
+    return layer
+
+
+def _nf4(module: nn.Module, name: str, cls: type[LinearNF4], blocksize: int, double_quant: bool, **kwargs):
+    """`module` (nn.Linear or bitsandbytes' Linear4bit) as a `cls`."""
+    if type(module) is nn.Linear:
+        return cls.from_linear(module, blocksize=blocksize, double_quant=double_quant, **kwargs)
+    return from_bnb(module, name, cls, **kwargs)
+
+
+def _targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
     if isinstance(target_modules, str):
         target_modules = [target_modules]
-    found = [
-        (name, module)
+    inside_peft = {
+        f"{name}.{child}"
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and _matches(name, target_modules)
-    ]
+        if _is_peft_lora(module)
+        for child, _ in module.named_modules()
+        if child
+    }  # a PEFT layer's base and adapters convert with the PEFT layer, never on their own
+    candidates = [(n, m) for n, m in model.named_modules() if n not in inside_peft and _convertible(m)]
+    if any(_is_peft_lora(m) or _is_bnb_4bit(m) for _, m in candidates):
+        # a model quantized by bitsandbytes (or adapted by PEFT): its 4-bit and PEFT layers convert, and by
+        # default its 16-bit nn.Linear layers (the head) stay as they are; in a PEFT model they always do
+        peft = any(_is_peft_lora(m) for _, m in candidates)
+        keep = (lambda m: type(m) is not nn.Linear) if peft or target_modules is None else (lambda m: True)
+        candidates = [(n, m) for n, m in candidates if keep(m)]
+    found = [(n, m) for n, m in candidates if _matches(n, target_modules)]
     if not found:
         raise ValueError(
-            f"no nn.Linear matches target_modules={target_modules!r}; "
-            f"linear layers here: {[n for n, m in model.named_modules() if type(m) is nn.Linear][:20]}"
+            f"no nn.Linear (or bitsandbytes Linear4bit, or PEFT LoRA layer) matches target_modules={target_modules!r}; "
+            f"linear layers here: {[n for n, _ in candidates][:20]}"
         )
     return found
 
 
-def _replace(model: nn.Module, target_modules, make, label: str, progress: bool | None) -> nn.Module:
+def _replace(model: nn.Module, target_modules, cls, label: str, progress, blocksize, double_quant, **kwargs):
+    """Convert the targets of `model` in place: plain and bitsandbytes layers into `cls(**kwargs)`, PEFT's
+    LoRA layers into nf4's PEFT layer over a LinearNF4."""
     targets = _targets(model, target_modules)
+    adapters = {id(p) for _, m in targets if _is_peft_lora(m) for p in (*m.lora_A.parameters(), *m.lora_B.parameters())}
     for param in model.parameters():
-        param.requires_grad_(False)
+        if id(param) not in adapters:  # PEFT's adapters stay as trainable as PEFT made them
+            param.requires_grad_(False)
+    peft_model = any(_is_peft_lora(m) for _, m in targets)
     bar = Progress(len(targets), label, progress)
-    for name, linear in targets:
-        replace_module(model, name, make(linear))
+    for name, module in targets:
+        if peft_model and not _is_peft_lora(module):  # adapters come from PEFT only
+            new = _nf4(module, name, LinearNF4, blocksize, double_quant)
+        elif _is_peft_lora(module):
+            peft_layers = importlib.import_module("nf4.hf.peft")  # needs the hf extra; peft is loaded already
+            base = _nf4(module.base_layer, name, LinearNF4, blocksize, double_quant)
+            new = peft_layers.convert_peft_layer(module, base)
+        else:
+            new = _nf4(module, name, cls, blocksize, double_quant, **kwargs)
+        replace_module(model, name, new)
         bar.step(name)
     return model
 
@@ -65,23 +166,11 @@ def apply_lora(
     double_quant: bool = True,
     progress: bool | None = None,
 ) -> nn.Module:
-    """Replace the matching nn.Linear layers of `model` by `LoRALinearNF4`, in place, and freeze
-    every other parameter: afterwards only `lora_A` / `lora_B` require grad. Returns `model`."""
-    return _replace(
-        model,
-        target_modules,
-        lambda linear: LoRALinearNF4.from_linear(
-            linear,
-            r=r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            use_rslora=use_rslora,
-            blocksize=blocksize,
-            double_quant=double_quant,
-        ),
-        "apply_lora",
-        progress,
-    )
+    """Replace the matching Linear layers of `model` (see the module docstring) by `LoRALinearNF4`, in
+    place, and freeze every other parameter: afterwards only the adapters require grad. PEFT's LoRA layers
+    keep their own adapters (r, lora_alpha, ... apply to the other layers only). Returns `model`."""
+    lora = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+    return _replace(model, target_modules, LoRALinearNF4, "apply_lora", progress, blocksize, double_quant, **lora)
 
 
 def quantize_model(
@@ -91,12 +180,6 @@ def quantize_model(
     double_quant: bool = True,
     progress: bool | None = None,
 ) -> nn.Module:
-    """Replace the matching nn.Linear layers of `model` by `LinearNF4` (inference), in place; every
-    parameter is frozen. Returns `model`."""
-    return _replace(
-        model,
-        target_modules,
-        lambda linear: LinearNF4.from_linear(linear, blocksize=blocksize, double_quant=double_quant),
-        "quantize_model",
-        progress,
-    )
+    """Replace the matching Linear layers of `model` (see the module docstring) by `LinearNF4` (inference),
+    in place; every parameter but PEFT's adapters is frozen. Returns `model`."""
+    return _replace(model, target_modules, LinearNF4, "quantize_model", progress, blocksize, double_quant)

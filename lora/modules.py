@@ -23,7 +23,8 @@ The state dict holds the weight in bitsandbytes' serialized form (`weight`, `wei
 `weight.quant_state.bitsandbytes__nf4`), so a checkpoint that transformers saved for a bitsandbytes 4-bit
 Linear loads into these modules and back. A module on the meta device (built with
 `torch.device("meta")`, before its weights are loaded) has no values for the quant state, so its state
-dict lists `weight` alone, as bitsandbytes' Linear4bit does before quantization; `load_state_dict(...,
+dict lists `weight` alone, as the meta tensor [out_features, in_features] of the original dtype that a
+loader should bring, as bitsandbytes' Linear4bit does before quantization; `load_state_dict(...,
 assign=True)` and `to_empty` work there. `.to(...)`, `.cuda()`, `.half()` move the quantized bytes but
 never cast or requantize them.
 """
@@ -184,8 +185,9 @@ class LinearNF4(nn.Module):
         for name in (*_PARAMS, *_BUFFERS):  # replaced by bitsandbytes' keys (or, on meta, by `weight` alone)
             destination.pop(prefix + name, None)
         q = self.nf4_weight
-        if q.device.type == "meta":  # no values for the quant state yet: what bitsandbytes lists there
-            destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        if q.device.type == "meta":  # no values for a quant state yet: bitsandbytes lists the weight to load,
+            meta = self._weight_meta  # [out, in] in its original dtype, and loaders read that entry so
+            destination[prefix + "weight"] = torch.empty(meta.shape, dtype=meta.dtype, device="meta")
             return
         for key, value in q.to_bnb_state_dict(prefix + "weight").items():
             destination[key] = value if keep_vars else value.detach()

@@ -11,6 +11,8 @@ import nf4, sys
 assert 'triton' not in sys.modules and 'nf4.lora' not in sys.modules, sorted(sys.modules)
 nf4.lora.LoRALinearNF4
 assert 'triton' not in sys.modules
+assert not {'transformers', 'peft', 'nf4.hf'} & set(sys.modules), 'nf4.hf is the optional extra'
+
 import torch
 assert not torch.cuda.is_initialized()
 assert {'lora', 'kernels'} <= set(dir(nf4))

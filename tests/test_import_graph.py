@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"nf4": ROOT / "nf4", "nf4.kernels": ROOT / "kernels", "nf4.lora": ROOT / "lora"}
+PACKAGES = {
+    "nf4": ROOT / "nf4",
+    "nf4.hf": ROOT / "nf4" / "hf",
+    "nf4.kernels": ROOT / "kernels",
+    "nf4.lora": ROOT / "lora",
+}
 LEAVES = {"nf4.format", "nf4.codebook"}
 """Modules that import no other part of the package."""
 KERNELS_MAY_IMPORT = LEAVES | {"nf4.reference"}

@@ -254,7 +254,9 @@ def test_builds_on_meta_under_any_default_dtype_then_loads(cls, double_quant):
     assert layer.weight.device.type == "meta" and layer.nf4_weight.dtype == torch.bfloat16
     assert layer.bias.dtype == torch.bfloat16 and layer.nf4_weight.code.dtype == torch.float32
     adapter = {"lora_A", "lora_B"} if cls is LoRALinearNF4 else set()
-    assert set(layer.state_dict()) == {"weight", "bias"} | adapter  # no values for a quant state on meta
+    meta_sd = layer.state_dict()  # no values for a quant state on meta: the weight a loader should bring
+    assert set(meta_sd) == {"weight", "bias"} | adapter
+    assert meta_sd["weight"].shape == (48, 64) and meta_sd["weight"].dtype == torch.bfloat16
     layer.load_state_dict(src.state_dict(), assign=True)
     x = torch.randn(3, 64)
     assert layer.weight.device.type == "cpu" and torch.equal(layer(x), src(x))

@@ -62,7 +62,7 @@ def test_target_modules_by_suffix():
     converted = [n for n, m in model.named_modules() if isinstance(m, LoRALinearNF4)]
     assert len(converted) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in converted)
     assert isinstance(model.model.layers[0].self_attn.k_proj, nn.Linear)
-    with pytest.raises(ValueError, match="no nn.Linear matches target_modules=\\['nope'\\]"):
+    with pytest.raises(ValueError, match="no nn.Linear .* matches target_modules=\\[.nope.\\]"):
         apply_lora(tiny_llama(), target_modules=["nope"])
 
 

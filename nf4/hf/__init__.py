@@ -1,0 +1,74 @@
+"""nf4 where Hugging Face users already work: transformers' `from_pretrained`, PEFT, the Trainer.
+
+    import nf4.hf                                  # registers quant_method "nf4" with transformers
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4.hf.NF4Config(), dtype=torch.bfloat16)
+    model = peft.get_peft_model(model, nf4.hf.lora_config(r=16, lora_alpha=16, target_modules=[...]))
+    ...                                            # Trainer / TRL's SFTTrainer, gradient checkpointing
+    model.save_pretrained(out)                     # the adapter, in PEFT's format
+    nf4.hf.load_adapter(base, out)                 # back onto an nf4 model (PeftModel)
+
+A checkpoint already in bitsandbytes' serialized 4-bit form (saved by transformers + bitsandbytes, by
+`nf4 quantize`, or by an nf4 model's `save_pretrained`) loads without requantizing through
+`nf4.hf.from_pretrained(AutoModelForCausalLM, path)`, which also quantizes a 16-bit checkpoint.
+
+Needs the optional extra: `pip install 'nf4[hf]'` (transformers and peft). `import nf4` never imports it.
+"""
+
+from __future__ import annotations
+
+try:
+    import peft  # noqa: F401
+    import transformers
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"nf4.hf needs transformers and peft ({e}); install them with: pip install 'nf4[hf]'") from e
+
+from transformers.quantizers import auto as _auto
+
+from nf4.hf.peft import LoraLinearNF4, load_adapter, lora_config, merge_and_unload
+from nf4.hf.quantizer import QUANT_METHOD, NF4Config, NF4HfQuantizer, nf4_config_for
+
+__all__ = [
+    "LoraLinearNF4",
+    "NF4Config",
+    "NF4HfQuantizer",
+    "from_pretrained",
+    "load_adapter",
+    "lora_config",
+    "merge_and_unload",
+]
+
+# Registered once per process (transformers refuses a second registration under the same name).
+if _auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not NF4Config:
+    _auto.register_quantization_config(QUANT_METHOD)(NF4Config)
+if _auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not NF4HfQuantizer:
+    _auto.register_quantizer(QUANT_METHOD)(NF4HfQuantizer)
+
+_CONFIG_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+_CONFIG_KWARGS += ("trust_remote_code",)
+
+
+def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, quantization_config=None, **kwargs):
+    """`model_class.from_pretrained(...)` with every Linear layer in nf4, whatever the checkpoint holds.
+
+    - A 16-bit checkpoint: quantized on the fly with `quantization_config` (default `NF4Config()`), as
+      `model_class.from_pretrained(path, quantization_config=NF4Config())` does.
+    - A checkpoint in bitsandbytes' serialized 4-bit NF4 form (its config.json records bitsandbytes'
+      `quantization_config`: saved by transformers + bitsandbytes, by `nf4 quantize` or by an nf4 model):
+      read as it is, nothing requantized. transformers alone would hand it to bitsandbytes' layers (and
+      refuses an NF4Config for it), so this call swaps the recorded config for the equivalent NF4Config.
+      `quantization_config`, if given, only sets the blocksize every weight must have (default: any).
+      FP4 and 8-bit checkpoints are refused with a ValueError.
+
+    Other arguments go to `model_class.from_pretrained` (dtype, device_map, ...).
+    """
+    config = kwargs.pop("config", None)
+    if config is None:
+        config_kwargs = {k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs}
+        config = transformers.AutoConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
+    recorded = getattr(config, "quantization_config", None)
+    if recorded is None:
+        kwargs["quantization_config"] = quantization_config or NF4Config()
+    else:
+        blocksize = quantization_config.blocksize if quantization_config is not None else None
+        config.quantization_config = nf4_config_for(recorded, blocksize).to_dict()
+    return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)

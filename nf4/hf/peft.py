@@ -1,0 +1,268 @@
+"""PEFT's LoRA on nf4 layers: `lora_config(...)` makes `peft.get_peft_model` wrap every targeted
+`nf4.lora.LinearNF4` in `LoraLinearNF4`, which keeps PEFT's semantics and runs nf4's fused op.
+
+- One active adapter (the training case): one call of `nf4.lora.lora_linear` (the NF4 matmul with the
+  LoRA term fused, nf4's hand-written backward, dropout inside the op). Several active adapters: the base
+  layer's fused NF4 matmul, plus each adapter's term as PEFT computes it. `adapter_names=` (a mixed batch),
+  `set_adapter`, `disable_adapter()`, `delete_adapter`, several adapters per layer: PEFT's own code.
+- Numerics: the fused op computes the low-rank product in the activation dtype with the adapter cast to it
+  (float32 accumulation), as torch's GEMMs do; PEFT casts the activations to the adapter's dtype instead.
+  Adapters may be float32 (PEFT's default) or bfloat16 (TRL casts them for 4-bit models); their gradients
+  come back in their own dtype.
+- Merging: `merge()` / `merge_and_unload()` fold the update into the NF4 weight by requantizing
+  `dequant(W) + scaling * B @ A`, like PEFT on bitsandbytes: **lossy** (the update is mostly below the
+  rounding step of NF4). `unmerge()` restores the weight from before the merge byte for byte (PEFT on
+  bitsandbytes subtracts and requantizes again). For an exact merge, `nf4.hf.merge_and_unload(model)`
+  returns the base model with 16-bit nn.Linear layers holding `dequant(W) + scaling * B @ A`.
+- Saving: PEFT's `save_pretrained` (the adapter only, PEFT's format). Loading it back onto an nf4 model:
+  `load_adapter(model, path)`: a file's adapter_config.json cannot carry the custom layer mapping.
+- Not supported (refused with ValueError when the adapter is added): DoRA, lora_bias, fan_in_fan_out and
+  PEFT's other LoRA variants (aLoRA, Arrow, ...).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from nf4.api import quantize
+from nf4.lora.functional import _lora_linear, check_inputs
+from nf4.lora.merge import merge_and_unload as _merge_nf4_layers
+from nf4.lora.modules import LinearNF4
+
+
+class LoraLinearNF4(nn.Module, LoraLayer):
+    """PEFT's LoRA layer over an `nf4.lora.LinearNF4` base (see the module docstring)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
+                 lora_alpha: float = 1, **kwargs):  # fmt: skip
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self._nf4_before_merge = None  # the base weight before the first merge, for an exact unmerge
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def _get_in_out_features(self, module: nn.Module):
+        return module.in_features, module.out_features
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
+        unsupported = {
+            "use_dora": config.use_dora,
+            "lora_bias": config.lora_bias,
+            "fan_in_fan_out": config.fan_in_fan_out,
+            "alora_invocation_tokens": getattr(config, "alora_invocation_tokens", None),
+            "arrow_config": getattr(config, "arrow_config", None),
+        }
+        bad = [f"{k}={v!r}" for k, v in unsupported.items() if v not in (None, False)]
+        if bad:
+            raise ValueError(f"nf4's LoRA layers do not support {', '.join(bad)}; use plain LoRA (rsLoRA is fine)")
+        return super().resolve_lora_variant(config=config, **kwargs)
+
+    def _get_base_layer_device_and_dtype(self, base_layer):
+        """The adapter goes where the NF4 bytes are; its dtype is left as PEFT made it (float32)."""
+        return base_layer.weight.device, None
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        base = self.get_base_layer()
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return base(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if self.merged or not active:
+            return base(x, *args, **kwargs)
+        if len(active) == 1:  # the fused op: NF4 matmul + LoRA term, one call
+            name = active[0]
+            lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+            dropout = self.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            weight = base.nf4_weight
+            check_inputs(x, weight, lora_A, lora_B, base.bias, where=type(self).__name__)
+            return _lora_linear(x, weight, lora_A, lora_B, base.bias, self.scaling[name], p, self.training)
+        result = base(x, *args, **kwargs)
+        for name in active:
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            x_a = self._cast_input_dtype(x, lora_A.weight.dtype)
+            result = result + (lora_B(lora_A(self.lora_dropout[name](x_a))) * self.scaling[name]).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        """`adapter_names[i]` picks the adapter of row i (`"__base__"`: none), as PEFT does; the base output
+        is a fresh tensor here (the fused op's output may be a view, which autograd forbids editing)."""
+        result = self.get_base_layer()(x, *args, **kwargs).clone()
+        for name in set(adapter_names) - {"__base__"}:
+            if name not in self.lora_A:
+                continue
+            rows = [i for i, a in enumerate(adapter_names) if a == name]
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            sub = self._cast_input_dtype(x[rows], lora_A.weight.dtype)
+            result[rows] += (lora_B(lora_A(self.lora_dropout[name](sub))) * self.scaling[name]).to(result.dtype)
+        return result
+
+    # -- merging into the NF4 weight (lossy) ----------------------------------------------------
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """`scaling * B @ A`, float32 [out_features, in_features]."""
+        a, b = self.lora_A[adapter].weight.detach().float(), self.lora_B[adapter].weight.detach().float()
+        return self.scaling[adapter] * (b @ a)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        from peft.tuners.tuners_utils import check_adapters_to_merge
+
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.lora_A:
+                continue
+            warnings.warn(
+                "merging a LoRA adapter into an NF4 weight requantizes it: most of the update is rounded away "
+                "(nf4.hf.merge_and_unload merges exactly into 16-bit layers)",
+                stacklevel=2,
+            )
+            q = base.nf4_weight
+            target = base.dequantize_weight(torch.float32) + self.get_delta_weight(name)
+            if safe_merge and not torch.isfinite(target).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            if self._nf4_before_merge is None:
+                self._nf4_before_merge = q
+            base._set_weight(quantize(target.to(q.dtype), q.blocksize, q.double_quant))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the NF4 weight from before the first merge, byte for byte."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        self.get_base_layer()._set_weight(self._nf4_before_merge)
+        self._nf4_before_merge = None
+        self.merged_adapters.clear()
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def _dispatch_mapping() -> dict:
+    return {LinearNF4: LoraLinearNF4}
+
+
+def lora_config(model: nn.Module | None = None, **kwargs) -> LoraConfig:
+    """A `peft.LoraConfig(**kwargs)` whose LoRA layers on nf4 base layers are `LoraLinearNF4`.
+
+    `target_modules="all-linear"` needs the model (`lora_config(model=model, target_modules="all-linear")`):
+    it then lists every nf4 and nn.Linear layer but the output head, as PEFT does for nn.Linear; PEFT alone
+    does not know nf4's layers. With `model`, target names that match no layer are refused here.
+    """
+    targets = kwargs.get("target_modules")
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        if model is None:
+            raise ValueError(
+                "target_modules='all-linear' needs the model to find nf4's layers: call "
+                "nf4.hf.lora_config(model=model, target_modules='all-linear', ...), or list the names, e.g. "
+                "target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']"
+            )
+        kwargs["target_modules"] = sorted(_all_linear(model))
+    elif model is not None and targets is not None:
+        _check_targets(model, targets)
+    config = LoraConfig(**kwargs)
+    config._register_custom_module(_dispatch_mapping())
+    return config
+
+
+def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LinearNF4) or type(m) is nn.Linear}
+
+
+def _all_linear(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {n for n, m in _linear_layers(model).items() if m is not head}
+    if not names:
+        raise ValueError(f"target_modules='all-linear' found no Linear or nf4 layer in this {type(model).__name__}")
+    return names
+
+
+def _check_targets(model: nn.Module, targets) -> None:
+    if isinstance(targets, str):  # a regex, PEFT's full-match rule
+        import re
+
+        found = any(re.fullmatch(targets, n) for n in dict(model.named_modules()))
+    else:
+        names = list(dict(model.named_modules()))
+        found = any(n == t or n.endswith("." + t) for n in names for t in targets)
+    if not found:
+        layers = sorted({n.rpartition(".")[2] for n in _linear_layers(model)})
+        raise ValueError(
+            f"target_modules={targets!r} matches no module of this {type(model).__name__}; "
+            f"its Linear / nf4 layers are named {layers}"
+        )
+
+
+def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", is_trainable: bool = False,
+                 **kwargs) -> PeftModel:  # fmt: skip
+    """Load a PEFT LoRA adapter saved with `save_pretrained` onto an nf4 model; returns the PeftModel.
+
+    `model` is the base model (a new PeftModel is built, as `PeftModel.from_pretrained` does) or a
+    PeftModel already (the adapter is added under `adapter_name`). Other kwargs go to PEFT.
+    """
+    config = LoraConfig.from_pretrained(str(path))
+    config._register_custom_module(_dispatch_mapping())
+    if isinstance(model, PeftModel):
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        config.inference_mode = not is_trainable
+        model.add_adapter(adapter_name, config)
+        set_peft_model_state_dict(model, load_peft_weights(str(path)), adapter_name=adapter_name)
+        return model
+    return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable,
+                                     config=config, **kwargs)  # fmt: skip
+
+
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Exact merge of a PeftModel on nf4 layers: the base model, with each `LoraLinearNF4` replaced by an
+    nn.Linear holding `dequant(W) + sum of the active adapters' scaling * B @ A` (float32, rounded once to
+    `dtype`, default the weight's original dtype) and every other nf4 layer by its dequantized nn.Linear."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    for name, layer in [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLinearNF4)]:
+        inner = layer.get_base_layer()
+        if layer.merged:
+            layer.unmerge()
+        w = inner.dequantize_weight(torch.float32)
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                w = w + layer.get_delta_weight(adapter)
+        out_dtype = dtype or inner.nf4_meta.dtype
+        linear = nn.Linear(inner.in_features, inner.out_features, bias=inner.bias is not None,
+                           device=w.device, dtype=out_dtype)  # fmt: skip
+        with torch.no_grad():
+            linear.weight.copy_(w.to(out_dtype))
+            if inner.bias is not None:
+                linear.bias.copy_(inner.bias.to(out_dtype))
+        base.set_submodule(name, linear)
+    return _merge_nf4_layers(base, dtype=dtype, include_base=True)
+
+
+def convert_peft_layer(layer: nn.Module, base: LinearNF4) -> LoraLinearNF4:
+    """PEFT's LoRA layer `layer` (e.g. over bitsandbytes' Linear4bit) as a `LoraLinearNF4` over `base`: the
+    same adapters (the same Parameter objects: an optimizer keeps its state), active adapter, scaling."""
+    if layer.merged:
+        raise ValueError("this PEFT layer has adapters merged into its base weight; unmerge() them first")
+    variants = getattr(layer, "lora_variant", {})
+    bias = getattr(layer, "lora_bias", {})
+    if variants or any(bias.values()):
+        raise ValueError("nf4's LoRA layers support plain LoRA only (no DoRA, lora_bias or other variants)")
+    new = LoraLinearNF4.__new__(LoraLinearNF4)
+    new.__dict__.update(layer.__dict__)
+    new._modules = dict(layer._modules)
+    new._modules["base_layer"] = base
+    new.fan_in_fan_out = False
+    new._nf4_before_merge = None
+    return new

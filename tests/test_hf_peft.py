@@ -1,0 +1,314 @@
+"""PEFT on nf4 layers (`nf4.hf.lora_config`), bitsandbytes + PEFT models converted in place, and the
+training stack (gradient checkpointing, prepare_model_for_kbit_training, the HF Trainer, TRL's SFTTrainer).
+
+Tolerance against PEFT on bitsandbytes (same bytes, same adapter, float32): twice float32's error on these
+sums (K <= 128) at the output's scale.
+"""
+
+import copy
+
+import peft
+import pytest
+import torch
+from hf_helpers import TARGETS, load_bnb, load_nf4, save_tiny, tiny_config
+from torch import nn
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+
+import nf4.hf
+from nf4.hf import peft as nf4_peft
+from nf4.lora import LinearNF4, apply_lora, quantize_model
+
+
+@pytest.fixture(autouse=True)
+def _reference(reference_path):
+    """Whole models on the CPU: the torch path, not the kernel interpreter."""
+
+
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny32"))
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(1, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def close(a, b):
+    scale = b.abs().max()
+    return (a - b).abs().max() <= 2 * 128 * torch.finfo(torch.float32).eps * scale + 1e-6
+
+
+def adapted(model, seed=1, **kwargs):
+    kwargs = dict(dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), **kwargs)
+    config = nf4.hf.lora_config(**kwargs) if not isinstance(model, peft.PeftModel) else None
+    pm = peft.get_peft_model(model, config)
+    randomize(pm, seed)
+    return pm
+
+
+def randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def lora_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, nf4_peft.LoraLinearNF4)}
+
+
+def test_get_peft_model_wraps_nf4_layers_and_runs_one_fused_call(monkeypatch, tiny32, ids):
+    pm = adapted(load_nf4(tiny32))
+    found = lora_layers(pm)
+    assert len(found) == 6 and all(isinstance(m.base_layer, LinearNF4) for m in found.values())
+    assert all(m.lora_A["default"].weight.dtype == torch.float32 for m in found.values())
+    calls = []
+    real = nf4_peft._lora_linear
+    monkeypatch.setattr(nf4_peft, "_lora_linear", lambda *a: calls.append(a) or real(*a))
+    pm(ids).logits.sum().backward()
+    assert len(calls) == 6  # one fused call per adapted layer: NF4 matmul and LoRA term together
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert len(trainable) == 12 and all("lora_" in n for n in trainable)
+    assert all(pm.get_parameter(n).grad is not None for n in trainable)
+
+
+def test_outputs_and_gradients_agree_with_peft_on_bitsandbytes(tiny32, ids):
+    ours = adapted(load_nf4(tiny32, double_quant=False))
+    theirs = peft.get_peft_model(load_bnb(tiny32, double_quant=False), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))  # fmt: skip
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.copy_(ours.get_parameter(name))
+    for model in (ours, theirs):
+        model.train()  # bitsandbytes' CPU inference path (eval, no grad) repacks and rounds: not the oracle
+    a, b = ours(ids).logits, theirs(ids).logits
+    assert close(a, b)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            assert close(p.grad, grads[name]), name
+
+
+def test_several_adapters_switching_disabling_and_mixed_batches(tiny32, ids):
+    pm = adapted(load_nf4(tiny32))
+    pm.add_adapter("other", nf4.hf.lora_config(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    randomize(pm, 2)
+    pm.eval()
+    pm.set_adapter("other")
+    other = pm(ids).logits
+    pm.set_adapter("default")
+    default = pm(ids).logits
+    with pm.disable_adapter():
+        base = pm(ids).logits
+    assert not torch.equal(other, default) and not torch.equal(default, base) and not torch.equal(other, base)
+    mixed = pm(ids, adapter_names=["other", "__base__"]).logits
+    assert close(mixed[0], other[0]) and close(mixed[1], base[1])
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    layer.set_adapter(["default", "other"])  # both at once: the base's fused matmul, then PEFT's terms
+    both = layer(torch.randn(3, 64))
+    assert both.shape == (3, 64)
+
+
+def test_merge_is_lossy_unmerge_exact_and_the_16_bit_merge_exact(tiny32, ids):
+    pm = adapted(load_nf4(tiny32))
+    pm.eval()
+    with torch.no_grad():
+        expect = pm(ids).logits
+        layer = pm.base_model.model.model.layers[1].mlp.down_proj
+        before = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+        with pytest.warns(UserWarning, match="requantizes it"):
+            pm.merge_adapter()
+        merged = pm(ids).logits
+        assert not torch.equal(layer.base_layer.weight, before["weight"])  # the update went into the codes
+        pm.unmerge_adapter()
+        assert all(torch.equal(v, before[k]) for k, v in layer.base_layer.state_dict().items())
+        assert torch.equal(pm(ids).logits, expect)
+        # NF4 merge: closer to the adapted model than the base is, not equal (lossy)
+        with pm.disable_adapter():
+            base = pm(ids).logits
+        assert 0 < (merged - expect).abs().max() < (base - expect).abs().max()
+        exact = nf4.hf.merge_and_unload(copy.deepcopy(pm))
+        assert not any(isinstance(m, (LinearNF4, nf4_peft.LoraLinearNF4)) for m in exact.modules())
+        assert close(exact(ids).logits, expect)
+        unloaded = pm.merge_and_unload()
+        assert isinstance(unloaded.model.layers[1].mlp.down_proj, LinearNF4)
+        assert torch.equal(unloaded(ids).logits, merged)
+
+
+def test_save_in_peft_format_and_load_back(tmp_path, tiny32, ids):
+    pm = adapted(load_nf4(tiny32), use_rslora=True, rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3})
+    pm.eval()
+    expect = pm(ids).logits
+    pm.save_pretrained(tmp_path / "adapter")
+    back = nf4.hf.load_adapter(load_nf4(tiny32), tmp_path / "adapter")
+    layer = back.base_model.model.model.layers[0]
+    assert layer.mlp.down_proj.r["default"] == 2 and layer.self_attn.v_proj.lora_alpha["default"] == 3
+    assert layer.self_attn.q_proj.scaling["default"] == 8 / 2  # rsLoRA: alpha / sqrt(r)
+    assert torch.equal(back(ids).logits, expect)
+    second = nf4.hf.load_adapter(back, tmp_path / "adapter", adapter_name="again")
+    second.set_adapter("again")
+    assert torch.equal(second(ids).logits, expect)
+
+
+def test_config_errors_say_what_to_write(tiny32):
+    model = load_nf4(tiny32)
+    with pytest.raises(ValueError, match="target_modules='all-linear' needs the model"):
+        nf4.hf.lora_config(target_modules="all-linear")
+    config = nf4.hf.lora_config(model=model, target_modules="all-linear")
+    assert len(config.target_modules) == 14 and "lm_head" not in config.target_modules
+    with pytest.raises(ValueError, match=r"matches no module.*named \['down_proj', 'gate_proj', 'k_proj'"):
+        nf4.hf.lora_config(model=model, target_modules=["qproj"])
+    with pytest.raises(ValueError, match="do not support use_dora=True"):
+        peft.get_peft_model(model, nf4.hf.lora_config(target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="Target module LinearNF4.* is not supported"):
+        peft.get_peft_model(load_nf4(tiny32), peft.LoraConfig(target_modules=["q_proj"]))  # plain config
+
+
+# -- bitsandbytes + PEFT models move to nf4 in place ---------------------------------------------
+
+
+@pytest.mark.parametrize("convert", [apply_lora, quantize_model], ids=["apply_lora", "quantize_model"])
+def test_peft_on_bitsandbytes_converts_in_place_keeping_adapters(tiny32, ids, convert):
+    theirs = peft.get_peft_model(
+        load_bnb(tiny32), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    randomize(theirs, 3)
+    theirs.train()
+    expect = theirs(ids).logits
+    bnb_state = {k: v for k, v in theirs.state_dict().items() if "lora_" not in k}
+    adapters = {n: p for n, p in theirs.named_parameters() if "lora_" in n}
+    convert(theirs)
+    found = lora_layers(theirs)
+    assert len(found) == 4 and type(theirs.base_model.model.lm_head) is nn.Linear  # the 16-bit head stays
+    assert all(isinstance(m, LinearNF4) for n, m in theirs.named_modules() if n.endswith(("k_proj", "up_proj")))
+    assert {n: p for n, p in theirs.named_parameters() if "lora_" in n} == adapters  # the same Parameters
+    assert all(p.requires_grad for p in adapters.values())
+    assert all(torch.equal(v, bnb_state[k]) for k, v in theirs.state_dict().items() if "lora_" not in k)
+    assert close(theirs(ids).logits, expect)
+
+
+def test_bitsandbytes_model_converts_reusing_its_bytes(tiny32, ids):
+    model = load_bnb(tiny32)
+    before = model.state_dict()
+    pointers = {k: v.data_ptr() for k, v in before.items()}
+    model.train()
+    expect = model(ids).logits
+    apply_lora(model, r=4, lora_alpha=8)
+    converted = [n for n, m in model.named_modules() if isinstance(m, LinearNF4)]
+    assert len(converted) == 14 and type(model.lm_head) is nn.Linear
+    after = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(after[k].data_ptr() == pointers[k] for k in before if k.endswith(("proj.weight", "absmax")))
+    assert close(model(ids).logits, expect)  # lora_B starts at zero
+
+
+def test_fp4_bitsandbytes_layers_are_refused_by_name(tiny32):
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj: .*FP4"):
+        quantize_model(load_bnb(tiny32, quant_type="fp4"))
+
+
+# -- the training stack --------------------------------------------------------------------------
+
+
+def _grads(tiny32, ids, checkpointing=None, dropout=0.1):
+    torch.manual_seed(5)
+    model = load_nf4(tiny32)
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+        model.enable_input_require_grads()
+    pm = adapted(model, lora_dropout=dropout)
+    pm.train()
+    torch.manual_seed(6)
+    pm(ids, labels=ids).loss.backward()
+    return {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny32, ids, reentrant):
+    plain = _grads(tiny32, ids)
+    checkpointed = _grads(tiny32, ids, checkpointing=reentrant)
+    assert plain.keys() == checkpointed.keys() and all(torch.equal(plain[k], checkpointed[k]) for k in plain)
+
+
+def test_prepare_model_for_kbit_training_leaves_the_nf4_bytes_alone(tiny32):
+    model = load_nf4(tiny32, torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "proj" in k}
+    model = peft.prepare_model_for_kbit_training(model)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert model.model.norm.weight.dtype == torch.float32  # what it does to the rest
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        x = torch.randint(1, 128, (16,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": x, "labels": x}
+
+
+def test_hf_trainer_trains_the_adapters_only(tmp_path, tiny32):
+    model = peft.prepare_model_for_kbit_training(load_nf4(tiny32, torch.bfloat16))
+    pm = peft.get_peft_model(model, nf4.hf.lora_config(r=4, lora_alpha=8, target_modules=TARGETS))
+    frozen = {k: v.clone() for k, v in pm.state_dict().items() if "lora_" not in k}
+    lora_B = {n: p.clone() for n, p in pm.named_parameters() if "lora_B" in n}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, use_cpu=True,
+        report_to=[], save_strategy="no", logging_steps=1, gradient_checkpointing=True,
+    )  # fmt: skip
+    result = Trainer(model=pm, args=args, train_dataset=_Tokens()).train()
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    assert all(not torch.equal(p, lora_B[n]) for n, p in pm.named_parameters() if "lora_B" in n)
+    assert all(torch.equal(v, frozen[k]) for k, v in pm.state_dict().items() if "lora_" not in k)
+
+
+def test_trl_sft_trainer_runs_with_nf4(tmp_path, tiny32):
+    trl = pytest.importorskip("trl", reason="TRL is in the test extra")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(4, 128)} | {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "[EOS]": 3}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+    texts = [" ".join(f"w{4 + (7 * i + j) % 124}" for j in range(20)) for i in range(8)]
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, use_cpu=True, report_to=[],
+        save_strategy="no", max_length=32, gradient_checkpointing=True,
+    )  # fmt: skip
+    trainer = trl.SFTTrainer(
+        model=load_nf4(tiny32, torch.bfloat16), args=args, train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer, peft_config=nf4.hf.lora_config(r=4, lora_alpha=8, target_modules=TARGETS),
+    )  # fmt: skip
+    assert len(lora_layers(trainer.model)) == 14
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_lora_config_all_linear_on_a_model_built_in_memory():
+    model = LlamaForCausalLM(tiny_config())
+    quantize_model(model, target_modules=TARGETS)
+    config = nf4.hf.lora_config(model=model, target_modules="all-linear", r=2)
+    pm = peft.get_peft_model(model, config)
+    assert len(lora_layers(pm)) == 14
+
+
+def test_lora_dropout_applies_in_training_mode_only(tiny32, ids):
+    pm = adapted(load_nf4(tiny32), lora_dropout=0.5)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        pm.eval()
+        clean = layer(x)
+        pm.train()
+        dropped = [layer(x) for _ in range(2)]
+    assert not torch.equal(dropped[0], clean) and not torch.equal(dropped[0], dropped[1])
