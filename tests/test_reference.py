@@ -232,3 +232,14 @@ def test_offset_of_extreme_absmax_is_finite():
     assert reference.absmax_offset(torch.zeros(7)).item() == 0.0
     tiny = torch.full((5,), 1e-45)
     assert reference.absmax_offset(tiny).item() == torch.tensor(1e-45).item()
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("n", [1, 4095, 4096, 4097, 12289])
+def test_quantize_in_chunks_equals_one_piece(monkeypatch, n, blocksize):
+    """`quantize_ref` works through the tensor in chunks: the bytes do not depend on where they fall."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * torch.linspace(0.1, 10, n)
+    whole = reference.quantize_ref(x, blocksize)
+    monkeypatch.setattr(reference, "QUANT_CHUNK", 4096)
+    chunked = reference.quantize_ref(x, blocksize)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
