@@ -250,3 +250,15 @@ def test_gpt2_conv1d_layers_quantize_as_bitsandbytes_does(tmp_path, ids):
     a, b = ours.state_dict(), theirs.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.allclose(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_from_pretrained_on_cuda_quantizes_with_the_kernel_to_the_same_bytes(tiny16, ids):
+    gpu = AutoModelForCausalLM.from_pretrained(
+        tiny16, quantization_config=nf4.hf.NF4Config(), dtype=torch.bfloat16, device_map="cuda"
+    )
+    assert gpu.model.layers[0].mlp.up_proj.weight.is_cuda
+    cpu = load_nf4(tiny16, torch.bfloat16)
+    a, b = gpu.state_dict(), cpu.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k].cpu(), b[k]) for k in a)
+    assert torch.allclose(gpu(ids.cuda()).logits.cpu().float(), cpu(ids).logits.float(), rtol=0.05, atol=0.05)
