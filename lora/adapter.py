@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nf4.lora.convert import replace_module
+from nf4.lora.distributed import is_main_process
 from nf4.lora.modules import LinearNF4, LoRALinearNF4
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,7 +39,8 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     """Write the model's adapters to `directory` in PEFT's format; returns the directory.
 
     Ranks and alphas that differ between layers go to `rank_pattern` / `alpha_pattern` (full module
-    paths), as PEFT does. Layers must agree on `use_rslora` (PEFT has one flag per adapter).
+    paths), as PEFT does. Layers must agree on `use_rslora` (PEFT has one flag per adapter). On a model
+    sharded with FSDP2 every rank calls it (the adapters are gathered) and rank 0 writes the files.
     """
     layers = lora_layers(model)
     if not layers:
@@ -71,15 +73,24 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     }
     tensors = {}
     for name, m in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous().clone()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous().clone()
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = _full(m.lora_A).to("cpu").contiguous().clone()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = _full(m.lora_B).to("cpu").contiguous().clone()
+    directory = Path(directory)
+    if not is_main_process():
+        return directory  # every rank gathered the adapter above (FSDP2); rank 0 writes it
     from safetensors.torch import save_file
 
-    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """`t` whole: a parameter sharded by FSDP2 (a DTensor) is gathered, a collective every rank runs."""
+    t = t.detach()
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else t
 
 
 def _read_config(directory: Path) -> dict:

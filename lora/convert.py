@@ -105,6 +105,10 @@ def _nf4(module: nn.Module, name: str, cls: type[LinearNF4], blocksize: int, dou
     return from_bnb(module, name, cls, **kwargs)
 
 
+def _params(x) -> list[nn.Parameter]:
+    return list(x.parameters()) if isinstance(x, nn.Module) else [x]
+
+
 def _targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
     if isinstance(target_modules, str):
         target_modules = [target_modules]
@@ -135,9 +139,14 @@ def _replace(model: nn.Module, target_modules, cls, label: str, progress, blocks
     """Convert the targets of `model` in place: plain and bitsandbytes layers into `cls(**kwargs)`, PEFT's
     LoRA layers into nf4's PEFT layer over a LinearNF4."""
     targets = _targets(model, target_modules)
-    adapters = {id(p) for _, m in targets if _is_peft_lora(m) for p in (*m.lora_A.parameters(), *m.lora_B.parameters())}
+    adapters = {  # adapters already there (PEFT's, or a previous apply_lora's) stay as trainable as they were
+        id(p)
+        for m in model.modules()
+        if _is_peft_lora(m) or isinstance(m, LoRALinearNF4)
+        for p in (*_params(m.lora_A), *_params(m.lora_B))
+    }
     for param in model.parameters():
-        if id(param) not in adapters:  # PEFT's adapters stay as trainable as PEFT made them
+        if id(param) not in adapters:
             param.requires_grad_(False)
     peft_model = any(_is_peft_lora(m) for _, m in targets)
     bar = Progress(len(targets), label, progress)

@@ -32,6 +32,7 @@ never cast or requantize them.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -217,7 +218,32 @@ class LinearNF4(nn.Module):
             )
             return
         assign = local_metadata.get("assign_to_params_buffers", False) or self.weight.device.type == "meta"
-        self._set_weight(q if assign else q.to(self.weight.device))
+        if assign or not self._same_layout(q):
+            self._set_weight(q if assign else q.to(self.weight.device))
+            return
+        with torch.no_grad():  # in place, like nn.Module: the parameter objects stay (FSDP2 holds them)
+            mine = self.nf4_weight.flatten()[0]
+            for name, piece in q.flatten()[0].items():
+                if piece is not None and piece is not mine[name]:
+                    mine[name].copy_(piece)
+        self._weight_meta = q.meta
+
+    def _same_layout(self, q: NF4Tensor) -> bool:
+        """True when `q`'s pieces have the shapes and dtypes of this module's (a copy in place can load it)."""
+        meta = self._weight_meta
+        return (q.shape, q.blocksize, q.double_quant) == (meta.shape, meta.blocksize, meta.double_quant)
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """torch.distributed.checkpoint resolves every state-dict key as an attribute path from the root;
+        bitsandbytes' keys (`weight.absmax`, `weight.quant_state.bitsandbytes__nf4`, ...) are not attributes of
+        the `weight` parameter, so its walk goes through `_bnb_key_path` instead (the keys stay the same)."""
+        return {"weight": "_bnb_key_path"}
+
+    @property
+    def _bnb_key_path(self) -> SimpleNamespace:
+        names = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+        weight = SimpleNamespace(**dict.fromkeys(names), quant_state=SimpleNamespace(bitsandbytes__nf4=None))
+        return SimpleNamespace(weight=weight)
 
     # -- device moves never cast the format ----------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -233,8 +259,8 @@ class LinearNF4(nn.Module):
                     return t
                 return torch.empty_like(t, device=device) if t.device.type == "meta" else t.to(device)
 
-            for name, p in params.items():
-                self._parameters[name] = nn.Parameter(move(p.detach()), requires_grad=False)
+            for name, p in params.items():  # unmoved parameters stay the same objects (optimizers, FSDP2)
+                self._parameters[name] = p if p.device == device else nn.Parameter(move(p.detach()), False)
             for name, b in buffers.items():
                 self._buffers[name] = move(b)
         return self

@@ -269,6 +269,24 @@ def test_builds_on_meta_under_any_default_dtype_then_loads(cls, double_quant):
     assert torch.equal(empty(x), src(x))
 
 
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+def test_load_state_dict_copies_in_place_and_moves_keep_the_parameters(double_quant):
+    """Like nn.Module: loading a state dict of the same layout copies into the existing parameters (an
+    optimizer or FSDP2 holds them), and a cast or a move to the same device leaves them as they are."""
+    layer = LoRALinearNF4(64, 48, r=4, double_quant=double_quant)
+    other = LoRALinearNF4.from_linear(nn.Linear(64, 48), r=4, double_quant=double_quant)
+    params = dict(layer.named_parameters())
+    layer.load_state_dict(other.state_dict())
+    assert all(p is params[n] for n, p in layer.named_parameters())
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), other(x))
+    layer.half().to("cpu").float()
+    assert layer.weight is params["weight"] and layer.weight_absmax is params["weight_absmax"]
+    other32 = LoRALinearNF4.from_linear(nn.Linear(64, 48), r=4, blocksize=32, double_quant=double_quant)
+    layer.load_state_dict(other32.state_dict())  # another layout: the pieces are replaced
+    assert layer.nf4_weight.blocksize == 32 and torch.equal(layer(x), other32(x))
+
+
 def test_nothing_lives_in_non_persistent_buffers():
     """transformers replaces every non-persistent buffer by `torch.empty_like` after loading: the weight
     must survive that."""

@@ -66,6 +66,15 @@ def test_target_modules_by_suffix():
         apply_lora(tiny_llama(), target_modules=["nope"])
 
 
+def test_apply_lora_again_keeps_the_first_adapters_trainable():
+    model = apply_lora(tiny_llama(), r=2, target_modules=["q_proj"])
+    apply_lora(model, r=4, target_modules=["v_proj"], double_quant=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 8 and all(
+        n.endswith(("q_proj.lora_A", "q_proj.lora_B", "v_proj.lora_A", "v_proj.lora_B")) for n in trainable
+    )
+
+
 def test_training_lowers_the_loss_and_changes_only_lora(reference_path, ids):
     model = apply_lora(tiny_llama(), r=8, lora_alpha=16, lora_dropout=0.05)
     frozen = {n: t.clone() for n, t in model.state_dict().items() if "lora_" not in n}

@@ -1,0 +1,202 @@
+"""Worker processes for tests/test_distributed.py: gloo ranks on the CPU running FSDP2 on nf4 models.
+
+Each worker writes what it measured to `out/rank{r}.pt`; the test process asserts. Every rank builds the
+same model from the same seeds, so each can compare its sharded run with the single-process one.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+IN, HIDDEN, MID, OUT = 256, 1030, 518, 72  # rows: 1030, 518 divide by no world size; blocks straddle edges
+
+
+def build(seed: int = 0) -> nn.Module:
+    from nf4.lora import LoRALinearNF4, apply_lora
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, MID), nn.GELU(), nn.Linear(MID, OUT))
+    apply_lora(model, r=4, lora_alpha=8, target_modules=["0", "2"])
+    apply_lora(model, r=2, lora_alpha=4, target_modules=["4"], double_quant=False)  # float32 absmax too
+    for m in model.modules():
+        if isinstance(m, LoRALinearNF4):
+            nn.init.normal_(m.lora_B, std=0.1)
+    return model
+
+
+def batch(world: int) -> torch.Tensor:
+    return torch.randn(4 * world, IN, generator=torch.Generator().manual_seed(1))
+
+
+def nf4_state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k and "bias" not in k}
+
+
+def logged(fn, rank: int, world: int, port: int, out: str) -> None:
+    """Run `fn` with this process's stdout and stderr (Python's and the C++ libraries') in a log file."""
+    log = os.open(os.path.join(out, f"{fn.__name__}-{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    fn(rank, world, port, out)
+
+
+def init(rank: int, world: int, port: int):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (world,))
+
+
+def train_and_check(rank: int, world: int, port: int, out: str) -> None:
+    """Sharded forward/backward against the single-process run, bytes per rank and per all-gather,
+    optimizer steps, the full state dict, save_adapter and a DCP checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from nf4.lora import save_adapter
+    from nf4.lora.distributed import AllGatherBytes, local_bytes, shard_model
+
+    mesh = init(rank, world, port)
+    result = {}
+    model = build()
+    x = batch(world)
+    reference = model(x)
+    reference.square().mean().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    result["unsharded_state"] = model.state_dict()
+    result["total_bytes"] = local_bytes(model)
+    result["buffer_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers())
+    result["largest_share"] = sum(  # FSDP2 gives each rank ceil(rows / world) rows of every parameter at most
+        -(-p.shape[0] // world) * (p.numel() // p.shape[0]) * p.element_size() for p in model.parameters()
+    )
+    result["nf4_weights"] = sum(m.weight.numel() * 2 for m in model if hasattr(m, "nf4_weight"))
+
+    shard_model(model, mesh=mesh)
+    result["local_bytes"] = local_bytes(model)
+    mine = x.chunk(world)[rank]
+    with AllGatherBytes() as gathered:
+        y = model(mine)
+        (y.square().sum() / reference.numel() * world).backward()  # FSDP2 averages over ranks
+    result["all_gather_bytes"] = gathered.bytes
+    result["forward_error"] = (y - reference.chunk(world)[rank]).abs().max().item()
+    result["grad_error"] = max(
+        ((p.grad.full_tensor() - ref_grads[n]).abs().max() / ref_grads[n].abs().max()).item()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    )
+    result["grad_names"] = sorted(n for n, p in model.named_parameters() if p.grad is not None)
+    before = nf4_state(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        opt.step()
+        opt.zero_grad()
+        model(mine).square().mean().backward()
+    after = nf4_state(model)
+    result["nf4_unchanged_by_steps"] = all(torch.equal(before[k].full_tensor() if hasattr(before[k], "full_tensor")
+                                               else before[k], v.full_tensor() if hasattr(v, "full_tensor") else v)
+                                           for k, v in after.items())  # fmt: skip
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    result["full_state_dict"] = full
+    save_adapter(model, os.path.join(out, "adapter"))
+    dcp.save(get_model_state_dict(model), checkpoint_id=os.path.join(out, "dcp"))
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def load_checkpoint(rank: int, world: int, port: int, out: str) -> None:
+    """Load the DCP checkpoint another world size saved into a model built the same way."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from nf4.lora.distributed import shard_model
+
+    mesh = init(rank, world, port)
+    model = shard_model(build(), mesh=mesh)
+    state = get_model_state_dict(model)
+    dcp.load(state, checkpoint_id=os.path.join(out, "dcp"))
+    set_model_state_dict(model, state)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    torch.save({"full_state_dict": full}, os.path.join(out, f"load-rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def mixed_precision(rank: int, world: int, port: int, out: str) -> None:
+    """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the NF4 pieces the forward sees are the
+    unsharded model's, bit for bit; outputs agree with the bf16 computation. (CPUOffloadPolicy needs an
+    accelerator: tests/test_distributed.py's GPU test.)"""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from nf4.lora.distributed import shard_model
+
+    mesh = init(rank, world, port)
+    result = {}
+    for name, kwargs in {
+        "mp": dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)),
+        "plain": {},
+    }.items():
+        model = build()
+        x = batch(world)
+        dequantized = [m.dequantize_weight(torch.float32) for m in model if hasattr(m, "nf4_weight")]
+        if name == "mp":
+            reference = model.to(torch.bfloat16)(x.bfloat16()).float()
+            model = build()
+        else:
+            reference = model(x)
+        seen = []
+
+        def capture(module, args, seen=seen):
+            seen.append(module.dequantize_weight(torch.float32))
+
+        for m in model:
+            if hasattr(m, "nf4_weight"):
+                m.register_forward_pre_hook(capture)
+        shard_model(model, mesh=mesh, **kwargs)
+        y = model(x.chunk(world)[rank]).float()
+        y.square().mean().backward()
+        result[name] = {
+            "weights_identical": len(seen) == 3
+            and all(torch.equal(a, b) for a, b in zip(seen, dequantized, strict=True)),
+            "output_error": ((y - reference.chunk(world)[rank]).abs().max() / reference.abs().max()).item(),
+            "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        }
+    torch.save(result, os.path.join(out, f"mp-rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def one_gpu(rank: int, world: int, port: int, out: str) -> None:
+    """World size 1 on CUDA (nccl): fully_shard, with and without CPUOffloadPolicy, through the Triton
+    kernels; forward and LoRA gradients against the unsharded model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    from nf4.lora.distributed import shard_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    mesh = init_device_mesh("cuda", (world,))
+    result = {}
+    for name, kwargs in {"plain": {}, "offload": dict(offload_policy=CPUOffloadPolicy())}.items():
+        model = build().cuda()
+        x = batch(world).cuda()
+        reference = model(x)
+        reference.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model = build()
+        model = shard_model(model if name == "offload" else model.cuda(), mesh=mesh, **kwargs)
+        y = model(x)
+        y.square().mean().backward()
+        result[name] = {
+            "forward_error": ((y - reference).abs().max() / reference.abs().max()).item(),
+            "grad_error": max(
+                ((p.grad.full_tensor().cuda() - grads[n]).abs().max() / grads[n].abs().max()).item()
+                for n, p in model.named_parameters()
+                if p.grad is not None
+            ),
+        }
+    torch.save(result, os.path.join(out, "gpu.pt"))
+    dist.destroy_process_group()

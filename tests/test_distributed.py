@@ -1,0 +1,141 @@
+"""FSDP2 on nf4 models, with 2, 3 and 4 gloo ranks on the CPU (tests/dist_workers.py does the work).
+
+Workers run under a timeout, so a hang fails the test instead of blocking CI.
+"""
+
+import json
+import multiprocessing
+import os
+import socket
+
+import pytest
+import torch
+from dist_workers import build, load_checkpoint, logged, mixed_precision, one_gpu, train_and_check
+from safetensors.torch import load_file
+
+TIMEOUT = 180
+
+
+def launch(fn, world: int, out) -> None:
+    """Run `fn(rank, world, port, out)` on `world` spawned processes; fail on a crash or a timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=logged, args=(fn, rank, world, port, str(out))) for rank in range(world)]
+    interpret = os.environ.pop("TRITON_INTERPRET", None)  # whole models: the torch path, not the interpreter
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+    for p in procs:
+        p.join(TIMEOUT)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"{fn.__name__}: {len(alive)} of {world} ranks still running after {TIMEOUT} s (a hang)"
+    logs = "".join(f"--- rank {r} ---\n{(out / f'{fn.__name__}-{r}.log').read_text()[-2000:]}" for r in range(world))
+    assert all(p.exitcode == 0 for p in procs), f"{fn.__name__}: exit codes {[p.exitcode for p in procs]}\n{logs}"
+
+
+def equal_state(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """world size -> (output folder, each rank's results), for 2 and 4 ranks."""
+    found = {}
+    for world in (2, 4):
+        out = tmp_path_factory.mktemp(f"fsdp{world}")
+        launch(train_and_check, world, out)
+        found[world] = out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return found
+
+
+@pytest.fixture(params=[2, 4], ids=["2-ranks", "4-ranks"])
+def trained(request, runs):
+    return (request.param, *runs[request.param])
+
+
+def test_each_rank_holds_its_share_of_the_nf4_bytes(trained):
+    world, _, results = trained
+    # the parameters (codes, absmax, adapters, biases) split by rows, uneven sizes padded; the tables
+    # (buffers, ~1.1 KB per layer) stay on every rank
+    sharded = results[0]["total_bytes"] - results[0]["buffer_bytes"]
+    mine = [r["local_bytes"] - r["buffer_bytes"] for r in results]
+    assert sum(mine) == sharded  # every byte on exactly one rank
+    assert max(mine) <= results[0]["largest_share"] <= sharded / world * 1.01, (mine, sharded)
+
+
+def test_forward_and_lora_gradients_equal_the_single_process_run(trained):
+    _, _, results = trained
+    for result in results:
+        assert result["forward_error"] <= 1e-6 * 10
+        assert result["grad_error"] <= 1e-5  # fp32, rtol 1e-5 (reduction order differs)
+        assert all("lora_" in n for n in result["grad_names"]) and len(result["grad_names"]) == 6
+
+
+def test_all_gathers_move_the_weights_in_4_bits(trained):
+    world, _, results = trained
+    sizes = results[0]["unsharded_state"]
+    # what the step gathers besides the NF4 pieces: adapters and biases (float32), each gathered for the
+    # forward and again for the backward (reshard_after_forward), padded to a multiple of the world size
+    other = sum(v.numel() * v.element_size() for k, v in sizes.items() if "lora_" in k or "bias" in k)
+    nf4 = sum(v.numel() for k, v in sizes.items() if k.endswith(("proj.weight", ".weight", "weight.absmax")))
+    nf4 -= sum(v.numel() for k, v in sizes.items() if k.endswith("lora_A") or k.endswith("lora_B"))
+    for result in results:
+        per_pass = result["all_gather_bytes"] / 2
+        nf4_bytes = per_pass - other
+        assert nf4_bytes / result["nf4_weights"] <= 0.53, nf4_bytes / result["nf4_weights"]
+        assert nf4_bytes >= nf4  # nothing skipped: at least the codes and absmax, padding aside
+
+
+def test_optimizer_steps_leave_the_nf4_bytes_identical(trained):
+    assert all(r["nf4_unchanged_by_steps"] for r in trained[2])
+
+
+def test_full_state_dict_is_bitsandbytes_layout_and_equals_the_unsharded_model(trained):
+    _, _, results = trained
+    full = results[0]["full_state_dict"]
+    assert any(k.endswith("weight.quant_state.bitsandbytes__nf4") for k in full)
+    reference = build().state_dict()  # the same model trained nowhere: equal but for the adapters
+    assert set(full) == set(reference)
+    assert all(torch.equal(full[k], reference[k]) for k in full if "lora_" not in k)
+
+
+def test_save_adapter_on_a_sharded_model_writes_peft_files_from_rank_0(trained):
+    _, out, results = trained
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    full = results[0]["full_state_dict"]
+    assert config["r"] == 4 and len(saved) == 6
+    assert all(torch.equal(saved[f"base_model.model.{k}.weight"], full[k]) for k in full if "lora_" in k)
+
+
+def test_dcp_checkpoint_loads_at_another_world_size_bit_exact(runs):
+    out, results = runs[2]
+    launch(load_checkpoint, 3, out)  # saved by 2 ranks, loaded by 3
+    loaded = torch.load(out / "load-rank0.pt", weights_only=False)["full_state_dict"]
+    assert equal_state(loaded, results[0]["full_state_dict"])
+
+
+def test_mixed_precision_leaves_the_nf4_numerics_alone(tmp_path):
+    launch(mixed_precision, 2, tmp_path)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"mp-rank{rank}.pt", weights_only=False)
+        mp, plain = result["mp"], result["plain"]
+        assert mp["weights_identical"] and plain["weights_identical"]
+        assert mp["param_dtypes"] == ["torch.float32", "torch.int32", "torch.uint8"]  # sharded storage
+        assert mp["output_error"] <= 2 * torch.finfo(torch.bfloat16).eps  # bf16 against bf16, relative
+        assert plain["output_error"] <= 1e-6
+
+
+@pytest.mark.gpu
+def test_fully_shard_on_one_gpu_runs_the_fused_kernels_with_and_without_cpu_offload(tmp_path):
+    launch(one_gpu, 1, tmp_path)
+    result = torch.load(tmp_path / "gpu.pt", weights_only=False)
+    for name in ("plain", "offload"):
+        assert result[name]["forward_error"] <= 1e-5 and result[name]["grad_error"] <= 1e-4, (name, result)
