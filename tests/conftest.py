@@ -16,7 +16,7 @@ if not GPU:
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")  # every kernel sets it; silence 3.9's notice
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 settings.register_profile(
     "ci",
@@ -27,6 +27,9 @@ settings.register_profile(
     print_blob=True,
 )
 settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# tests/mutants.py: the CI examples, not shrunk (a mutant is killed by any failure; shrinking one under the
+# interpreter can take a minute)
+settings.register_profile("mutation", parent=settings.get_profile("ci"), phases=[Phase.explicit, Phase.generate])
 settings.register_profile("thorough", max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 

@@ -59,3 +59,137 @@ def without_interpreter(code: str, timeout: int = 900) -> str:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+# -- the format's own error bound, and inputs on the code thresholds ------------------------------
+
+
+def absmax_decode_bound(absmax: torch.Tensor) -> torch.Tensor:
+    """Per-block bound (float64 [nblocks]) on |decoded - absmax| for double-quantized absmax (float [nblocks],
+    the true values), from the format (nf4-format.md, section 3): half the largest gap of the 256-entry
+    map (0.0070) x the 256-group's max |absmax - offset| (offset = mean), plus float32 rounding (the
+    offset, the scaling, the decode's product and sum): a few ulps of the values involved."""
+    from nf4.codebook import dynamic_map
+
+    absmax = absmax.detach().double().cpu()
+    nblocks = absmax.numel()
+    offset = absmax.mean()
+    groups = -(-nblocks // 256)
+    y = torch.nn.functional.pad((absmax - offset).abs(), (0, groups * 256 - nblocks))
+    spread = y.view(groups, 256).amax(dim=1).repeat_interleave(256)[:nblocks]
+    map_half_gap = float(dynamic_map().double().diff().max()) / 2
+    return spread * map_half_gap + 4 * torch.finfo(torch.float32).eps * (spread + offset.abs() + absmax)
+
+
+def nf4_error_bound(x: torch.Tensor, blocksize: int, double_quant: bool, dtype: torch.dtype | None = None):
+    """Per-element bound (float64, x's shape) on |dequantize(quantize(x, blocksize, double_quant), dtype) - x|
+    that the format guarantees (nf4-format.md), computed from x alone:
+
+        half the largest gap between NF4 values (0.1519) x the block's absmax
+      + with double quant, the decoded absmax's error (`absmax_decode_bound`; |code| <= 1 carries it
+        to every value)
+      + float32 rounding of the reciprocal, the scaling (a value an ulp off can pick the neighbouring
+        code) and the product: a few ulps of the block's scale
+      + one rounding to `dtype` (default x's dtype): half an ulp of the block's scale, and half the
+        smallest subnormal step (float32's or dtype's) where values are subnormal.
+    """
+    from nf4.codebook import NF4_CODE
+
+    dtype = dtype or x.dtype
+    flat = x.detach().reshape(-1).double().cpu()
+    n = flat.numel()
+    nblocks = -(-n // blocksize)
+    blocks = torch.nn.functional.pad(flat, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    decode = absmax_decode_bound(absmax) if double_quant else torch.zeros_like(absmax)
+    scale = absmax + decode
+    half_gap = float(NF4_CODE.double().diff().max()) / 2
+    f32, out = torch.finfo(torch.float32), torch.finfo(dtype)
+    per_block = absmax * half_gap + decode + 4 * f32.eps * scale + out.eps / 2 * scale
+    floor = max(f32.smallest_normal * f32.eps, out.smallest_normal * out.eps) / 2
+    return (per_block.repeat_interleave(blocksize)[:n] + floor).view(x.shape)
+
+
+def _scaled(x, absmax):
+    """The format's scaled value x * (1 / absmax) in float32 (numpy float32 scalars), with the reference's
+    exact power-of-two pre-scaling for absmax outside [2**-64, 2**64] (`nf4.reference.unit_scale`)."""
+    import numpy as np
+
+    pre = np.float32(2.0**64) if absmax < 2.0**-64 else np.float32(2.0**-64) if absmax > 2.0**64 else np.float32(1)
+    inv = np.float32(1) / (absmax * pre)  # IEEE division of float32 scalars: correctly rounded
+    return (x * pre) * inv
+
+
+PROBE_ABSMAX = (1.0, -3.0, 2.0**-80, -(1.5 * 2.0**70))
+"""Absmax (signed: the first value of its block) of the `midpoint_probes` blocks: 1 (the scaled value is
+x itself), 3 and 1.5 * 2**70 (inexact reciprocals), 2**-80 and 1.5 * 2**70 (the power-of-two pre-scaling)."""
+
+
+def midpoint_probes(blocksize: int = 64):
+    """float32 x [len(PROBE_ABSMAX) * blocksize] and its expected NF4 codes (int64), per the format.
+
+    Each block starts with its absmax value, then for each of the 15 float32 NF4 midpoints
+    `(c[i] + c[i+1]) / 2` holds the float32 x whose scaled value `x * (1 / absmax)` is exactly the
+    midpoint (where one exists: always when absmax is a power of two), the x with the largest scaled value
+    below it and the x with the smallest above it (the midpoint's nextafter neighbours when absmax is a
+    power of two), then zeros. The code is the number of midpoints strictly below the scaled value (a tie
+    goes to the lower code): midpoint i -> i, just above -> i + 1, just below -> i. Random data never lands
+    on a midpoint; a `>=` for `>`, searchsorted's other side or a differently rounded scaling shows here.
+    """
+    import numpy as np
+
+    from nf4.codebook import NF4_CODE
+
+    assert blocksize >= 46, "a block holds its absmax and up to 3 values per midpoint"
+    code = NF4_CODE.numpy()
+    mids = ((code[:-1] + code[1:]) / np.float32(2)).astype(np.float32)  # float32 sum, exact halving
+    xs, expect = [], []
+    for a in PROBE_ABSMAX:
+        a32 = np.float32(abs(a))
+        block = [np.float32(a)]
+        for t in mids:
+            x0 = np.float32(np.float64(t) * np.float64(a32))
+            window = [x0]
+            down = up = x0
+            for _ in range(16):
+                down, up = np.nextafter(down, np.float32(-np.inf)), np.nextafter(up, np.float32(np.inf))
+                window += [down, up]
+            scaled = {x: _scaled(x, a32) for x in window}
+            below = max((x for x in window if scaled[x] < t), key=lambda x: scaled[x])
+            above = min((x for x in window if scaled[x] > t), key=lambda x: scaled[x])
+            block += [x for x in window if scaled[x] == t][:1] + [below, above]
+        if abs(a) in (1.0, 2.0**-80):  # a power of two: every midpoint and both neighbours, exactly
+            assert len(block) == 46 and all(_scaled(x, a32) == t for x, t in zip(block[1::3], mids, strict=True))
+        block += [np.float32(0)] * (blocksize - len(block))
+        xs += block
+        expect += [int((mids < _scaled(x, a32)).sum()) for x in block]
+    return torch.from_numpy(np.array(xs, dtype=np.float32)), torch.tensor(expect, dtype=torch.int64)
+
+
+def codes_of(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The n 4-bit codes (int64) of packed uint8 [(n + 1) // 2, 1], element 2k in the high nibble."""
+    flat = packed.reshape(-1).long()
+    return torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:n]
+
+
+def threshold_probes():
+    """(y float32 [768], expected nested codes int64 [768]) for double quantization with offset 0: each
+    256-group holds 1.0 (so its absmax2 is 1 and the scaled value is y itself) and values exactly on the
+    255 rounding thresholds between neighbouring entries of the 256-entry map, and one float32 step
+    either side. The expected code is the exact nearest map entry, a tie going to the lower one
+    (nf4-format.md, section 3), from float64 distances: on a threshold (the float32 at or just below
+    the exact midpoint) the lower entry, one step above it the upper."""
+    import numpy as np
+
+    from nf4.codebook import dynamic_map
+
+    code = dynamic_map().double().numpy()
+    mid = (code[:-1] + code[1:]) / 2
+    at = mid.astype(np.float32)
+    at = np.where(at.astype(np.float64) > mid, np.nextafter(at, np.float32(-np.inf)), at).astype(np.float32)
+    values = np.concatenate([at, np.nextafter(at, np.float32(np.inf)), np.nextafter(at, np.float32(-np.inf))])
+    groups = [np.concatenate([[np.float32(1)], chunk]) for chunk in np.split(values.astype(np.float32), 3)]
+    y = np.concatenate(groups).astype(np.float32)
+    dist = np.abs(y.astype(np.float64)[:, None] - code[None, :])
+    expect = dist.argmin(axis=1)  # the first (lower) index on a tie
+    return torch.from_numpy(y), torch.from_numpy(expect).long()

@@ -5,8 +5,10 @@ import torch
 
 import nf4
 import nf4.cpu
+from helpers import codes_of, midpoint_probes
 from nf4 import reference
 from nf4.api import decode_absmax
+from nf4.codebook import NF4_CODE
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -47,6 +49,18 @@ def test_compiled_dequantize_is_bit_exact(compiled_cpu, dtype, shape, blocksize,
     got = nf4.dequantize(q, dtype)
     want = reference.dequantize_ref(q.packed, decode_absmax(q), blocksize, q.shape, dtype)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_midpoints_round_trip_through_the_cpu_path(compiled_cpu, dtype):
+    """The CPU path end to end on scaled values exactly on each NF4 midpoint and one float32 step either
+    side (`helpers.midpoint_probes`): `nf4.quantize` gives the format's codes (a tie goes to the lower
+    code), and the compiled dequantize gives `NF4[code] * absmax`, rounded once to `dtype`."""
+    x, expect = midpoint_probes()
+    q = nf4.quantize(x, 64, double_quant=False)
+    assert torch.equal(codes_of(q.packed, x.numel()), expect)
+    want = (NF4_CODE[expect] * q.absmax.repeat_interleave(64)).to(dtype)
+    assert torch.equal(nf4.dequantize(q, dtype).view(torch.uint8), want.view(torch.uint8))
 
 
 @pytest.mark.parametrize("trans", [False, True])

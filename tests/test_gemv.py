@@ -33,13 +33,13 @@ def problem(m, n, k, r, dtype, bias, blocksize, double_quant, seed, v_dtype=None
     return q, x, u, v, b
 
 
-def check(y, q, x, u, v, b):
+def check(y, q, x, u, v, b, lora_scale=1.0):
     dtype = x.dtype
     w = nf4.dequantize(q, torch.float32)
-    exact = reference.matmul_ref(x.double(), w.double(), False, u, v, b)
+    exact = reference.matmul_ref(x.double(), w.double(), False, u, v, b, lora_scale=lora_scale)
     torch_y = x @ w.to(dtype).t()
     if u is not None:
-        torch_y = torch_y + u.to(dtype) @ v.to(dtype)
+        torch_y = torch_y + (u.to(dtype) @ v.to(dtype)) * lora_scale
     if b is not None:
         torch_y = torch_y + b.to(dtype)
     torch_err = (torch_y.double() - exact).abs().max().item()
@@ -49,13 +49,13 @@ def check(y, q, x, u, v, b):
     assert err <= 2 * torch_err + 2 * ulp, (err, torch_err, ulp)
 
 
-def run_and_check(device, q, x, u, v, b, split=None, a=None):
+def run_and_check(device, q, x, u, v, b, split=None, a=None, lora_scale=1.0):
     """With `a` ([r, K]), u is x @ a^T computed by the kernel; the oracle uses it in float64."""
     on = lambda t: None if t is None else t.to(device)  # noqa: E731
-    y = nf4_gemv(on(x), q.to(device), u=on(u), v=on(v), bias=on(b), split=split, a=on(a))
+    y = nf4_gemv(on(x), q.to(device), u=on(u), v=on(v), bias=on(b), split=split, a=on(a), lora_scale=lora_scale)
     if a is not None:
         u = x.double() @ a.double().t()
-    check(y.cpu(), q, x, u, v, b)
+    check(y.cpu(), q, x, u, v, b, lora_scale)
 
 
 @given(
@@ -71,17 +71,32 @@ def run_and_check(device, q, x, u, v, b, split=None, a=None):
     f32_adapter=st.booleans(),
     bias_dtype=st.sampled_from([torch.float32, None]),
     fused_a=st.booleans(),
+    lora_scale=st.sampled_from([1.0, 2.5, 0.375]),
     seed=st.integers(0, 2**16),
 )
 def test_gemv_matches_reference(
-    kernel_device, m, n, k, r, dtype, bias, blocksize, double_quant, split, f32_adapter, bias_dtype, fused_a, seed
+    kernel_device,
+    m,
+    n,
+    k,
+    r,
+    dtype,
+    bias,
+    blocksize,
+    double_quant,
+    split,
+    f32_adapter,
+    bias_dtype,
+    fused_a,
+    lora_scale,
+    seed,
 ):
     v_dtype = torch.float32 if f32_adapter else dtype
     q, x, u, v, b = problem(m, n, k, r, dtype, bias, blocksize, double_quant, seed, v_dtype, bias_dtype or dtype)
     a = None
     if fused_a and r:  # the adapter's A instead of u: x @ A^T computed by the kernel's extra row tile
         a, u = (torch.randn(r, k, generator=torch.Generator().manual_seed(seed)) / k**0.5).to(v_dtype), None
-    run_and_check(kernel_device, q, x, u, v, b, split, a)
+    run_and_check(kernel_device, q, x, u, v, b, split, a, lora_scale)
 
 
 PATHS = [  # (K, blocksize): 64-column steps, 32-column steps (blocksize 32 / K % 64 == 32), general path
@@ -99,7 +114,7 @@ PATHS = [  # (K, blocksize): 64-column steps, 32-column steps (blocksize 32 / K 
 @pytest.mark.parametrize("m", [1, 16])
 def test_every_code_path(kernel_device, k, blocksize, double_quant, dtype, m):
     q, x, u, v, b = problem(m, 300, k, 16, dtype, True, blocksize, double_quant, seed=k + blocksize)
-    run_and_check(kernel_device, q, x, u, v, b, split=2)
+    run_and_check(kernel_device, q, x, u, v, b, split=2, lora_scale=2.5)
 
 
 def test_step_choice():
@@ -117,10 +132,10 @@ def test_epilogue_steps_and_rank_chunks(kernel_device):
     # the last one partial), B^T float32 as a float32 adapter gives it,
     # the bf16 bias; x scaled down so that the low-rank term dominates (a missing rank chunk shows)
     q, x, u, v, b = problem(3, 70, 64 * 20, 40, torch.bfloat16, True, 64, True, 11, torch.float32, torch.bfloat16)
-    run_and_check(kernel_device, q, x * 0.01, u, v, b * 0.01, split=20)
+    run_and_check(kernel_device, q, x * 0.01, u, v, b * 0.01, split=20, lora_scale=0.375)
     # the same with u = x @ A^T from the kernel (float32 A): its slices summed 8 at a time too
     a = torch.randn(40, 64 * 20, generator=torch.Generator().manual_seed(5)) * 4
-    run_and_check(kernel_device, q, x * 0.01, None, v, b * 0.01, split=20, a=a)
+    run_and_check(kernel_device, q, x * 0.01, None, v, b * 0.01, split=20, a=a, lora_scale=2.5)
 
 
 def test_validation(kernel_device):

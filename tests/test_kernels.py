@@ -10,7 +10,18 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import nf4
-from helpers import DTYPES, blocksizes, data_kinds, dtypes, make_data, shapes
+from helpers import (
+    DTYPES,
+    PROBE_ABSMAX,
+    blocksizes,
+    codes_of,
+    data_kinds,
+    dtypes,
+    make_data,
+    midpoint_probes,
+    shapes,
+    threshold_probes,
+)
 from nf4 import reference
 from nf4.api import decode_absmax
 from nf4.codebook import dynamic_map, nearest_thresholds
@@ -81,6 +92,25 @@ def test_dequantize_kernel_exact(kernel_device, shape, blocksize, dtype, out_dty
     assert torch.equal(out.view(torch.uint8), expect.view(torch.uint8))
 
 
+@pytest.mark.parametrize("blocksize", [64, 128, 4096], ids=lambda b: f"bs={b}")
+def test_quantize_kernel_on_midpoints_and_their_neighbours(kernel_device, blocksize):
+    """Scaled values exactly on each NF4 midpoint go to the lower code, one float32 step above to the
+    upper (`helpers.midpoint_probes`): the kernel's codes and absmax equal the format's and the
+    reference's bit for bit, in blocks whose absmax is 1, 3, tiny and huge (pre-scaled)."""
+    from nf4.kernels import quantize_nf4
+
+    x, expect = midpoint_probes()
+    if blocksize > 64:  # the same values, each probe block padded with zeros to the blocksize
+        x = torch.nn.functional.pad(x.view(-1, 64), (0, blocksize - 64)).reshape(-1)
+        expect = torch.nn.functional.pad(expect.view(-1, 64), (0, blocksize - 64), value=7).reshape(-1)
+    packed, absmax = quantize_nf4(x.to(kernel_device), blocksize)
+    packed, absmax = packed.cpu(), absmax.cpu()
+    assert torch.equal(codes_of(packed, x.numel()), expect)
+    assert torch.equal(absmax, torch.tensor([abs(a) for a in PROBE_ABSMAX], dtype=torch.float32))
+    ref_packed, ref_absmax = reference.quantize_ref(x, blocksize)
+    assert torch.equal(packed, ref_packed) and torch.equal(bits(absmax), bits(ref_absmax))
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 127, 255, 257, 4095, 4097], ids=lambda n: f"n={n}")
 @pytest.mark.parametrize("blocksize", [32, 64, 4096], ids=lambda b: f"bs={b}")
 def test_partial_blocks_and_odd_counts(kernel_device, n, blocksize):
@@ -122,6 +152,21 @@ def test_absmax_kernel_matches_reference(kernel_device, nblocks):
     t = nearest_thresholds(dynamic_map())
     codes, absmax2 = quantize_absmax(absmax.to(kernel_device), offset.to(kernel_device), t.to(kernel_device))
     ref_codes, ref_absmax2 = reference.double_quantize_ref(absmax, offset, t)
+    assert torch.equal(codes.cpu(), ref_codes) and torch.equal(absmax2.cpu(), ref_absmax2)
+
+
+def test_absmax_kernel_on_thresholds_and_their_neighbours(kernel_device):
+    """Double quantization rounds to the exact nearest map entry, a tie to the lower one: values exactly
+    on each threshold and one float32 step either side (`helpers.threshold_probes`, offset 0) get the
+    format's codes from the kernel, bit for bit with the reference."""
+    from nf4.kernels import quantize_absmax
+
+    y, expect = threshold_probes()
+    offset = torch.zeros((), dtype=torch.float32)
+    t = nearest_thresholds(dynamic_map())
+    codes, absmax2 = quantize_absmax(y.to(kernel_device), offset.to(kernel_device), t.to(kernel_device))
+    assert torch.equal(codes.cpu().long(), expect) and torch.equal(absmax2.cpu(), torch.ones(3))
+    ref_codes, ref_absmax2 = reference.double_quantize_ref(y, offset, t)
     assert torch.equal(codes.cpu(), ref_codes) and torch.equal(absmax2.cpu(), ref_absmax2)
 
 

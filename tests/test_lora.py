@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nf4
-from nf4.lora import LinearNF4, LoRALinearNF4, lora_linear
+from helpers import nf4_error_bound
+from nf4.lora import LinearNF4, LoRALinearNF4, lora_linear, merge_and_unload, merged_weight
 from nf4.lora.functional import weight_kwargs
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,6 +51,25 @@ def leaf(t, device, dtype=None):
 def tolerance(dtype, scale):
     """Errors torch itself makes in `dtype`: a few ulps per output, growing with the reduction size."""
     return 8 * torch.finfo(dtype).eps * scale + 1e-6
+
+
+def assert_linear_within_float32(y, x, w, bias=None, a=None, b=None, scaling=0.0):
+    """y (float32 [M, N]) is `x @ w^T + scaling * (x @ a^T) @ b^T + bias` (w [N, K] float64: the exact
+    weight) up to float32's worst-case error for its dot products and additions, about
+    (K + r + 2) * eps * (|x| @ |w|^T + |scaling| * (|x| @ |a|^T) @ |b|^T + |bias|)."""
+    x, w = x.detach().double().cpu(), w.detach().double().cpu()
+    exact, size, r = x @ w.t(), x.abs() @ w.abs().t(), 0
+    if a is not None:
+        a, b = a.detach().double().cpu(), b.detach().double().cpu()
+        exact = exact + scaling * (x @ a.t()) @ b.t()
+        size = size + abs(scaling) * (x.abs() @ a.abs().t()) @ b.abs().t()
+        r = a.shape[0]
+    if bias is not None:
+        bias = bias.detach().double().cpu()
+        exact, size = exact + bias, size + bias.abs()
+    bound = (x.shape[-1] + r + 2) * torch.finfo(torch.float32).eps * size
+    err = (y.detach().double().cpu() - exact).abs()
+    assert torch.all(err <= bound), err.max()
 
 
 @given(
@@ -144,8 +164,8 @@ def test_linear_nf4_matches_dequantized_linear(kernel_device):
     linear = nn.Linear(130, 33)
     layer = LinearNF4.from_linear(linear).to(kernel_device)
     x = torch.randn(4, 130)
-    expect = nn.functional.linear(x, nf4.dequantize(nf4.quantize(linear.weight.detach())), linear.bias.detach())
-    assert torch.allclose(layer(x.to(kernel_device)).cpu(), expect, atol=1e-5, rtol=1e-5)
+    w = nf4.dequantize(nf4.quantize(linear.weight.detach()))
+    assert_linear_within_float32(layer(x.to(kernel_device)), x, w.double(), linear.bias)
 
 
 def test_dropout_in_train_mode_only(reference_path):
@@ -161,6 +181,98 @@ def test_dropout_in_train_mode_only(reference_path):
     assert not torch.equal(a, layer(x))
     with torch.no_grad():
         assert layer(x).requires_grad is False
+
+
+def test_dropout_keeps_with_probability_1_minus_p_and_rescales_by_its_inverse(kernel_device):
+    """Training mode with lora_dropout p: the adapter's input is x * keep / (1 - p), keep ~ U[0, 1) >= p
+    drawn from torch's generator (PEFT's nn.Dropout semantics); reproduced here from the same seed, the
+    output and the adapter's gradients match the float64 formula."""
+    p = 0.25
+    layer = trained_layer(48, 24, use_rslora=False).to(kernel_device).train()
+    layer.lora_dropout = p
+    x = torch.randn(6, 48, device=kernel_device)
+    torch.manual_seed(7)
+    y = layer(x)
+    y.square().sum().backward()
+    torch.manual_seed(7)
+    keep = (torch.rand(x.shape, device=kernel_device) >= p).cpu()
+    assert 0 < keep.float().mean() < 1
+    a, b = (leaf(t, "cpu", torch.float64) for t in (layer.lora_A, layer.lora_B))
+    bias = layer.bias.cpu().double()
+    exact = reference_forward(x.cpu().double(), layer.nf4_weight.cpu(), a, b, bias, 1.5, keep, 1 / (1 - p))
+    exact.square().sum().backward()
+    assert (y.detach().cpu().double() - exact).abs().max() <= tolerance(torch.float32, exact.abs().max().item() + 1)
+    for got, want in ((layer.lora_A.grad, a.grad), (layer.lora_B.grad, b.grad)):
+        assert (got.cpu().double() - want).abs().max() <= tolerance(torch.float32, want.abs().max().item() + 1) * 4
+
+
+def peft_scaling(r, lora_alpha, use_rslora):
+    """PEFT's scaling, from its definition (not from the layer): alpha / r, or alpha / sqrt(r) (rsLoRA)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def trained_layer(in_features, out_features, use_rslora, double_quant=True, std=0.5, seed=0):
+    """A LoRALinearNF4 with r = 4, lora_alpha = 6 (scaling 1.5, or 3 with rsLoRA) and a non-zero lora_B."""
+    torch.manual_seed(seed)
+    layer = LoRALinearNF4.from_linear(
+        nn.Linear(in_features, out_features), r=4, lora_alpha=6, use_rslora=use_rslora, double_quant=double_quant
+    )
+    nn.init.normal_(layer.lora_B, std=std)
+    return layer
+
+
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_every_16_bit_merge_path_uses_the_layers_scaling(reference_path, use_rslora):
+    """`delta_weight`, `merged_weight` and `merge_and_unload` fold in the scaling the forward uses
+    (lora_alpha / sqrt(r) with rsLoRA): the exported nn.Linear and the layer both compute the float64
+    formula within float32's worst-case accumulation error (gamma_n = n * eps / 2 per term)."""
+    import copy
+
+    layer = trained_layer(64, 48, use_rslora)
+    scaling = peft_scaling(4, 6, use_rslora)
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    w = nf4.dequantize(layer.nf4_weight, torch.float32)
+    assert layer.scaling == scaling
+    assert torch.equal(layer.delta_weight(), scaling * (b @ a))
+    assert torch.equal(merged_weight(layer), w + scaling * (b @ a))
+    exported = merge_and_unload(nn.Sequential(copy.deepcopy(layer)))[0]
+    assert type(exported) is nn.Linear and torch.equal(exported.weight, w + scaling * (b @ a))
+
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        for y in (layer(x), exported(x)):
+            assert_linear_within_float32(y, x, w.double() + scaling * b.double() @ a.double(), layer.bias)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_merge_into_nf4_requantizes_base_plus_update(reference_path, use_rslora, double_quant):
+    """`merge()` stores quantize(dequant(W) + scaling * B @ A), byte for byte (rsLoRA's scaling
+    included): within the format's error bound of the intended weight (`helpers.nf4_error_bound`) and,
+    for an update that moves codes, closer to it than the base alone. The reported norms are those of
+    the weights; `unmerge()` restores the base bytes."""
+    layer = trained_layer(256, 96, use_rslora, double_quant, std=0.05)
+    base_q = layer.nf4_weight
+    base = nf4.dequantize(base_q, torch.float32)
+    delta = peft_scaling(4, 6, use_rslora) * (layer.lora_B.detach() @ layer.lora_A.detach())
+    target = base + delta
+    stats = layer.merge()
+    expect = nf4.quantize(target, 64, double_quant)
+    for name, t in expect._tensors().items():
+        assert torch.equal(getattr(layer.nf4_weight, name), t), name
+    merged = nf4.dequantize(layer.nf4_weight, torch.float32)
+    error = merged - target
+    assert torch.all(error.abs().double() <= nf4_error_bound(target, 64, double_quant))
+    assert error.norm() < delta.norm()  # the base alone is off by the whole update (measured ~0.45 of it)
+    assert stats["update_norm"] == pytest.approx(float(delta.norm()), rel=1e-6)
+    assert stats["error_norm"] == pytest.approx(float(error.norm()), rel=1e-6)
+    assert stats["update_lost"] == pytest.approx(float(error.norm() / delta.norm()), rel=1e-6)
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        assert_linear_within_float32(layer(x), x, merged.double(), layer.bias)  # the adapter is not added again
+        layer.unmerge()
+    for name, t in base_q._tensors().items():
+        assert torch.equal(getattr(layer.nf4_weight, name), t), name
 
 
 def test_state_dict_round_trip_and_bitsandbytes_keys(tmp_path):
@@ -198,14 +310,17 @@ def test_state_dict_loads_into_bitsandbytes_and_back():
     loaded.load_state_dict(theirs.state_dict())
     assert torch.equal(loaded.nf4_weight.packed, ours.nf4_weight.packed)
     x = torch.randn(5, 128)
-    assert torch.allclose(loaded(x), theirs(x), atol=1e-5, rtol=1e-5)
+    w = nf4.dequantize(ours.nf4_weight, torch.float32).double()
+    for y in (loaded(x), theirs(x)):
+        assert_linear_within_float32(y, x, w, linear.bias)
     # ours into bitsandbytes (the way transformers loads a pre-quantized 4-bit checkpoint)
     sd = ours.state_dict()
     back = bnb.nn.Linear4bit(128, 64, quant_type="nf4", compute_dtype=torch.float32)
     stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
     back.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu", module=back)
     back.bias = nn.Parameter(sd["bias"])
-    assert torch.allclose(back(x), ours(x), atol=1e-5, rtol=1e-5)
+    for y in (back(x), ours(x)):
+        assert_linear_within_float32(y, x, w, linear.bias)
 
 
 def test_load_refuses_a_mismatched_checkpoint():
@@ -376,8 +491,7 @@ def test_functional_api(kernel_device):
     x = torch.randn(3, 40, device=kernel_device)
     a, b = torch.randn(2, 40, device=kernel_device), torch.randn(12, 2, device=kernel_device)
     y = lora_linear(x, q, a, b, scaling=0.5)
-    expect = x @ nf4.dequantize(q).t() + 0.5 * (x @ a.t()) @ b.t()
-    assert torch.allclose(y, expect, atol=1e-4, rtol=1e-4)
+    assert_linear_within_float32(y, x, nf4.dequantize(q).double(), None, a, b, scaling=0.5)
 
 
 class _SeenOps(TorchDispatchMode):

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import nf4
 from nf4 import reference
-from nf4.kernels.matmul import BUCKETS, DEQUANT, FP32_BUCKETS, nf4_matmul
+from nf4.kernels.matmul import BUCKETS, DEQUANT, FP32_BUCKETS, GEMV, nf4_matmul
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -37,8 +37,8 @@ def check(y, q, x, trans, u, v, b, mask, keep):
     wd = w.to(dtype)
     torch_y = x @ (wd if trans else wd.t())
     if u is not None:
-        lora = u.to(dtype) @ v.to(dtype)
-        torch_y = torch_y + (lora * (mask * keep).to(dtype) if mask is not None else lora)
+        lora = (u.to(dtype) @ v.to(dtype)) * keep
+        torch_y = torch_y + (lora * mask.to(dtype) if mask is not None else lora)
     if b is not None:
         torch_y = torch_y + b.to(dtype)
     torch_err = (torch_y.double() - exact).abs().max().item() if exact.numel() else 0.0
@@ -98,6 +98,13 @@ def test_every_tile_configuration(kernel_device, config, trans, dtype):
 def test_dequantize_then_matmul_strategy(kernel_device, trans):
     q, x, u, v, b, mask = problem(20, 48, 96, 4, torch.float16, trans, True, trans, 64, True, seed=2)
     run_and_check(kernel_device, q, x, trans, u, v, b, mask, 2.0, config=DEQUANT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_decode_strategy(kernel_device, dtype):
+    """M <= 16 forward: the decode kernel (`nf4.kernels.gemv`) behind `nf4_matmul`, with lora_scale != 1."""
+    q, x, u, v, b, _ = problem(5, 70, 192, 5, dtype, False, True, False, 64, True, seed=3)
+    run_and_check(kernel_device, q, x, False, u, v, b, None, 2.5, config=GEMV)
 
 
 def test_empty_batch(kernel_device):

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import DTYPES, blocksizes, dtypes, make_data, shapes
+from helpers import DTYPES, blocksizes, codes_of, dtypes, make_data, midpoint_probes, shapes, threshold_probes
 from nf4 import reference
 from nf4.codebook import FP4_CODE, NF4_CODE, dynamic_map, nearest_thresholds
 
@@ -30,6 +30,17 @@ def test_packed_and_absmax_bit_exact_with_bitsandbytes(shape, blocksize, dtype, 
     bnb_packed, state = bnb_quantize(x, blocksize, double_quant=False)
     assert torch.equal(packed, bnb_packed)
     assert torch.equal(absmax.view(torch.int32), state.absmax.view(torch.int32))
+
+
+def test_midpoints_and_their_neighbours_bit_exact_with_bitsandbytes():
+    """A scaled value exactly on an NF4 midpoint gets the lower code, the next float32 up the upper one
+    (`helpers.midpoint_probes`: absmax 1, 3, tiny, huge): the reference gives the format's codes, and
+    bitsandbytes the same bytes."""
+    x, expect = midpoint_probes()
+    packed, absmax = reference.quantize_ref(x, 64)
+    assert torch.equal(codes_of(packed, x.numel()), expect)
+    bnb_packed, state = bnb_quantize(x, 64, double_quant=False)
+    assert torch.equal(packed, bnb_packed) and torch.equal(absmax, state.absmax)
 
 
 @pytest.mark.parametrize("blocksize", [64, 256], ids=lambda b: f"bs={b}")
@@ -144,6 +155,14 @@ def test_double_quantized_absmax_within_map_resolution(nblocks):
     # The map's coarsest step, near |v| = 1, is 0.9 / 64: half of it bounds the error relative to each
     # 256-block's range max |absmax - offset|.
     assert torch.all((decoded - absmax).abs() <= (0.9 / 64 / 2) * scale * (1 + 1e-5) + 1e-6 * absmax)
+
+
+def test_nested_codes_on_thresholds_and_their_neighbours():
+    """Values exactly on each threshold of the 256-entry map go to the lower entry (the exact nearest,
+    ties low), one float32 step above to the upper (`helpers.threshold_probes`)."""
+    y, expect = threshold_probes()
+    codes, absmax2 = reference.double_quantize_ref(y, torch.zeros(()), nearest_thresholds(dynamic_map()))
+    assert torch.equal(codes.long(), expect) and torch.equal(absmax2, torch.ones(3))
 
 
 def test_decode_formula_rounds_twice():
