@@ -11,14 +11,21 @@
 4. Report the fidelity after training (on the held-out sentences), save the adapter in PEFT's format,
    reload it into a freshly quantized model and check the outputs are identical; measure the two ways
    to merge (exactly into 16-bit weights; requantized into NF4).
+
+Under `torchrun --nproc-per-node N -m nf4 demo` (a world size above 1) the quantized model is sharded with
+FSDP2 (`nf4.lora.distributed.shard_model`: gloo on the CPU, nccl on CUDA) and each step's global batch is
+split across the ranks; the report adds each rank's NF4 bytes and the bytes all-gathered per step. Rank 0
+then gathers the trained adapters and runs step 4 alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import inspect
 import math
+import os
 import random
 import re
 import sys
@@ -30,6 +37,7 @@ import torch
 from torch import nn
 
 from nf4.lora import LoRALinearNF4, apply_lora, load_adapter, merge_and_unload, save_adapter
+from nf4.lora.distributed import AllGatherBytes, nf4_local_bytes, shard_model
 from nf4.progress import Progress
 
 STDLIB_MODULES = (
@@ -167,6 +175,63 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
+def init_distributed(device: torch.device):
+    """(world size, rank, device mesh or None, device) from torchrun's environment: above one rank, a
+    process group (nccl on CUDA, gloo on the CPU) and a 1-D mesh for FSDP2."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 1, 0, None, device
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, dist.get_rank(), init_device_mesh(device.type, (world,)), device
+
+
+def global_mean(local: torch.Tensor, world: int) -> float:
+    """The global batch's mean loss from each rank's share of it (`local` = share * world)."""
+    if world == 1:
+        return float(local)
+    import torch.distributed as dist
+
+    total = local.detach().float().cpu() / world
+    dist.all_reduce(total)
+    return float(total)
+
+
+def gather_to_rank_0(model: nn.Module, build, gathered: AllGatherBytes) -> tuple[nn.Module | None, list[str]]:
+    """The trained sharded `model` as an unsharded copy on rank 0 (`build()` makes the skeleton; the full
+    state dict fills it) and the report's lines on the sharding; (None, []) on the other ranks. Ends the
+    process group: nothing collective follows."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, nf4_local_bytes(model))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, LoRALinearNF4))
+    dist.destroy_process_group()
+    if rank:
+        return None, []
+    unsharded = build()
+    unsharded.load_state_dict(full)
+    unsharded.eval()
+    mb = lambda b: f"{b / 2**20:.2f} MB"  # noqa: E731
+    root, layers = gathered.sizes[0], gathered.bytes - gathered.sizes[0]  # the root group is gathered first
+    return unsharded, [
+        f"sharded with FSDP2 over {world} ranks: NF4 bytes per rank {', '.join(mb(b) for b in per_rank)} "
+        f"(of {mb(sum(per_rank))})",
+        f"all-gathered per step: {mb(gathered.bytes)}: the float32 embeddings and norms (the root group, once) "
+        f"{mb(root)}, the NF4 layers (forward and backward) {mb(layers)}: {layers / 2 / weights:.3f} bytes per "
+        "weight each time, float32 adapter and bias included",
+    ]
+
+
 @dataclass
 class DemoResult:
     fidelity_before: float
@@ -199,8 +264,9 @@ def run(
     progress: bool | None = None,
     log=print,
 ) -> DemoResult:
-    """The demo; prints its report through `log` and returns the measured numbers. Unless `progress` is
-    False, what it is doing goes to stderr as it goes (a bar on a terminal, plain lines elsewhere)."""
+    """The demo; prints its report through `log` and returns the measured numbers (None on ranks other than
+    0 of a sharded run). Unless `progress` is False, what it is doing goes to stderr as it goes (a bar on a
+    terminal, plain lines elsewhere)."""
 
     def note(what: str) -> None:
         if progress is not False:
@@ -212,6 +278,11 @@ def run(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but torch sees no CUDA device; use device='cpu'")
+    world, rank, mesh, dev = init_distributed(dev)
+    if world > batch:
+        raise ValueError(f"a global batch of {batch} sentences cannot be split across {world} ranks; pass --batch")
+    if rank:  # one report: rank 0's
+        progress, log = False, lambda *a, **k: None
     name = Path(model_dir).name if model_dir else "all-MiniLM-L6-v2"
     sentences, source = load_sentences(data)
     model_dir = Path(model_dir) if model_dir else default_model_dir()
@@ -241,6 +312,8 @@ def run(
     adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     nf4_total = model_bytes(model)
     before = fidelity(model, tokenizer, test, target_test, dev)
+    if mesh is not None:
+        shard_model(model, mesh=mesh)
 
     clock = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -250,18 +323,28 @@ def run(
     losses = []
     bar = Progress(steps, "training", progress)
     model.train()
-    for _ in range(steps):
-        idx = order.sample(range(len(train)), min(batch, len(train)))
-        pred = embed(model, tokenizer, [train[i] for i in idx], dev, batch=len(idx))
-        loss = (1 - (pred * target_train[idx]).sum(-1)).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    gathered = AllGatherBytes()
+    for step in range(steps):
+        idx = order.sample(range(len(train)), min(batch, len(train)))  # the same global batch on every rank
+        mine = idx[rank::world]
+        with gathered if step == 0 else contextlib.nullcontext():
+            pred = embed(model, tokenizer, [train[i] for i in mine], dev, batch=len(mine))
+            # this rank's share of the global mean (FSDP2 averages the ranks' gradients: times world)
+            loss = (1 - (pred * target_train[mine]).sum(-1)).sum() * (world / len(idx))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(loss.detach().item())
+        losses.append(global_mean(loss.detach(), world))
         bar.step(f"loss {losses[-1]:.5f}")
     model.eval()
     timings["train"] = time.perf_counter() - clock
+    sharding = []
+    if mesh is not None:
+        model, sharding = gather_to_rank_0(model, lambda: apply_lora(copy.deepcopy(fp32), r=r, lora_alpha=lora_alpha,
+                                                                     progress=False), gathered)  # fmt: skip
+        if rank:
+            return None
     after = fidelity(model, tokenizer, test, target_test, dev)
 
     clock = time.perf_counter()
@@ -316,6 +399,7 @@ def run(
         "",
         f"training: loss (1 - cosine) {result.loss_first:.5f} -> {result.loss_last:.5f}, {steps} steps of "
         f"{batch} sentences, {timings['train']:.1f} s ({timings['train'] / steps * 1e3:.0f} ms/step)",
+        *sharding,
         f"adapter saved in PEFT's format to {adapter_dir}; reloaded into a fresh NF4 model: "
         f"{'outputs identical' if identical else 'OUTPUTS DIFFER'}",
         "timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),

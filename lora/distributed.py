@@ -68,11 +68,21 @@ def shard_model(model: nn.Module, **fsdp_kwargs) -> nn.Module:
 
 def local_bytes(model: nn.Module) -> int:
     """Bytes this rank stores for the model's parameters and buffers (a sharded parameter: its shard)."""
+    return sum(_local(t).numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def nf4_local_bytes(model: nn.Module) -> int:
+    """Bytes of the NF4 weights (codes, absmax, tables) this rank stores: adapters and biases left out."""
     total = 0
-    for t in (*model.parameters(), *model.buffers()):
-        local = t.to_local() if hasattr(t, "to_local") else t
-        total += local.numel() * local.element_size()
+    for m in model.modules():
+        if isinstance(m, LinearNF4):
+            pieces = (m.weight, m.weight_absmax, *m.buffers(recurse=False))
+            total += sum(_local(t).numel() * t.element_size() for t in pieces)
     return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class AllGatherBytes(contextlib.ContextDecorator):
@@ -91,6 +101,7 @@ class AllGatherBytes(contextlib.ContextDecorator):
     def __init__(self):
         self.bytes = 0
         self.calls = 0
+        self.sizes: list[int] = []  # bytes of each all-gather, in call order
         self._saved = {}
 
     def __enter__(self):
@@ -103,7 +114,8 @@ class AllGatherBytes(contextlib.ContextDecorator):
             self._saved[name] = real
 
             def counting(output, *args, _real=real, **kwargs):
-                self.bytes += output.numel() * output.element_size()
+                self.sizes.append(output.numel() * output.element_size())
+                self.bytes += self.sizes[-1]
                 self.calls += 1
                 return _real(output, *args, **kwargs)
 

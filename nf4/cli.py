@@ -118,7 +118,7 @@ def _demo(args) -> int:
         seed=args.seed,
         progress=False if args.no_progress else None,
     )
-    return 0 if result.ok else 1
+    return 0 if result is None or result.ok else 1  # None: a rank other than 0 of a sharded run
 
 
 def _quantize(args) -> int:

@@ -200,3 +200,19 @@ def one_gpu(rank: int, world: int, port: int, out: str) -> None:
         }
     torch.save(result, os.path.join(out, "gpu.pt"))
     dist.destroy_process_group()
+
+
+def demo(rank: int, world: int, port: int, out: str) -> None:
+    """`nf4 demo`, small, as torchrun starts it (WORLD_SIZE, RANK, ... in the environment); rank 0 saves its
+    report and result."""
+    from nf4.lora.demo import run
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    lines = []
+    result = run(steps=6, batch=4, heldout=16, train_pool=48, out=os.path.join(out, "demo"), progress=False,
+                 log=lines.append)  # fmt: skip
+    if rank == 0:
+        torch.save({"result": result.__dict__, "lines": lines}, os.path.join(out, "demo.pt"))
+    else:
+        assert result is None

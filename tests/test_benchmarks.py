@@ -40,3 +40,24 @@ def test_gpu_check_dry_run(tmp_path):
     assert "eager ms" in table
     assert "kernel breakdown: skipped" in (tmp_path / "profile.txt").read_text()
     assert re.search(r"pytest summary: .*\d+ (passed|skipped)", (tmp_path / "log.txt").read_text())
+
+
+def test_bench_model_tiny_runs_every_stack(tmp_path):
+    """The whole-model QLoRA step on the CPU, tiny preset: every stack trains (finite loss) and the ratio
+    line is written; speed is not asserted."""
+    out = tmp_path / "model.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--preset", "tiny", "--checkpointing", "on",
+         "--warmup", "1", "--steps", "1", "--out", str(out)],
+        env=clean_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    runs = {r["stack"]: r for r in records if "step_s" in r}
+    assert set(runs) == {"nf4", "bnb+peft", "lora16"}
+    for r in runs.values():
+        assert r["checkpointing"] and r["step_s"] > 0 and r["peak_bytes"] >= 0 and r["trainable"] > 0
+        assert 0 < r["loss"] < 20  # random tokens over a 512-word vocabulary: about ln(512) = 6.2
+    ratio = next(r for r in records if r["stack"] == "nf4 / bnb+peft")
+    assert ratio["tokens_per_s"] > 0 and ratio["peak_bytes"] > 0
+    assert "nf4 / bnb+peft, checkpointing on:" in proc.stdout

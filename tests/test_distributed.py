@@ -7,10 +7,11 @@ import json
 import multiprocessing
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
-from dist_workers import build, load_checkpoint, logged, mixed_precision, one_gpu, train_and_check
+from dist_workers import build, demo, load_checkpoint, logged, mixed_precision, one_gpu, train_and_check
 from safetensors.torch import load_file
 
 TIMEOUT = 180
@@ -18,6 +19,8 @@ TIMEOUT = 180
 
 def launch(fn, world: int, out) -> None:
     """Run `fn(rank, world, port, out)` on `world` spawned processes; fail on a crash or a timeout."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -131,6 +134,23 @@ def test_mixed_precision_leaves_the_nf4_numerics_alone(tmp_path):
         assert mp["param_dtypes"] == ["torch.float32", "torch.int32", "torch.uint8"]  # sharded storage
         assert mp["output_error"] <= 2 * torch.finfo(torch.bfloat16).eps  # bf16 against bf16, relative
         assert plain["output_error"] <= 1e-6
+
+
+def test_demo_under_torchrun_trains_sharded_as_one_process_does(tmp_path):
+    """`torchrun --nproc-per-node 2 -m nf4 demo`: the same global batches, split across two ranks, improve the
+    fidelity as one process does. Not to the digit: the encoder's own dropout draws other masks when each
+    rank runs half the batch (run-to-run noise; the closing note of issue 16 measures it on full runs).
+    The report adds the sharding."""
+    launch(demo, 1, tmp_path / "one")
+    launch(demo, 2, tmp_path / "two")
+    one, two = (torch.load(tmp_path / name / "demo.pt", weights_only=False) for name in ("one", "two"))
+    assert one["result"]["reload_identical"] and two["result"]["reload_identical"]
+    gain_one = one["result"]["fidelity_after"] - one["result"]["fidelity_before"]
+    gain_two = two["result"]["fidelity_after"] - two["result"]["fidelity_before"]
+    assert gain_one > 0 and 0.5 * gain_one <= gain_two <= 2 * gain_one, (gain_one, gain_two)
+    report = "\n".join(two["lines"])
+    assert "sharded with FSDP2 over 2 ranks: NF4 bytes per rank" in report and "all-gathered per step" in report
+    assert "sharded" not in "\n".join(one["lines"])
 
 
 @pytest.mark.gpu
