@@ -47,28 +47,21 @@ MIB = 1 << 20
 
 
 def build(preset: str, seq: int, device):
-    """The seeded 16-bit model, the same weights every time (bf16)."""
+    """The seeded 16-bit model (transformers' own initialisation, in bf16 on `device`): the same weights for
+    every stack."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**PRESETS[preset], max_position_embeddings=max(seq, 128), tie_word_embeddings=False)
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g, device=device) * 0.02)
-        for module in model.modules():  # rotary tables: what __init__ computed on meta
-            if hasattr(module, "inv_freq") and hasattr(module, "rope_init_fn"):
-                inv_freq, _ = module.rope_init_fn(module.config, device)
-                module.inv_freq = inv_freq
-                module.original_inv_freq = inv_freq
-    return model.to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model
 
 
 def to_bitsandbytes(model, device):
@@ -187,6 +180,9 @@ def main(argv=None) -> int:
     parser.add_argument("--stacks", default=",".join(STACKS), help="comma-separated subset of " + ", ".join(STACKS))
     parser.add_argument("--checkpointing", choices=("on", "off", "both"), default="both")
     parser.add_argument("--out", type=Path, help="append the JSON records to this file")
+    parser.add_argument("--largest-batch", type=int, metavar="LIMIT", default=0,
+                        help="first find the largest batch (doubling, up to LIMIT) at which nf4 trains with "
+                        "checkpointing on, then run every stack at it")  # fmt: skip
     parser.add_argument("--stack", help=argparse.SUPPRESS)  # internal: run one configuration here
     args = parser.parse_args(argv)
     if args.device is None:
@@ -205,13 +201,23 @@ def main(argv=None) -> int:
     modes = {"on": ["on"], "off": ["off"], "both": ["off", "on"]}[args.checkpointing]
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+
+    def one(stack: str, mode: str, batch: int, warmup: int, steps: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, __file__, "--stack", stack, "--checkpointing", mode, "--preset", args.preset,
+               "--device", args.device, "--seq", str(args.seq), "--batch", str(batch), "-r", str(args.r),
+               "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    if args.largest_batch:
+        batch = 1
+        while batch * 2 <= args.largest_batch and one("nf4", "on", batch * 2, 0, 1).returncode == 0:
+            batch *= 2
+        print(f"largest batch that trains for nf4 (checkpointing on, doubling up to {args.largest_batch}): {batch}")
+        args.batch = batch
     records = []
     for mode in modes:
         for stack in stacks:
-            cmd = [sys.executable, __file__, "--stack", stack, "--checkpointing", mode, "--preset", args.preset,
-                   "--device", args.device, "--seq", str(args.seq), "--batch", str(args.batch), "-r", str(args.r),
-                   "--warmup", str(args.warmup), "--steps", str(args.steps)]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = one(stack, mode, args.batch, args.warmup, args.steps)
             if proc.returncode != 0:
                 print(f"{stack} (checkpointing {mode}) failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
                 record = dict(stack=stack, checkpointing=mode == "on", error=proc.stderr.strip().splitlines()[-1:])
