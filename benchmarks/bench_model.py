@@ -11,7 +11,7 @@ download) and gets LoRA adapters of the same rank on q/k/v/o/gate/up/down (dropo
 Each (stack, gradient checkpointing) runs in its own process: forward + backward + AdamW on the adapters for
 `--warmup` steps, then `--steps` timed steps on random tokens. Reported: step time (median), tokens/s,
 peak memory (CUDA: `torch.cuda.max_memory_allocated` over the whole run; CPU: peak anonymous RSS above
-the process's start, sampled every 0.5 ms), the loss after the timed steps (so a broken stack cannot look
+the process's start, sampled every 2 ms), the loss after the timed steps (so a broken stack cannot look
 fast), and the ratios nf4 / bnb+peft.
 
     python benchmarks/bench_model.py --preset tiny                     # CPU, seconds
@@ -129,7 +129,7 @@ def run_one(args) -> dict:
     def sample():
         while not done[0]:
             peak[0] = max(peak[0], anon_bytes())
-            time.sleep(0.0005)
+            time.sleep(0.002)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
