@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from nf4.codebook import NF4_CODE
 from nf4.kernels import gemv, lut
+from nf4.kernels.common import pair_table as value_pairs
 
 DTYPES = (torch.bfloat16, torch.float16)
 
@@ -100,6 +102,17 @@ def test_pair_lookup_gives_the_pair_table_for_every_byte_in_every_position(dtype
             assert np.array_equal(out[i], pairs[bytes_[:, i]]), (position, i)
 
 
+def test_value_lookup_gives_the_nf4_values_for_every_byte_in_every_position():
+    rng = np.random.default_rng(1)
+    bits = NF4_CODE.view(torch.int32).numpy().astype(np.int64) & 0xFFFFFFFF
+    for position in range(4):
+        word, bytes_ = words_with(np.arange(256, dtype=np.uint64), position, rng)
+        out = emulate(lut.value_lookup_asm(), word, registers(torch.float32), outputs=8)
+        for i in range(4):  # outputs 2i, 2i + 1: byte i's high code (the even element), then its low code
+            assert np.array_equal(out[2 * i], bits[bytes_[:, i] >> 4]), (position, i)
+            assert np.array_equal(out[2 * i + 1], bits[bytes_[:, i] & 15]), (position, i)
+
+
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float32], ids=str)
 def test_lookup_asm_shape(dtype):
     """Per word of 4 bytes: 21 instructions, 16 of them PRMT, for the pair words; 45, 40 PRMT, for float32
@@ -127,6 +140,20 @@ def _pair_twin_kernel(words_ptr, pairs_ptr, out_ptr):
     tl.store(out_ptr + offs * 4 + 3, p3)
 
 
+@triton.jit
+def _value_twin_kernel(words_ptr, pairs_ptr, out_ptr):
+    offs = tl.arange(0, 16)[:, None, None] * 8 + tl.arange(0, 4)[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+    v0, v1, v2, v3, v4, v5, v6, v7 = lut.value_lookup(tl.load(words_ptr + offs), pairs_ptr, pairs_ptr, "")
+    tl.store(out_ptr + offs * 8, v0)
+    tl.store(out_ptr + offs * 8 + 1, v1)
+    tl.store(out_ptr + offs * 8 + 2, v2)
+    tl.store(out_ptr + offs * 8 + 3, v3)
+    tl.store(out_ptr + offs * 8 + 4, v4)
+    tl.store(out_ptr + offs * 8 + 5, v5)
+    tl.store(out_ptr + offs * 8 + 6, v6)
+    tl.store(out_ptr + offs * 8 + 7, v7)
+
+
 def random_words(seed: int) -> torch.Tensor:
     return torch.randint(-(2**31), 2**31 - 1, (128,), dtype=torch.int32, generator=torch.Generator().manual_seed(seed))
 
@@ -145,3 +172,19 @@ def test_pair_twin_equals_the_assembly_bit_for_bit(dtype):
     assert np.array_equal(twin, np.stack([a.astype(np.int64) for a in asm], 1))
     stored = pairs[256:].numpy().astype(np.int64) & 0xFFFFFFFF
     assert np.array_equal(stored, np.array(lut.lut_words(dtype)))
+
+
+def test_value_twin_equals_the_assembly_bit_for_bit():
+    """`value_lookup` as the interpreter runs it (a gather from dequantize's int64 pair table) against the
+    emulated assembly, and the register words dequantize passes (`value_lut`) are `lut_words`."""
+    from nf4.kernels.dequantize import value_lut
+
+    words = random_words(2)
+    out = torch.empty(128 * 8, dtype=torch.float32)
+    _value_twin_kernel[(1,)](words, value_pairs(NF4_CODE), out)
+    twin = out.view(torch.int32).numpy().astype(np.int64).reshape(128, 8) & 0xFFFFFFFF
+    word = (words.numpy().astype(np.int64) & 0xFFFFFFFF).astype(np.uint64)
+    asm = emulate(lut.value_lookup_asm(), word, registers(torch.float32), outputs=8)
+    assert np.array_equal(twin, np.stack([a.astype(np.int64) for a in asm], 1))
+    stored = value_lut(torch.device("cpu")).numpy().astype(np.int64) & 0xFFFFFFFF
+    assert np.array_equal(stored, np.array(lut.lut_words(torch.float32)))
