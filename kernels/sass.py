@@ -610,7 +610,7 @@ def _straight_line_report(cfg: LaunchConfig, elements: int, bytes_per_element: f
         "l1_budget_per_element": L1_BUDGET * bytes_per_element,
         "l1_fraction": wavefronts_per_element / (L1_BUDGET * bytes_per_element),
         "lookups": rep.lookups,
-        "loads": sorted({op for op in ops if op.startswith("LDG")}),
+        "loads": sorted({op for op in ops if op.startswith("LDG") and op != "LDGDEPBAR"}),
         "stores": sorted({op for op in ops if op.startswith("STG")}),
     }
 
