@@ -2,12 +2,13 @@
 # The one-shot GPU check. On the GPU machine (no registry; torch, triton, pytest, hypothesis, peft,
 # transformers preinstalled; bitsandbytes carried as a wheel in .whl/), from the repository root:
 #
-#     bash benchmarks/gpu_check.sh            # whole test suite + full benchmark + static report, < 8 minutes
+#     bash benchmarks/gpu_check.sh            # test suite + benchmarks + lookups + static report, < 9 minutes
 #     bash benchmarks/gpu_check.sh --dry-run  # on any machine: every step, tiny, without a GPU
 #
-# Time budget (one device call of at most 8 minutes): tests 180 s, benchmarks 200 s, static report 60 s,
-# each stopped with SIGINT when over (pytest still prints its summary line, run_all.py still writes what
-# it measured), then killed 5 s later. The tests run with `pytest -n 14` where pytest-xdist imports
+# Time budget (one device call of at most 9 minutes): tests 180 s, benchmarks 200 s, the table-lookup
+# microbenchmark with the decode kernel of 2d550bfb5869 beside the current one 60 s (bench_lookup.py:
+# checks the L1 model of nf4.kernels.sass), static report 60 s, each stopped with SIGINT when over
+# (pytest still prints its summary line, run_all.py still writes what it measured), then killed 5 s later. The tests run with `pytest -n 14` where pytest-xdist imports
 # (the GPU machine has 16 cores), else serially.
 # PYTHON selects the interpreter (default python3; the dry run here: PYTHON=.venv/bin/python).
 # Everything it produces goes to $OUT (default ./gpu-check-out), flat, at most 8 files:
@@ -82,6 +83,9 @@ step "benchmarks"
 QUICK=""
 [ $DRY = 1 ] && QUICK="--quick"
 limit 200 "$PY" "$REPO/benchmarks/run_all.py" $QUICK --out-dir "$OUT" || { echo "benchmarks failed or timed out"; status=1; }
+
+step "table lookups (global / shared / registers) and the decode kernel of 2d550bfb5869 beside the current one"
+limit 60 "$PY" "$REPO/benchmarks/bench_lookup.py" $QUICK --out "$OUT/results.jsonl" || { echo "lookup benchmark failed or timed out"; status=1; }
 
 step "static kernel report"
 MATCH=""

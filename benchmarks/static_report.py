@@ -3,6 +3,11 @@ for sm_80 (Ampere) and sm_90 (Hopper) without a GPU, with registers, spills, sta
 the matrix instructions used (mma.sync / wgmma). The test suite asserts no spills (tests/test_compile.py).
 
     python benchmarks/static_report.py [--arch 80 90] [--variant aligned ones plain] [--match NAME] [--out FILE]
+                                       [--sass FILE] [--prediction FILE]
+
+--sass writes the SASS cost report of every kernel (`nf4.kernels.sass.kernel_report`: instructions and
+L1 wavefronts against the H200's budgets); --prediction the decode prediction (`python -m
+nf4.kernels.sass --compare benchmarks/legacy/gemv_2d550bf.py`).
 
 Variants (`nf4.kernels.aot.VARIANTS`): as the runtime specialises the arguments: all divisible by 16,
 integers equal to 1, or nothing known.
@@ -22,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--match", default="")
     parser.add_argument("--variant", nargs="+", default=["aligned", "ones", "plain"])
     parser.add_argument("--out", type=Path, help="also write the table here")
+    parser.add_argument("--sass", type=Path, help="write the kernels' SASS cost report here")
+    parser.add_argument("--prediction", type=Path, help="write the decode prediction here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
@@ -37,6 +44,22 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+    if args.sass or args.prediction:
+        import contextlib
+        import io
+
+        import triton
+
+        from nf4.kernels import sass
+
+        stamp = f"(triton {triton.__version__}; {sass.__name__})"
+        if args.sass:
+            args.sass.write_text(sass.kernel_report() + f"\n{stamp}\n")
+        if args.prediction:
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
+                sass.main(["--compare", str(Path(__file__).resolve().parent / "legacy" / "gemv_2d550bf.py")])
+            args.prediction.write_text(buffer.getvalue() + f"{stamp}\n")
     return 1 if bad else 0
 
 

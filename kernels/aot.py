@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 from nf4.kernels.common import LaunchConfig
 
 ARCHS = (80, 90)
-TABLE_ARGS = frozenset({"code_ptr", "nested_code_ptr", "pairs_ptr", "thresholds_ptr", "table_ptr"})
+TABLE_ARGS = frozenset({"code_ptr", "nested_code_ptr", "pairs_ptr", "thresholds_ptr", "table_ptr", "lut_ptr"})
 """Pointer arguments to small constant tables, the only ones that may be indexed with int32."""
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 """Maximum dynamic shared memory per block, bytes (A100: 163 KB, H100/H200: 227 KB)."""
@@ -212,7 +212,7 @@ def jobs_for(variants: tuple[str, ...], archs: tuple[int, ...], match: str = "")
             if variant == "plain" and cfg.aligned_only:
                 continue
             seen.add(cfg.path)
-            jobs += [(i, arch, variant) for arch in archs]
+            jobs += [(i, arch, variant) for arch in archs if not cfg.archs or arch in cfg.archs]
     return jobs
 
 

@@ -33,6 +33,7 @@ class LaunchConfig:
     large_m: bool = False  # a large-M (training / prefill) tile: on sm_90 it must use wgmma
     stack_ok: int = 0  # stack bytes allowed (see `IEEE_DIV_STACK`); spills are never allowed
     aligned_only: bool = False  # the launcher runs it only on 16-byte aligned tensors (no "plain" variant)
+    archs: tuple[int, ...] = ()  # the only GPU architectures it is launched on (e.g. (90,)); () for all
 
     @property
     def path(self) -> tuple:

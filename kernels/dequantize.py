@@ -17,6 +17,7 @@ Offsets are int64.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -35,6 +36,15 @@ from nf4.kernels.common import (
     to_f32,
     weight_signature,
 )
+from nf4.kernels.lut import VALUE_ASM, lut_words, value_lookup
+
+
+@functools.cache
+def value_lut(device: torch.device) -> torch.Tensor:
+    """int32 register words of `nf4.kernels.lut.value_lookup` on `device`, built once."""
+    words = torch.tensor(lut_words(torch.float32), dtype=torch.int64)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).to(device)
+
 
 _ELEMENTS = 4096  # per program: 32 per thread with 4 warps, so each thread loads 16 packed bytes at once
 
@@ -58,12 +68,22 @@ def decode_absmax(
 
 
 @triton.jit
-def _scaled_pairs(entry, absmax, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """[ROWS, COLS] float32 weights from [ROWS, COLS / 2] pair-table entries (`nf4_pairs`: both nibbles'
-    NF4 values of a byte in one 8-byte lookup), each row scaled by its absmax: one product per value."""
-    hi = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
-    lo = (entry >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
-    return tl.reshape(tl.join(hi, lo), (ROWS, COLS))
+def _scaled_values(byte, pairs_ptr, lut_ptr, absmax, ROWS: tl.constexpr, COLS: tl.constexpr, ASM: tl.constexpr):
+    """[ROWS, COLS] float32 weights from their packed bytes [ROWS, COLS / 2], each row scaled by its absmax:
+    one product per value. The NF4 values come from registers (`nf4.kernels.lut.value_lookup`, 4 bytes
+    at a time: a lane's 16 loaded bytes regrouped into 4 int32 words) or, under the interpreter, from the
+    pair table (`nf4_pairs`)."""
+    GROUPS: tl.constexpr = COLS // 32  # 16-byte groups per row (dimension 1: along lanes)
+    b = tl.reshape(byte.to(tl.int32), (ROWS, GROUPS, 4, 2, 2))  # [..., word, byte // 2, byte % 2]
+    even_bytes, odd_bytes = tl.split(b)
+    b0, b2 = tl.split(even_bytes)
+    b1, b3 = tl.split(odd_bytes)
+    word = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)  # [ROWS, GROUPS, 4]
+    e0, o0, e1, o1, e2, o2, e3, o3 = value_lookup(word, pairs_ptr, lut_ptr, ASM)
+    # joins append their axis last: (parity, byte // 2, byte % 2) -> memory order (byte // 2, byte % 2, parity)
+    v = tl.join(tl.join(tl.join(e0, o0), tl.join(e2, o2)), tl.join(tl.join(e1, o1), tl.join(e3, o3)))
+    v = tl.permute(v, (0, 1, 2, 4, 5, 3))
+    return tl.reshape(v, (ROWS, COLS)) * absmax[:, None]
 
 
 @triton.jit
@@ -74,6 +94,7 @@ def _dequantize_nf4_kernel(
     nested_offset_ptr,
     nested_code_ptr,
     pairs_ptr,
+    lut_ptr,
     out_ptr,
     n_elements,
     n_bytes,
@@ -81,6 +102,7 @@ def _dequantize_nf4_kernel(
     BLOCKS: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     SOFT_BF16: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2
     block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
@@ -98,8 +120,8 @@ def _dequantize_nf4_kernel(
     # index against a bound divisible by 16 lets Triton prove the mask constant over 16 bytes and load
     # them at once (the element mask gave 8 predicated LDG.E.U8 per thread; sm_90 SASS, triton 3.9).
     pair = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    byte = tl.load(packed_ptr + pair, mask=pair < n_bytes, other=0x77).to(tl.int32)
-    out = _scaled_pairs(tl.load(pairs_ptr + byte), absmax, BLOCKS, BLOCKSIZE)
+    byte = tl.load(packed_ptr + pair, mask=pair < n_bytes, other=0x77)
+    out = _scaled_values(byte, pairs_ptr, lut_ptr, absmax, BLOCKS, BLOCKSIZE, ASM)
 
     offs = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     out = round_to(out, out_ptr.dtype.element_ty, SOFT_BF16)
@@ -122,6 +144,7 @@ def dequantize_configs() -> list[LaunchConfig]:
                         signature={
                             **weight_signature(double_quant),
                             "pairs_ptr": "*i64",
+                            "lut_ptr": "*i32",
                             "out_ptr": ptr_type(dtype),
                             "n_elements": "i64",
                             "n_bytes": "i64",
@@ -131,6 +154,7 @@ def dequantize_configs() -> list[LaunchConfig]:
                             "BLOCKS": meta["BLOCKS"],
                             "DOUBLE_QUANT": double_quant,
                             "SOFT_BF16": False,
+                            "ASM": VALUE_ASM,
                         },
                         options={"num_warps": meta["num_warps"], "enable_fp_fusion": False},
                     )
@@ -152,6 +176,7 @@ def dequantize_nf4(weight, dtype: torch.dtype) -> torch.Tensor:
         weight.absmax,
         *nested,
         nf4_pairs(weight.device),
+        value_lut(weight.device),
         out,
         n,
         (n + 1) // 2,
@@ -159,6 +184,7 @@ def dequantize_nf4(weight, dtype: torch.dtype) -> torch.Tensor:
         BLOCKS=meta["BLOCKS"],
         DOUBLE_QUANT=weight.double_quant,
         SOFT_BF16=INTERPRET,
+        ASM="" if INTERPRET else VALUE_ASM,
         num_warps=meta["num_warps"],
         enable_fp_fusion=False,
     )
@@ -194,6 +220,7 @@ def _dequantize_lora_kernel(
     nested_offset_ptr,
     nested_code_ptr,
     pairs_ptr,
+    lut_ptr,
     a_ptr,
     b_ptr,
     out_ptr,
@@ -211,14 +238,15 @@ def _dequantize_lora_kernel(
     BK: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     SOFT_BF16: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """out[n, k] = round(NF4[code(n, k)] * absmax[block(n, k)] + scale * sum_j B[n, j] * A[j, k]).
 
     Program (i, j) writes the [BN, BK] tile of rows i*BN.. and columns j*BK..: 16-byte loads of the
-    codes (BK / 2 bytes of each row), the pair table, one absmax per row (a row's BK-chunk lies in one
-    block: K % BK == 0 and BK divides the blocksize), the low-rank product 16 ranks at a time on
-    tensor cores (tf32: the adapter's term is small next to W, its 2**-11 relative error is far below
-    the output's rounding), one rounding of the sum, 16-byte stores."""
+    codes (BK / 2 bytes of each row), their NF4 values from registers (`_scaled_values`), one absmax per
+    row (a row's BK-chunk lies in one block: K % BK == 0 and BK divides the blocksize), the low-rank
+    product 16 ranks at a time on tensor cores (tf32: the adapter's term is small next to W, its 2**-11
+    relative error is far below the output's rounding), one rounding of the sum, 16-byte stores."""
     HALF: tl.constexpr = BK // 2
     rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     k0 = tl.program_id(1).to(tl.int64) * BK
@@ -231,7 +259,7 @@ def _dequantize_lora_kernel(
     absmax = decode_absmax(
         absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, first >> log2_bs, in_n, DOUBLE_QUANT
     )
-    w = _scaled_pairs(tl.load(pairs_ptr + byte.to(tl.int32)), absmax, BN, BK)
+    w = _scaled_values(byte, pairs_ptr, lut_ptr, absmax, BN, BK, ASM)
 
     cols = k0 + tl.arange(0, BK)
     offs_j = tl.arange(0, 16)
@@ -267,6 +295,7 @@ def dequantize_lora_configs() -> list[LaunchConfig]:
                     signature={
                         **weight_signature(double_quant),
                         "pairs_ptr": "*i64",
+                        "lut_ptr": "*i32",
                         "a_ptr": ptr_type(adapter),
                         "b_ptr": ptr_type(adapter),
                         "out_ptr": ptr_type(dtype),
@@ -286,6 +315,7 @@ def dequantize_lora_configs() -> list[LaunchConfig]:
                         "BK": bk,
                         "DOUBLE_QUANT": double_quant,
                         "SOFT_BF16": False,
+                        "ASM": VALUE_ASM,
                     },
                     options=MERGE_OPTIONS,
                     aligned_only=True,
@@ -313,6 +343,7 @@ def dequantize_lora(weight, a: torch.Tensor, b: torch.Tensor, scale: float, dtyp
         weight.absmax,
         *nested,
         nf4_pairs(weight.device),
+        value_lut(weight.device),
         a,
         b,
         out,
@@ -330,6 +361,7 @@ def dequantize_lora(weight, a: torch.Tensor, b: torch.Tensor, scale: float, dtyp
         BK=bk,
         DOUBLE_QUANT=weight.double_quant,
         SOFT_BF16=INTERPRET,
+        ASM="" if INTERPRET else VALUE_ASM,
         **MERGE_OPTIONS,
     )
     return out

@@ -8,25 +8,44 @@ holds codes 2i (high nibble) and 2i + 1 (low nibble), blocks of `blocksize` (32 
 may cross rows, and absmax may be double-quantized (`absmax = nested_code[q] * nested_absmax[b // 256]
 + offset`).
 
-Tiling. Program (i, s) owns the BN = 256 rows (output features) [i*BN, (i+1)*BN) and the s-th slice of
-the reduction dimension (split-K: `k_per_split` elements, a multiple of the step). Each step of its loop
-takes BK = 64 columns (32 bytes) of every row, or 32 columns (16 bytes) where blocksize is 32 or
-K % 64 == 32 (`step_k`): 16-byte loads of packed bytes (a thread holds two whole row pieces with 4
-warps; Triton's pipeliner copies them with 16-byte cp.async two steps ahead), the matching [16, BK] tile
-of x (M rows padded to 16), and one `tl.dot` [BN, BK] x [BK, 16] on tensor cores (W is the A operand:
-wgmma on sm_90, mma.sync on sm_80).
+Register-table path (fp16/bf16 activations, blocksize 64, K % 256 == 0: every checkpoint transformers
+writes; `lut_applies`). Program (i, s) owns LUT_BN = 128 rows [i*BN, (i+1)*BN) and a slice of at most
+LUT_CHUNKS = 4 chunks of 256 codes of each row (split-K). Its loop takes one chunk per step, 128 bytes
+of every row, as four 64-code blocks, each one `tl.dot` [BN, 64] x [64, 16] on tensor cores (W is the A
+operand, in registers: wgmma on sm_90, mma.sync on sm_80) scaled by its block's absmax:
 
-Decode ("aligned" path, K % 32 == 0). Every byte is looked up in a 256-entry pair table (`pair_table`):
-entry b holds both nibbles' NF4 values, already in the activation dtype for fp16/bf16 (two 16-bit halves
-of one int32: one 32-bit gather per byte, from L1, and the two halves are the two neighbouring weights
-the dot operand wants, so no conversion instruction is needed), or as two float32 words (int64 entries)
-for fp32 activations. Since K % 32 == 0, the BK codes a row contributes to a step start at a multiple of
-BK in the flat tensor and lie in ONE absmax block (BK <= blocksize): the scale factors out,
+    partial[n, m] = sum_{k in block} NF4[code(n, k)] * x[m, k]      (the dot, fp32 accumulation)
+    acc[n, m]    += partial[n, m] * absmax[block(n)]                (one FMA per output per block)
 
-    partial[n, m] = sum_{k in step} NF4[code(n, k)] * x[m, k]      (the dot, fp32 accumulation)
-    acc[n, m]    += partial[n, m] * absmax[block(n, step)]           (one FMA per output per step)
+- No table in memory. The 16 NF4 values in the activation dtype live in registers (their high and low
+  bytes, four per word), and `nf4.kernels.lut.pair_lookup` maps 4 bytes of W to their 4 pair words (both
+  codes of a byte, the even one in the low half: what the dot operand holds) with 16 PRMT and 5 other
+  instructions.
+- No layout conversion of W. A thread loads, as 8-byte words, exactly the bytes its part of the
+  tensor-core A fragment needs ("fragment order": rows 64i + 16w + 8h + g for warp w, lane 4g + t, the
+  8 bytes [8t, 8t + 8) of each block), and the reduction order inside a block is permuted to match
+  (byte 8t + j is dot column pair 4j + t for wgmma, 8 (j // 2) + 2t + j % 2 for Triton's mma.sync
+  layout on sm_80, `MMA_V2`); x is read in memory order and permuted the same way on its way to the
+  tensor cores. The loads of the next step are issued before the current one is computed (a register
+  prefetch: no pipeliner, no shared memory for W).
+- absmax once per program: the slice's 4 x [BN, 4] block scales (double quantization decoded: the
+  nested map's gathers) before the loop; a step selects its [BN, 4] with three selects per element.
+`nf4.kernels.sass` counts this loop: no lookup in memory, ~7.5 lane-instructions and ~0.03 L1 wavefronts
+per byte of W on sm_90 (budgets ~8.2 and ~0.064). Under the interpreter (inline assembly does not run
+there) it gathers the same words from `pair_table` instead; tests compare the two bit for bit
+and check the assembly's selector arithmetic over all 256 bytes (tests/test_lookup.py).
 
-so absmax (double-quantized included) is decoded once per row and step, never per element.
+Pair-table path (other aligned shapes, K % 32 == 0). Program (i, s) owns BN = 256 rows (16 for fp32) and a
+slice of `k_per_split` elements. Each step takes BK = 64 columns (32 bytes) of every row, or 32 columns
+(16 bytes) where blocksize is 32 or K % 64 == 32 (`step_k`): 16-byte loads of packed bytes (Triton's
+pipeliner copies them with 16-byte cp.async two steps ahead), the matching [16, BK] tile of x (M rows
+padded to 16), and one `tl.dot` [BN, BK] x [BK, 16]. Every byte is looked up in a 256-entry pair table
+(`pair_table`): entry b holds both nibbles' NF4 values, in the activation dtype for fp16/bf16 (two
+16-bit halves of one int32), or as two float32 words (int64 entries) for fp32 activations. The BK codes
+a row contributes to a step lie in one absmax block, so the scale factors out as above, decoded once
+per row and step. NOTE: this was the fp16/bf16 path of 2d550bfb5869 (blocksize 64 included); its
+SASS (sm_90, triton 3.9) gathers the table with 4-byte cp.async copies into shared memory and reads
+them back with ldmatrix, ~3.4x the L1 budget (`nf4.kernels.sass`, tests/test_gemv.py).
 
 General path (K % 32 != 0, odd K included): rows do not start on byte or 32-code boundaries, so each
 element is located on its own (byte = f >> 1, nibble by the parity of f = n*K + k, block = f >> log2_bs),
@@ -65,11 +84,18 @@ import triton.language as tl
 
 from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, nested_pointers, ptr_type, round_to, to_f32
 from nf4.kernels.dequantize import decode_absmax
+from nf4.kernels.lut import PAIR_ASM, lut_words, pair_lookup
 
 BM = 16  # rows of x per program: M <= 16 padded to the smallest tensor-core tile
 BK = 32  # smallest reduction step: 16 bytes of each W row, in one absmax block (blocksize >= 32)
 MAX_M = 16
 NUM_WARPS = 4
+LUT_BN = 128  # rows of W per program on the register-table path (two 64-row tensor-core tiles)
+LUT_BN_V2 = 64
+"""Rows per program there with mma.sync (Ampere): 128 took an 8-byte stack frame (a spill at 168 registers,
+sm_80, triton 3.9)."""
+LUT_BK = 256  # codes per row per loop step there: 4 blocks of 64, 128 bytes
+LUT_CHUNKS = 4  # steps per program at most there (its absmax is decoded before the loop: 4 x [BN, 4])
 EPILOGUE_BN = 64
 A_BK = tl.constexpr(16)  # columns of A per step of the low-rank program (64 took 8 B of stack, triton 3.6)
 SPLITS_PER_STEP = tl.constexpr(8)  # split-K slices the epilogue sums per loop step (loads in flight)
@@ -146,6 +172,9 @@ def _nf4_gemv_kernel(
     DOT_F32: tl.constexpr,
     SOFT_BF16: tl.constexpr,
     HAS_A: tl.constexpr,
+    LUT: tl.constexpr,
+    ASM: tl.constexpr,
+    MMA_V2: tl.constexpr,
 ):
     pid_k = tl.program_id(1).to(tl.int64)
     offs_m = tl.arange(0, 16)
@@ -155,6 +184,10 @@ def _nf4_gemv_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     if HAS_A and tl.program_id(0) * BN >= N:  # the extra row tile (launched with HAS_A): x @ A^T of this slice
         _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, k_start, k_end, M, N, r, stride_ar, stride_ak, SOFT_BF16)
+    elif LUT:
+        _w_slice_lut(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
+                     pairs_ptr, partial_ptr, pid_k, M, N, KB, KB // 128, kb_per_split // 128, DOUBLE_QUANT, BN,
+                     ASM, MMA_V2, DOT_F32, SOFT_BF16)  # fmt: skip
     else:
         _w_slice(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
                  pairs_ptr, code_ptr, partial_ptr, pid_k, k_start, k_end, M, N, K, KB, log2_bs, n_blocks,
@@ -243,6 +276,111 @@ def _w_slice(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_off
             acc += _dot(w, x, DOT_F32, SOFT_BF16)
     offs = (pid_k * M + offs_m[None, :]) * N + offs_n[:, None]
     tl.store(partial_ptr + offs, acc, mask=in_m[None, :] & in_n[:, None])
+
+
+@triton.jit
+def _w_slice_lut(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
+                 pairs_ptr, partial_ptr, pid_k, M, N, KB, KC, chunks_per_split, DOUBLE_QUANT: tl.constexpr,
+                 BN: tl.constexpr, ASM: tl.constexpr, MMA_V2: tl.constexpr, DOT_F32: tl.constexpr,
+                 SOFT_BF16: tl.constexpr):  # fmt: skip
+    """partial[pid_k] = x[:, slice] @ dequant(W)[rows, slice]^T, fp16/bf16, blocksize 64, K % 256 == 0
+    (KC = K / 256 chunks per row): the register-table path (module docstring, "Register table")."""
+    act = x_rows.dtype.element_ty
+    pid_n = tl.program_id(0).to(tl.int64)
+    # Fragment order: flat f = (((i*2 + h)*4 + w)*8 + g)*4 + t covers dot row 64i + 16w + 8h + g and the
+    # 8 bytes [8t, 8t + 8) of its 32-byte block, the bytes thread (w, g, t) of the tensor-core operand
+    # holds (wgmma / mma.sync A fragment; `_lut_dot` permutes the reduction order to match).
+    f = tl.arange(0, 4 * BN)
+    frag_row = 64 * (f // 256) + 16 * ((f // 32) % 4) + 8 * ((f // 128) % 2) + (f // 4) % 8
+    frag_rows = tl.minimum(pid_n * BN + frag_row, N - 1)  # rows past N read row N - 1 (never stored)
+    words = packed_ptr.to(tl.pointer_type(tl.int32))  # W read as int32 words: no byte shuffling in registers
+    KW = KB // 4  # words per row (K % 256 == 0; a multiple of 4 where KB is known to be one of 16)
+    w_ptrs = words + (frag_rows * KW + 2 * (f % 4))[:, None] + tl.arange(0, 2)[None, :]
+    c_start = pid_k * chunks_per_split
+    c_end = tl.minimum(c_start + chunks_per_split, KC)
+    # absmax of the program's (at most LUT_CHUNKS = 4) chunks, decoded once: no gather from memory in the loop
+    rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)
+    chunk0 = rows * KC + c_start  # the program's first chunk of each row, counted over the whole tensor
+    ab = (absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr)
+    a0 = _chunk_absmax(*ab, chunk0, 0, c_end - c_start, DOUBLE_QUANT)
+    a1 = _chunk_absmax(*ab, chunk0, 1, c_end - c_start, DOUBLE_QUANT)
+    a2 = _chunk_absmax(*ab, chunk0, 2, c_end - c_start, DOUBLE_QUANT)
+    a3 = _chunk_absmax(*ab, chunk0, 3, c_end - c_start, DOUBLE_QUANT)
+    acc = tl.zeros((BN, 16), dtype=tl.float32)  # transposed: W is the dot's A operand
+    # W one chunk ahead (registers, no pipeliner): its loads are in flight during the compute
+    w0n, w1n, w2n, w3n = _chunk_loads(w_ptrs, c_start, c_end)
+    for c in range(c_start, c_end):
+        w0, w1, w2, w3 = w0n, w1n, w2n, w3n
+        w0n, w1n, w2n, w3n = _chunk_loads(w_ptrs, c + 1, c_end)
+        local = c - c_start
+        scale = tl.where(local == 0, a0, tl.where(local == 1, a1, tl.where(local == 2, a2, a3)))
+        s02, s13 = tl.split(tl.reshape(scale, (BN, 2, 2)))
+        s0, s2 = tl.split(s02)
+        s1, s3 = tl.split(s13)
+        x_ptrs = x_rows + 256 * c + tl.arange(0, 64)[None, :]
+        acc += _lut_dot(w0, x_ptrs, in_m, pairs_ptr, act, BN, ASM, MMA_V2, DOT_F32, SOFT_BF16) * s0[:, None]
+        acc += _lut_dot(w1, x_ptrs + 64, in_m, pairs_ptr, act, BN, ASM, MMA_V2, DOT_F32, SOFT_BF16) * s1[:, None]
+        acc += _lut_dot(w2, x_ptrs + 128, in_m, pairs_ptr, act, BN, ASM, MMA_V2, DOT_F32, SOFT_BF16) * s2[:, None]
+        acc += _lut_dot(w3, x_ptrs + 192, in_m, pairs_ptr, act, BN, ASM, MMA_V2, DOT_F32, SOFT_BF16) * s3[:, None]
+    offs_m = tl.arange(0, 16)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs = (pid_k * M + offs_m[None, :]) * N + offs_n[:, None]
+    tl.store(partial_ptr + offs, acc, mask=in_m[None, :] & (offs_n < N)[:, None])
+
+
+@triton.jit
+def _chunk_loads(w_ptrs, c, c_end):
+    """The 4 blocks of W (fragment order, [4 BN, 2] int32 words each) of chunk c (256 codes) of every row;
+    nothing is read when c >= c_end (the mask is a tensor: the interpreter rejects a scalar one)."""
+    w_in = tl.full(w_ptrs.shape, c, tl.int32) < c_end
+    w0 = tl.load(w_ptrs + 32 * c, mask=w_in, other=0)
+    w1 = tl.load(w_ptrs + (32 * c + 8), mask=w_in, other=0)
+    w2 = tl.load(w_ptrs + (32 * c + 16), mask=w_in, other=0)
+    w3 = tl.load(w_ptrs + (32 * c + 24), mask=w_in, other=0)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _chunk_absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, chunk0, local, chunks,
+                  DOUBLE_QUANT: tl.constexpr):  # fmt: skip
+    """float32 absmax [BN, 4] of the 4 blocks 4 * (chunk0 + local) + [0, 4) of each row (one 4-byte or
+    16-byte load per row); 0 where local >= chunks."""
+    chunk = chunk0 + local
+    valid = tl.full(chunk.shape, local, tl.int32) < chunks
+    block = (4 * chunk)[:, None] + tl.arange(0, 4)[None, :]
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=valid[:, None], other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + chunk // 64, mask=valid, other=0.0)  # block // 256
+        return tl.where(
+            valid[:, None], tl.load(nested_code_ptr + q) * nested[:, None] + tl.load(nested_offset_ptr), 0.0
+        )
+    else:
+        return tl.load(absmax_ptr + block, mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _lut_dot(word, x_ptrs, in_m, pairs_ptr, act: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr,
+             MMA_V2: tl.constexpr, DOT_F32: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
+    """One 64-code block of every row: word [4 BN, 2] (int32, fragment order) -> [BN, 64] `act` values
+    (pair words split into the even and odd codes) @ x[:, permuted block]^T, fp32 [BN, 16]."""
+    p0, p1, p2, p3 = pair_lookup(tl.reshape(word, (BN, 4, 2)), pairs_ptr, ASM)
+    # join appends the new axis last: [..., a, s] holds byte 2a + s of the word, so j = 4 * word + byte
+    pair = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BN, 4, 8))
+    # fragment order (i, h, w, g) -> dot row 64i + 16w + 8h + g; then byte 8t + j of a block -> dot pair
+    pair = tl.reshape(tl.permute(tl.reshape(pair, (BN // 64, 2, 4, 8, 4, 8)), (0, 2, 1, 3, 4, 5)), (BN, 4, 8))
+    if MMA_V2:  # byte 8t + 2 jh + jl -> dot pair 8 jh + 2t + jl
+        pair = tl.reshape(tl.permute(tl.reshape(pair, (BN, 4, 4, 2)), (0, 2, 1, 3)), (BN, 32))
+    else:  # byte 8t + j -> dot pair 4j + t
+        pair = tl.reshape(tl.permute(pair, (0, 2, 1)), (BN, 32))
+    even = pair.to(tl.int16).to(act, bitcast=True)
+    odd = (pair >> 16).to(tl.int16).to(act, bitcast=True)
+    w = tl.reshape(tl.join(even, odd), (BN, 64))
+    x = tl.load(x_ptrs, mask=in_m[:, None], other=0.0)  # [16, 64] in memory order
+    if MMA_V2:  # column 2 (8t + 2 jh + jl) + e -> 2 (8 jh + 2t + jl) + e
+        x = tl.reshape(tl.permute(tl.reshape(x, (16, 4, 4, 2, 2)), (0, 2, 1, 3, 4)), (16, 64))
+    else:  # column 2 (8t + j) + e -> 2 (4j + t) + e
+        x = tl.reshape(tl.permute(tl.reshape(x, (16, 4, 8, 2)), (0, 2, 1, 3)), (16, 64))
+    return _dot(w, x, DOT_F32, SOFT_BF16)
 
 
 @triton.jit
@@ -357,11 +495,27 @@ def _main_signature(dtype: torch.dtype, double_quant: bool, a_dtype: torch.dtype
     }
 
 
-def step_k(k: int, blocksize: int) -> int:
-    """Reduction elements per loop step: 64 (two 16-byte loads per row) where blocksize >= 64 and
-    K % 64 == 0, else 32. NOTE: 64 halves the per-step scale FMAs and loop overhead per byte of W:
-    the sm_90 bf16 loop went from 8.9 to the count in tests/test_gemv.py (lane-instructions per byte)."""
+def lut_applies(dtype: torch.dtype, k: int, blocksize: int) -> bool:
+    """Whether a decode call takes the register-table path: fp16/bf16 activations, blocksize 64 (every
+    checkpoint transformers writes) and K % 256 == 0 (rows of whole 256-code chunks)."""
+    return dtype in (torch.float16, torch.bfloat16) and blocksize == 64 and k % LUT_BK == 0
+
+
+def step_k(k: int, blocksize: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Reduction elements per loop step: LUT_BK = 256 on the register-table path (`lut_applies`); else
+    64 (two 16-byte loads per row) where blocksize >= 64 and K % 64 == 0, else 32. NOTE: 64 halves the
+    per-step scale FMAs and loop overhead per byte of W against 32 (pair-table path, sm_90 bf16: 8.9 ->
+    6.8 lane-instructions per byte)."""
+    if lut_applies(dtype, k, blocksize):
+        return LUT_BK
     return 64 if blocksize >= 64 and k % 64 == 0 else BK
+
+
+def mma_v2(device: torch.device) -> bool:
+    """Whether Triton builds the decode dot with mma.sync (Ampere / Ada: `MMA_V2`, its fragment order) rather
+    than wgmma (Hopper). NOTE: with 8 rows of x triton 3.6 also picks mma.sync on sm_90 (3.9 wgmma), which
+    is why the register-table path keeps 16 rows for every M."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9
 
 
 def fuses_a(dtype: torch.dtype, aligned: bool) -> bool:
@@ -375,17 +529,27 @@ def fuses_a(dtype: torch.dtype, aligned: bool) -> bool:
 
 
 def _main_constexprs(
-    dtype: torch.dtype, aligned: bool, double_quant: bool, soft_bf16: bool, bk: int, has_a: bool = False
+    dtype: torch.dtype,
+    aligned: bool,
+    double_quant: bool,
+    soft_bf16: bool,
+    bk: int,
+    has_a: bool = False,
+    mma_v2: bool = False,
 ) -> dict:
+    lut = bk == LUT_BK
     return dict(
         HAS_A=has_a,
         ALIGNED=aligned,
         DOUBLE_QUANT=double_quant,
-        BN=block_n(dtype, aligned),
+        BN=(LUT_BN_V2 if mma_v2 else LUT_BN) if lut else block_n(dtype, aligned),
         BK=bk,
         CODE_F32=dtype == torch.float32,
         DOT_F32=soft_bf16 or dtype == torch.float32,
         SOFT_BF16=soft_bf16,
+        LUT=lut,
+        ASM=PAIR_ASM[dtype] if lut and not soft_bf16 else "",
+        MMA_V2=lut and mma_v2,
     )
 
 
@@ -405,8 +569,8 @@ def _options(aligned: bool, dtype: torch.dtype, bk: int) -> dict:
     32-column aligned path with double quant on sm_80 (triton 3.6); fp32 aligned took 8 bytes with 2 or
     3 stages on sm_90 (triton 3.9). The stage counts below compile without stack or spills.
     """
-    if dtype == torch.float32 and aligned:
-        stages = 1
+    if bk == LUT_BK or (dtype == torch.float32 and aligned):
+        stages = 1  # the register-table path prefetches W into registers itself (no shared memory)
     else:
         stages = 3 if aligned and bk == 64 else 2
     return {**_OPTIONS, "num_stages": stages}
@@ -440,21 +604,25 @@ def gemv_configs() -> list[LaunchConfig]:
     out = []
     for dtype in TL_DTYPES:
         dname = ptr_type(dtype)[1:]
-        for aligned, bk in ((True, 64), (True, 32), (False, 32)):
+        lut = ((True, LUT_BK, False), (True, LUT_BK, True)) if dtype != torch.float32 else ()
+        for aligned, bk, mma_v2 in lut + ((True, 64, False), (True, 32, False), (False, 32, False)):
             # without the low-rank program (x stands in for A), and for fp16/bf16 on the aligned path with
             # it (`fuses_a`): A in x's dtype or float32 (the default adapter dtype)
             a_dtypes = [None] + (list(dict.fromkeys((dtype, torch.float32))) if fuses_a(dtype, aligned) else [])
             for double_quant, a_dtype in itertools.product((False, True), a_dtypes):
                 a_name = "" if a_dtype is None else f",A={ptr_type(a_dtype)[1:]}"
+                constexprs = _main_constexprs(dtype, aligned, double_quant, False, bk, a_dtype is not None, mma_v2)
+                mma_name = (",mma=v2" if mma_v2 else ",mma=v3") if bk == LUT_BK else ""
                 out.append(
                     LaunchConfig(
                         name=f"nf4_gemv[{dname},aligned={int(aligned)},dq={int(double_quant)},"
-                        f"BN={block_n(dtype, aligned)},BK={bk}{a_name}]",
+                        f"BN={constexprs['BN']},BK={bk}{mma_name}{a_name}]",
                         kernel=_nf4_gemv_kernel,
                         signature=_main_signature(dtype, double_quant, a_dtype or dtype),
-                        constexprs=_main_constexprs(dtype, aligned, double_quant, False, bk, a_dtype is not None),
+                        constexprs=constexprs,
                         options=_options(aligned, dtype, bk),
                         aligned_only=True,
+                        archs=((80,) if mma_v2 else (90,)) if bk == LUT_BK else (),
                     )
                 )
         # u = x_d @ A^T comes in x's dtype (or as the streaming kernel's float32 slices, `fused_u`); B^T and
@@ -504,8 +672,12 @@ def _constants(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tens
     optional pointers."""
     from nf4.codebook import NF4_CODE
 
+    pairs = pair_table(dtype, device)
+    if dtype != torch.float32:  # the register words of `pair_lookup` after the 256 pair entries
+        words = torch.tensor(lut_words(dtype), dtype=torch.int64)
+        pairs = torch.cat([pairs, torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).to(device)])
     return {
-        "pairs": pair_table(dtype, device),
+        "pairs": pairs,
         "code": NF4_CODE.to(device=device, dtype=torch.float32),
         "none_f32": torch.empty(0, device=device),
     }
@@ -549,9 +721,15 @@ def epilogue_round_trips(split: int, r: int, fused_u: bool = True) -> int:
     return steps + cdiv(r, 16) * (1 + steps * fused_u) + 1
 
 
+LUT_RESIDENT = 2
+"""Programs of the register-table path an H200 SM holds at once: 173-177 registers per thread x 128
+threads (sm_90, triton 3.6 and 3.9) -> 2 of 65536 registers' worth."""
+
+
 def in_flight_bytes(bn: int, bk: int, stages: int) -> int:
     """Bytes of W one program has requested and not yet received: Triton's pipeliner keeps `stages - 1`
-    steps of [bn, bk] codes (bn * bk / 2 bytes each) in flight."""
+    steps of [bn, bk] codes (bn * bk / 2 bytes each) in flight; the register-table path (1 stage)
+    prefetches one step itself."""
     return bn * bk // 2 * max(1, stages - 1)
 
 
@@ -559,26 +737,39 @@ def model_us(n, k, m=1, r=MODEL_RANK, split=1, sms=H200_SMS, blocksize=64, doubl
     """Predicted GPU time (us, CUDA-graph replay) of a decode call, bf16 activations, the adapter's A and
     B in float32 handed to the kernels (what a LoRALinearNF4 decode call is: these two kernels):
 
+        time = max(memory, issue_us) + fixed        (memory, fixed: `memory_us`)
+
+    `issue_us`: the streaming loop's instruction issue time; `nf4.kernels.sass.decode_terms` adds the L1
+    term of its SASS."""
+    t_mem, fixed = memory_us(n, k, m, r, split, sms, blocksize, double_quant, bk)
+    return max(t_mem, issue_us) + fixed
+
+
+def memory_us(n, k, m=1, r=MODEL_RANK, split=1, sms=H200_SMS, blocksize=64, double_quant=True, bk=None):
+    """(memory, fixed) time (us) of a decode call:
+
         bytes   = n*k/2 + n*k/blocksize * (1 + 4/256 with double quant, else 4)    codes, absmax
                 + 2*m*k + 4*r*(k + n) + 2*m*n + 2*n                               x, A, B, out, bias
                 + 2 * 4*split*m*(n + r)                 float32 partial sums, written and read back
-        eff     = min(1, programs / sms * in_flight_bytes / (BANDWIDTH / H200_SMS * DRAM_LATENCY_US))
-        time    = max(bytes / (BANDWIDTH * eff), issue_us)
-                + epilogue_round_trips(split, r) * L2_ROUND_TRIP_US + 2 * LAUNCH_US
+        eff     = min(1, resident programs per SM * in_flight_bytes / (BANDWIDTH / H200_SMS * DRAM_LATENCY_US))
+        memory  = bytes / (BANDWIDTH * eff)
+        fixed   = epilogue_round_trips(split, r) * L2_ROUND_TRIP_US + 2 * LAUNCH_US
 
-    `issue_us`: the streaming loop's instruction issue time (`nf4.kernels.sass`). The partial sums mostly
-    stay in the 60 MB L2, so counting them at DRAM speed is pessimistic. Not modelled: the tail of an
-    uneven wave, L1 throughput of the table gathers.
+    Resident programs per SM: programs / sms, at most LUT_RESIDENT on the register-table path. The partial
+    sums mostly stay in the 60 MB L2, so counting them at DRAM speed is pessimistic. Not modelled: the
+    tail of an uneven wave.
     """
     bk = bk or step_k(k, blocksize)
-    bn = block_n(torch.bfloat16)
+    lut = bk == LUT_BK
+    bn = LUT_BN if lut else block_n(torch.bfloat16)
     absmax = n * k / blocksize * ((1 + 4 / 256) if double_quant else 4)
     other = 2 * m * k + 4 * r * (k + n) + 2 * m * n + 2 * n + 8 * split * m * (n + r)
     programs = cdiv(n, bn) * split
+    resident = min(programs / sms, LUT_RESIDENT) if lut else programs / sms
     need = BANDWIDTH / H200_SMS * DRAM_LATENCY_US * 1e-6
-    eff = min(1.0, programs / sms * in_flight_bytes(bn, bk, _options(True, torch.bfloat16, bk)["num_stages"]) / need)
+    eff = min(1.0, resident * in_flight_bytes(bn, bk, _options(True, torch.bfloat16, bk)["num_stages"]) / need)
     t_mem = (n * k / 2 + absmax + other) / (BANDWIDTH * eff) * 1e6
-    return max(t_mem, issue_us) + epilogue_round_trips(split, r) * L2_ROUND_TRIP_US + 2 * LAUNCH_US
+    return t_mem, epilogue_round_trips(split, r) * L2_ROUND_TRIP_US + 2 * LAUNCH_US
 
 
 def effective_split(k: int, split: int, bk: int) -> int:
@@ -592,9 +783,18 @@ def choose_split(n: int, k: int, m: int, bk: int, sms: int) -> int:
     MIN_STEPS steps long. More slices keep more of W in flight (Little's law) but write and read back
     more partial sums and add epilogue round trips: at 8192x8192 this gives 8 (M = 1 and 16)."""
     best = (float("inf"), 1)
-    for split in sorted({effective_split(k, s, bk) for s in range(1, max(1, k // (bk * MIN_STEPS)) + 1)}):
+    for split in split_candidates(k, bk):
         best = min(best, (model_us(n, k, m, split=split, sms=sms, bk=bk), split))
     return best[1]
+
+
+def split_candidates(k: int, bk: int) -> list[int]:
+    """The split-K factors a launch may take: slices of whole steps, at least MIN_STEPS steps long; on the
+    register-table path at most LUT_CHUNKS steps (the absmax of a slice is decoded before its loop) and
+    at least one."""
+    if bk == LUT_BK:
+        return sorted({effective_split(k, s, bk) for s in range(cdiv(k, LUT_CHUNKS * bk), k // bk + 1)})
+    return sorted({effective_split(k, s, bk) for s in range(1, max(1, k // (bk * MIN_STEPS)) + 1)})
 
 
 def split_for(n: int, k: int, m: int, bk: int, device: torch.device) -> int:
@@ -680,10 +880,12 @@ class _Plan(NamedTuple):
 def _plan(m, n, k, dtype, device, blocksize, double_quant, split, has_a) -> _Plan:
     interpret = INTERPRET or device.type != "cuda"
     aligned = k % BK == 0
-    bk = step_k(k, blocksize) if aligned else BK
-    bn = block_n(dtype, aligned)
+    bk = step_k(k, blocksize, dtype) if aligned else BK
+    bn = (LUT_BN_V2 if mma_v2(device) else LUT_BN) if bk == LUT_BK else block_n(dtype, aligned)
     if split is None:
         split = split_for(n, k, m, bk, device)
+    if bk == LUT_BK:  # a slice decodes the absmax of at most LUT_CHUNKS chunks before its loop
+        split = max(split, cdiv(k, LUT_CHUNKS * bk))
     k_per_split = cdiv(cdiv(k, split), bk) * bk
     split = cdiv(k, k_per_split)
     return _Plan(
@@ -692,7 +894,7 @@ def _plan(m, n, k, dtype, device, blocksize, double_quant, split, has_a) -> _Pla
         split=split,
         scalars=(blocksize.bit_length() - 1, cdiv(n * k, blocksize), k_per_split, k_per_split // 2),
         meta={
-            **_main_constexprs(dtype, aligned, double_quant, interpret, bk, bool(has_a)),
+            **_main_constexprs(dtype, aligned, double_quant, interpret, bk, bool(has_a), mma_v2(device)),
             **_options(aligned, dtype, bk),
         },
         epilogue_meta=dict(BN=EPILOGUE_BN, SOFT_BF16=interpret, num_warps=NUM_WARPS, enable_fp_fusion=True),

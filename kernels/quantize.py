@@ -38,12 +38,13 @@ _NESTED = 256
 def quantize_config(blocksize: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
     """Meta-parameters for one blocksize and input dtype: whole blocks per program and warps.
 
-    NOTE: float32 input with blocksize 1024 takes 8 warps (16 elements per thread, still 16-byte loads):
-    with 4 warps it took a 40-byte stack frame on sm_90 (triton 3.9) once the bucket-table gather came
-    in. The other float32 variants stay at 4 warps (32 elements per thread: 34.0 instructions per
-    element at blocksize 64, within the bandwidth budget; 40.5 with 8 warps)."""
+    NOTE: float32 input with blocksize 1024 and 2048 takes 8 warps (16 elements per thread, still
+    16-byte loads): with 4 warps they took 40-byte stack frames on sm_90 (triton 3.9), 1024 once the
+    bucket-table gather came in, 2048 once the codes were stored 4 bytes at a time. The other float32
+    variants stay at 4 warps (32 elements per thread: 35.0 instructions per element at blocksize 64,
+    within the bandwidth budget)."""
     blocks = max(1, _TARGET_ELEMENTS // blocksize)
-    fits = blocks * blocksize <= _TARGET_ELEMENTS and not (dtype == torch.float32 and blocksize == 1024)
+    fits = blocks * blocksize <= _TARGET_ELEMENTS and not (dtype == torch.float32 and blocksize in (1024, 2048))
     warps = 4 if fits else 8
     return {"BLOCKS": blocks, "num_warps": warps}
 
@@ -139,8 +140,12 @@ def _quantize_nf4_kernel(
     even, odd = tl.split(tl.reshape(_unit_scale(x, absmax[:, None]), (BLOCKS, HALF, 2)))
     byte = (_nf4_codes(even, table_ptr) << 4) | _nf4_codes(odd, table_ptr)
 
-    pair = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    tl.store(packed_ptr + pair, byte.to(tl.uint8), mask=pair < n_bytes)  # byte indices: 16-byte stores
+    # NOTE: contiguity capped at 4 bytes, the codes a thread computes from its 8 loaded elements: with 16-byte
+    # stores Triton moved x (2 or 4 bytes per element) through shared memory to regroup it (8 STSM.x4 and 8
+    # LDS.128 per thread, 64 L1 wavefronts per warp: 0.39 of the L1 budget, sm_90 bf16); 4-byte stores cost
+    # the same wavefronts and no conversion (`nf4.kernels.sass.quantize_report`).
+    pair = tl.max_contiguous(block[:, None] * HALF + tl.arange(0, HALF)[None, :], (1, 4))
+    tl.store(packed_ptr + pair, byte.to(tl.uint8), mask=pair < n_bytes)  # byte indices
     tl.store(absmax_ptr + block, absmax, mask=block * BLOCKSIZE < n_elements)
 
 

@@ -1,34 +1,52 @@
-"""Static speed model of the decode kernel (`nf4.kernels.gemv`) from its SASS, without a GPU.
+"""Static speed model of the kernels from their SASS, without a GPU: instruction issue, the L1 /
+shared-memory data path, and DRAM.
 
-The decode kernel is bound by streaming W, so what matters is whether the instructions it issues per
-byte of W fit in the time the memory system takes to deliver that byte. On the H200:
+Issue. A SASS instruction of a loop body is issued once per iteration by every warp and executed by its
+32 lanes. On the H200
 
-    lane-instructions per second  = 132 SMs x 4 schedulers x 32 lanes x 1.98 GHz = 3.35e13
-    bytes of W per second         = 4.1e12 (measured copy bandwidth, gpu-findings.md)
-    budget                        = 3.35e13 / 4.1e12 ~ 8.2 lane-instructions per byte of W
+    lane-instructions per second = 132 SMs x 4 schedulers x 32 lanes x 1.98 GHz = 3.35e13
+    bytes of W per second        = 4.1e12 (measured copy bandwidth, gpu-findings.md)
+    BUDGET                       = 3.35e13 / 4.1e12 ~ 8.2 lane-instructions per byte of W
 
-Units. A SASS instruction in the loop body is issued once per iteration by every warp and executed by
-its 32 lanes: 32 lane-instructions. A warp consumes `bytes_per_iteration / warps` bytes of W per
-iteration, so per byte of W the loop costs
+and a loop that streams `bytes_per_thread` bytes of W per thread per iteration costs `count /
+bytes_per_thread` lane-instructions per byte (a predicated-off instruction still takes its slot).
 
-    lane-instructions / byte = 32 x count / (bytes_per_iteration / warps) = count / bytes_per_thread
+L1 / shared memory. One SRAM per SM serves L1 and shared memory; its data stage handles one 128-byte
+"wavefront" per cycle. While HBM streams W at 4.1 TB/s an SM receives 4.1e12 / 132 / 1.98e9 = 15.7 bytes
+of W per cycle, so the loop may spend
 
-with `bytes_per_thread = bytes_per_iteration / (32 x warps)`: the SASS count of the loop divided by the
-bytes of W one thread streams per iteration. (A predicated-off instruction still takes its issue slot,
-so the count is what the schedulers see; instructions outside the loop are amortised over the whole
-K-slice and ignored.) `analyze` finds the hot loop as the backward branch (`BRA` to a lower address)
-whose body holds the most instructions, counts them, and reports the load width of W (`LDG.E.128`,
-or `LDGSTS.E.128` when Triton's pipeliner copies W through shared memory) and where the decode table
-is read from: `LDS` (shared), `LDG` (global, through L1) or registers (no load per byte).
+    L1_BUDGET = 132 x 1.98e9 / 4.1e12 ~ 0.064 wavefronts per byte of W     (plan for <= 0.8 of it)
+
+Each memory instruction of the loop costs, per warp (`memory_ops`):
+- global or shared load / store, 32 lanes x `width` bytes: max(1, 32 x width / 128) wavefronts;
+- LDGSTS (async copy): its global read and its shared write, twice that;
+- LDSM / STSM .xN (8x8 matrices): N; SHFL: 1 (assumed to use the same crossbar);
+- HGMMA: the shared-memory operands' bytes / 128, a quarter per warp of the warpgroup (B, 16 x N
+  elements, always; A, 64 x 16, unless it comes from registers);
+- a data-dependent lookup (a load whose address derives from loaded data, into one of the constant
+  tables `TABLES`): its bank conflicts, by `lookup_wavefronts`: lanes draw indices i.i.d. from what
+  N(0, 1) weights quantize to, each phase of lanes (32 x 4 B, 16 x 8 B, 8 x 16 B) costs the largest
+  number of distinct 4-byte words any bank holds, broadcast free.
+Which load reads what comes from a dataflow pass over the SASS (`address_sources`): kernel parameters
+(`c[0x0][...]`, mapped to names through the cubin's parameter table) and loaded data propagate through
+every instruction to the address registers of each load. Not modelled: conflicts of regular accesses
+(e.g. lanes of one warp reading several rows of W at one offset within their lines: taken as ideal),
+the tag stage, L2 and DRAM queueing.
+
+Prediction (`decode_terms`): max(DRAM, issue, L1) + epilogue round trips + launches, where DRAM is
+`nf4.kernels.gemv.model_us`'s memory term (bytes, Little's-law efficiency), issue the loop's
+lane-instructions at 3.35e13 per second and L1 its wavefronts at one per cycle per SM.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nf4.kernels.aot import _tool, specialize
 from nf4.kernels.common import LaunchConfig
@@ -41,40 +59,55 @@ BANDWIDTH = 4.1e12  # bytes/s, measured copy bandwidth of the H200 (read + write
 LANE_INSTRUCTIONS_PER_S = SMS * SCHEDULERS * LANES * CLOCK_HZ
 BUDGET = LANE_INSTRUCTIONS_PER_S / BANDWIDTH
 """~8.2 lane-instructions per byte of W: above it the loop is instruction-bound, below memory-bound."""
+WAVEFRONTS_PER_S = SMS * CLOCK_HZ
+L1_BUDGET = WAVEFRONTS_PER_S / BANDWIDTH
+"""~0.064 L1 data-stage wavefronts per byte of W: above it the loop is bound by L1 / shared memory."""
+L1_TARGET = 0.8
+"""The fraction of L1_BUDGET a hot loop may use (margin for what the model leaves out)."""
+
+TABLES = ("pairs_ptr", "code_ptr", "nested_code_ptr", "table_ptr", "thresholds_ptr")
+"""Kernel parameters that are small constant tables: a load from one at a data-dependent index is a lookup."""
 
 
-@dataclass(frozen=True)
-class LoopReport:
-    """The hot loop of one compiled kernel."""
-
-    instructions: int  # SASS instructions in the loop body, the backward branch included
-    bytes_per_thread: float  # bytes of W one thread streams per iteration
-    w_load: str  # the widest load opcode of W in the loop (e.g. LDG.E.128)
-    table: str  # "LDS" (shared), "LDG" (global / L1) or "registers"
-    gathers: int  # loads in the loop that read the decode table
-    opcodes: dict[str, int]  # opcode -> count in the loop
-
-    @property
-    def per_byte(self) -> float:
-        """Lane-instructions per byte of W (see the module docstring)."""
-        return self.instructions / self.bytes_per_thread
-
-    @property
-    def wide_loads(self) -> bool:
-        return self.w_load.endswith(".128")
+# --------------------------------------------------------------------------------------------------
+# SASS
 
 
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 
 
-def disassemble(cubin: bytes) -> list[tuple[int, str]]:
-    """(address, instruction text) of every instruction of `cubin`, via the cuobjdump in Triton's wheel."""
+@dataclass(frozen=True)
+class Compiled:
+    """A cubin's instructions and the names of its kernel parameters by constant-bank offset."""
+
+    instructions: list[tuple[int, str]]
+    params: dict[int, str] = field(default_factory=dict)
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        text = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
-    return [(int(addr, 16), ins.strip()) for addr, ins in _LINE.findall(text)]
+        return subprocess.run([_tool("cuobjdump"), flag, path], capture_output=True, text=True, check=True).stdout
+
+
+def disassemble(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, instruction text) of every instruction of `cubin`, via the cuobjdump in Triton's wheel."""
+    return [(int(addr, 16), ins.strip()) for addr, ins in _LINE.findall(_cuobjdump(cubin, "-sass"))]
+
+
+def param_offsets(cubin: bytes, names: list[str]) -> dict[int, str]:
+    """Constant-bank offset -> name of each kernel parameter (`names`: the non-constexpr ones, in order),
+    from the cubin's EIATTR_PARAM_CBANK (bank base) and EIATTR_KPARAM_INFO (ordinal, offset) records."""
+    elf = _cuobjdump(cubin, "-elf")
+    base = re.search(r"EIATTR_PARAM_CBANK\s+Format:\s+\S+\s+Value:\s+\S+\s+0x([0-9a-f]+)", elf)
+    start = int(base.group(1), 16) & 0xFFFF if base else 0
+    out = {}
+    for ordinal, offset in re.findall(r"Ordinal\s*:\s*0x([0-9a-f]+)\s+Offset\s*:\s*0x([0-9a-f]+)", elf):
+        if int(ordinal, 16) < len(names):
+            out[start + int(offset, 16)] = names[int(ordinal, 16)]
+    return out
 
 
 def opcode(instruction: str) -> str:
@@ -83,6 +116,13 @@ def opcode(instruction: str) -> str:
     if parts and parts[0].startswith("@"):
         parts = parts[1:]
     return parts[0] if parts else ""
+
+
+def operands(instruction: str) -> list[str]:
+    """The operands of an instruction, predicate guard and opcode removed."""
+    text = instruction.split(None, 1)[1] if instruction.startswith("@") else instruction
+    parts = text.split(None, 1)
+    return [o.strip() for o in parts[1].split(",")] if len(parts) > 1 else []
 
 
 def loops(instructions: list[tuple[int, str]]) -> list[list[str]]:
@@ -101,28 +141,309 @@ def hot_loop(instructions: list[tuple[int, str]]) -> list[str]:
     return max(loops(instructions), key=len, default=[])
 
 
-def analyze(cubin: bytes, bytes_per_thread: float) -> LoopReport:
-    """Count the hot loop of `cubin`, which streams `bytes_per_thread` bytes of W per thread per iteration."""
-    body = hot_loop(disassemble(cubin))
-    if not body:
+# --------------------------------------------------------------------------------------------------
+# dataflow: what each load's address is computed from
+
+_REG = re.compile(r"\b(U?R(?:\d+|Z))(?:\.64)?\b")
+_CBANK = re.compile(r"c\[0x0\]\[0x([0-9a-f]+)\]")
+_NO_DEST = ("ST", "BAR", "BRA", "DEPBAR", "WARPGROUP", "FENCE", "MEMBAR", "LDGDEPBAR", "EXIT", "NOP", "CALL",
+            "RET", "RED", "ISETP", "FSETP", "DSETP", "PLOP3", "UISETP", "WARPSYNC", "BSYNC", "BSSY", "YIELD",
+            "LDGSTS", "SYNCS", "ELECT", "VOTEU", "UPLOP3", "ERRBAR", "CCTL", "ARRIVES")  # fmt: skip
+_LOADS = ("LDG", "LDS", "LDSM", "LD.", "LDL", "ATOM", "ATOMS", "SHFL")
+
+
+def _wide(op: str) -> int:
+    """Registers an instruction writes from its first destination: .64 -> 2, .128 -> 4, LDSM.x4 -> 4."""
+    if op.startswith("LDSM"):
+        return int(op.rsplit(".", 1)[1]) if op.rsplit(".", 1)[1].isdigit() else 1
+    if ".128" in op:
+        return 4
+    if ".64" in op or op.startswith(("IMAD.WIDE", "ULDC.64", "LDC.64")):
+        return 2
+    return 1
+
+
+def _regs(operand: str) -> list[str]:
+    """Registers an operand reads (a 64-bit address `R4.64` reads R4 and R5)."""
+    out = []
+    for m in re.finditer(r"\b(U?R)(\d+)(\.64)?\b", operand):
+        out.append(m.group(1) + m.group(2))
+        if m.group(3):
+            out.append(f"{m.group(1)}{int(m.group(2)) + 1}")
+    return out
+
+
+def _destinations(op: str, ops: list[str]) -> list[str]:
+    if op.startswith(_NO_DEST) or not ops:
+        return []
+    first = next((o for o in ops if re.fullmatch(r"U?R\d+", o)), None) if op.startswith("SHFL") else ops[0]
+    if first is None or not re.fullmatch(r"U?R\d+", first):
+        return []
+    kind, num = re.match(r"(U?R)(\d+)", first).groups()
+    return [f"{kind}{int(num) + i}" for i in range(_wide(op))]
+
+
+def address_sources(instructions: list[tuple[int, str]], params: dict[int, str]) -> dict[int, frozenset]:
+    """For every memory instruction (by address): what its address is computed from, as a set of kernel
+    parameter names and `@name` for data loaded through parameter `name` (`@shared` for data read from
+    shared memory); for a store, what the stored value derives from, after a `|`, as `|@x_ptr` etc. Two
+    passes over the function, so values defined late in a loop reach its top."""
+    taint: dict[str, frozenset] = {}
+    result: dict[int, frozenset] = {}
+    for _ in range(2):
+        for addr, ins in instructions:
+            op, ops = opcode(ins), operands(ins)
+            sources: set[str] = set()
+            for o in ops:
+                sources |= {params[int(off, 16)] for off in _CBANK.findall(o) if int(off, 16) in params}
+            memory = [o for o in ops if "[" in o and not o.startswith(("c[", "gdesc"))]
+            address: set[str] = set(sources)
+            for o in memory:
+                inner = o[o.rfind("[") :]  # desc[UR4][R2.64+0x10]: the register part is the last bracket
+                for r in _regs(inner):
+                    address |= taint.get(r, frozenset())
+            if memory or op.startswith(("LDG", "LDS", "STG", "STS", "LDGSTS", "LDSM", "STSM")):
+                stored: set[str] = set()
+                if op.startswith(("STS", "STG", "STSM", "ST.")) and ops:
+                    stored = {"|" + t for r in _regs(ops[-1]) for t in taint.get(r, ())}
+                result[addr] = frozenset(address | stored)
+            dests = _destinations(op, ops)
+            if op.startswith(("LDC", "ULDC")):
+                value = frozenset(sources)
+            elif op.startswith(_LOADS):
+                shared = op.startswith(("LDS", "LDSM", "ATOMS", "SHFL"))
+                value = frozenset({"@shared"} if shared else {"@" + p for p in address if not p.startswith("@")})
+                value |= frozenset(p for p in address if p.startswith("@"))
+                if op.startswith("SHFL"):
+                    value = frozenset(t for o in ops[1:] for r in _regs(o) for t in taint.get(r, ()))
+            else:
+                value = set(sources)
+                for o in ops[len(dests[:1]) :]:
+                    for r in _regs(o):
+                        value |= taint.get(r, frozenset())
+                value = frozenset(value)
+            for d in dests:
+                taint[d] = value
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# lookups: bank conflicts of data-dependent table reads, from the codes N(0, 1) weights quantize to
+
+
+@functools.cache
+def _samples() -> dict[str, tuple[int, ...]]:
+    """Table indices that quantized N(0, 1) weights produce (blocksize 64, double quant): packed bytes
+    (pair table), codes (NF4 table), absmax codes (nested map), bucket of RN(16 xs + 16) (quantize)."""
+    import torch
+
+    from nf4 import reference
+    from nf4.codebook import dynamic_map, nearest_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1 << 18, generator=g)
+    packed, absmax = reference.quantize_ref(x, 64)
+    codes, _ = reference.double_quantize_ref(absmax, reference.absmax_offset(absmax), nearest_thresholds(dynamic_map()))
+    packed = packed.reshape(-1).to(torch.int64)
+    scaled = x.reshape(-1, 64) / absmax[:, None]
+    return {
+        "pairs_ptr": tuple(packed.tolist()),
+        "code_ptr": tuple(torch.stack([packed >> 4, packed & 15], 1).reshape(-1).tolist()),
+        "nested_code_ptr": tuple(codes.to(torch.int64).tolist()),
+        "table_ptr": tuple((torch.round(16 * scaled + 16).to(torch.int64) & 63).reshape(-1).tolist()),
+        "thresholds_ptr": tuple(codes.to(torch.int64).tolist()),
+    }
+
+
+@functools.cache
+def lookup_wavefronts(table: str, width: int, lanes: int = 32, draws: int = 2000) -> float:
+    """Expected wavefronts of one warp-wide lookup of `width`-byte entries in `table` (`TABLES`), the 32
+    lanes' indices drawn i.i.d. from `_samples()[table]`: per phase of lanes (128 bytes), the largest
+    number of distinct 4-byte words that fall in one of the 32 banks."""
+    import random
+
+    pool = _samples()[table]
+    rng = random.Random(width * 7919 + len(table))
+    per_phase = max(1, min(lanes, 128 // max(width, 4)))
+    total = 0
+    for _ in range(draws):
+        idx = [pool[rng.randrange(len(pool))] for _ in range(lanes)]
+        for p in range(0, lanes, per_phase):
+            banks: dict[int, set[int]] = {}
+            for i in idx[p : p + per_phase]:
+                first = i * width // 4
+                for w in range(first, first + max(1, width // 4)):
+                    banks.setdefault(w % 32, set()).add(w)
+            total += max(len(words) for words in banks.values())
+    return total / draws
+
+
+# --------------------------------------------------------------------------------------------------
+# the L1 model
+
+
+@dataclass(frozen=True)
+class MemOp:
+    """One memory instruction of a loop: its L1 / shared-memory data-stage cost per warp."""
+
+    op: str
+    kind: str  # "global", "async" (LDGSTS), "shared", "matrix" (LDSM/STSM), "mma" (HGMMA operands), "shuffle"
+    wavefronts: float
+    lookup: str = ""  # the table a data-dependent lookup reads
+    shared_bytes: float = 0.0  # bytes it moves to or from shared memory per warp
+    reads: str = ""  # the parameters its address (and, for a store, its value: `@x_ptr`) derives from
+
+
+def _width(op: str) -> int:
+    for suffix, width in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
+        if suffix in op:
+            return width
+    return 4
+
+
+def memory_ops(body: list[str], sources: dict[str, frozenset]) -> list[MemOp]:
+    """The L1 cost of each memory instruction of `body` (see the module docstring); `sources` maps an
+    instruction's text to `address_sources` of it."""
+    out = []
+    for ins in body:
+        op = opcode(ins)
+        src = sources.get(ins, frozenset())
+        data = any(s.startswith("@") for s in src)
+        table = next((t for t in TABLES if t in src), "") if data else ""
+        reads = ",".join(sorted(s.lstrip("|") for s in src if not s.startswith("@")))
+        width = _width(op)
+        plain = max(1.0, LANES * width / 128)
+        if op.startswith(("LDGDEPBAR", "LDGSTS.BAR")):  # a commit / wait of async copies, not an access
+            continue
+        if op.startswith("LDGSTS"):
+            read = lookup_wavefronts(table, width) if table else plain
+            out.append(MemOp(op, "async", read + plain, table, LANES * width, reads))
+        elif op.startswith(("LDG", "STG", "RED", "ATOMG")):
+            out.append(MemOp(op, "global", lookup_wavefronts(table, width) if table else plain, table, 0, reads))
+        elif op.startswith(("LDSM", "STSM")):
+            n = int(op.rsplit(".", 1)[1]) if op.rsplit(".", 1)[1].isdigit() else 1
+            out.append(MemOp(op, "matrix", n, "", n * 128, reads))
+        elif op.startswith(("LDS", "STS", "ATOMS")):
+            out.append(MemOp(op, "shared", plain, "", LANES * width, reads))
+        elif op.startswith("SHFL"):
+            out.append(MemOp(op, "shuffle", 1.0))
+        elif op.startswith("HGMMA"):
+            m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", op)
+            rows, n, k = (int(v) for v in m.groups())
+            bytes_el = 1 if "E4M3" in op or "E5M2" in op else 4 if "TF32" in op else 2
+            a_regs = re.match(r"R\d+", operands(ins)[1]) is not None
+            moved = n * k * bytes_el + (0 if a_regs else rows * k * bytes_el)
+            out.append(MemOp(op, "mma", moved / 128 / 4, "", moved / 4))
+    return out
+
+
+@dataclass(frozen=True)
+class LoopReport:
+    """The hot loop of one compiled kernel."""
+
+    instructions: int  # SASS instructions in the loop body, the backward branch included
+    bytes_per_thread: float  # bytes of W one thread streams per iteration
+    w_load: str  # the widest load opcode of W (the `packed_ptr` tensor) in the loop
+    opcodes: dict[str, int]  # opcode -> count in the loop
+    memory: tuple[MemOp, ...] = ()
+
+    @property
+    def per_byte(self) -> float:
+        """Lane-instructions per byte of W (see the module docstring)."""
+        return self.instructions / self.bytes_per_thread
+
+    @property
+    def wide_loads(self) -> bool:
+        return self.w_load.endswith(".128")
+
+    @property
+    def wavefronts(self) -> float:
+        """L1 data-stage wavefronts per warp per iteration."""
+        return sum(m.wavefronts for m in self.memory)
+
+    @property
+    def l1_per_byte(self) -> float:
+        """L1 wavefronts per byte of W."""
+        return self.wavefronts / (LANES * self.bytes_per_thread)
+
+    @property
+    def l1_fraction(self) -> float:
+        """l1_per_byte as a fraction of L1_BUDGET."""
+        return self.l1_per_byte / L1_BUDGET
+
+    @property
+    def lookups(self) -> dict[str, int]:
+        """Data-dependent lookups per iteration, by table."""
+        out: dict[str, int] = {}
+        for m in self.memory:
+            if m.lookup:
+                out[m.lookup] = out.get(m.lookup, 0) + 1
+        return out
+
+    @property
+    def global_lookups(self) -> int:
+        """Data-dependent loads from global memory (LDG / LDGSTS) per iteration."""
+        return sum(1 for m in self.memory if m.lookup and m.kind in ("global", "async"))
+
+    @property
+    def table(self) -> str:
+        """Where the decode table is read from: "global" (LDG / LDGSTS lookups), "shared" or "registers"."""
+        if self.global_lookups:
+            return "global"
+        return "shared" if any(m.kind == "shared" and m.lookup for m in self.memory) else "registers"
+
+    @property
+    def shared_bytes_per_byte(self) -> float:
+        """Bytes moved to or from shared memory per byte of W, the tensor-core operand x excluded (the MMA's
+        B operand reads and the stores of x's tile: 16 x 2 bytes per 32 bytes of W at most)."""
+        moved = sum(m.shared_bytes for m in self.memory if m.kind != "mma" and not _x_operand(m))
+        return moved / (LANES * self.bytes_per_thread)
+
+
+def _x_operand(m: MemOp) -> bool:
+    """Whether `m` moves the activations x to or from shared memory (a store of loaded x, an async copy of it)."""
+    return "@x_ptr" in m.reads.split(",") or (m.kind == "async" and "x_ptr" in m.reads.split(","))
+
+
+def analyze(cubin: bytes, bytes_per_thread: float, params: list[str] | None = None) -> LoopReport:
+    """Count the hot loop of `cubin`, which streams `bytes_per_thread` bytes of W per thread per iteration;
+    `params`: the kernel's non-constexpr parameter names in order (for the dataflow of `address_sources`)."""
+    instructions = disassemble(cubin)
+    body_addrs = _hot_loop_addresses(instructions)
+    if not body_addrs:
         raise ValueError("no backward branch: the kernel has no loop")
-    ops = [opcode(i) for i in body]
+    sources = address_sources(instructions, param_offsets(cubin, params or []))
+    body = [(a, i) for a, i in instructions if a in body_addrs]
+    return _report([i for _, i in body], {i: sources.get(a, frozenset()) for a, i in body}, bytes_per_thread)
+
+
+def analyze_straight(cubin: bytes, bytes_per_thread: float, params: list[str] | None = None) -> LoopReport:
+    """`analyze` for a kernel without a loop: every instruction, run once per thread for its
+    `bytes_per_thread` bytes of W."""
+    instructions = disassemble(cubin)
+    sources = address_sources(instructions, param_offsets(cubin, params or []))
+    return _report([i for _, i in instructions], {i: sources.get(a, frozenset()) for a, i in instructions},
+                   bytes_per_thread)  # fmt: skip
+
+
+def _hot_loop_addresses(instructions: list[tuple[int, str]]) -> set[int]:
+    best: set[int] = set()
+    for addr, ins in instructions:
+        m = re.match(r"(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < addr:
+            span = {a for a, _ in instructions if int(m.group(1), 16) <= a <= addr}
+            best = max(best, span, key=len)
+    return best
+
+
+def _report(body: list[str], sources: dict[str, frozenset], bytes_per_thread: float) -> LoopReport:
     counts: dict[str, int] = {}
-    for op in ops:
-        counts[op] = counts.get(op, 0) + 1
-    w_loads = sorted({op for op in ops if op.startswith(("LDG", "LDGSTS")) and ".128" in op})
-    w_load = w_loads[0] if w_loads else max((op for op in ops if op.startswith("LDG")), default="none", key=len)
-    # The decode table is read with one narrow load per byte (or per pair of bytes) of W: count narrow
-    # loads by kind; the kind with at least one per two bytes is where the table lives.
-    lds = sum(n for op, n in counts.items() if op.startswith("LDS") and not op.startswith("LDSM") and ".128" not in op)
-    ldg = sum(n for op, n in counts.items() if op.startswith(("LDG", "LDGSTS")) and ".128" not in op)
-    if ldg >= bytes_per_thread / 2 and ldg >= lds:
-        table, gathers = "LDG", ldg
-    elif lds >= bytes_per_thread / 2:
-        table, gathers = "LDS", lds
-    else:
-        table, gathers = "registers", 0
-    return LoopReport(len(body), bytes_per_thread, w_load, table, gathers, counts)
+    for ins in body:
+        counts[opcode(ins)] = counts.get(opcode(ins), 0) + 1
+    memory = memory_ops(body, sources)
+    w_loads = [m.op for m in memory if m.kind in ("global", "async") and "packed_ptr" in m.reads and not m.lookup]
+    w_load = max(w_loads, key=_width, default="none")
+    return LoopReport(len(body), bytes_per_thread, w_load, counts, tuple(memory))
 
 
 def compile_cubin(cfg: LaunchConfig, arch: int = 90, variant: str = "aligned") -> bytes:
@@ -136,36 +457,92 @@ def compile_cubin(cfg: LaunchConfig, arch: int = 90, variant: str = "aligned") -
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg.options).asm["cubin"]
 
 
-def gemv_loop_report(
-    dtype_name: str = "bf16", double_quant: bool = True, arch: int = 90, bk: int = 64, a: str | None = "fp32"
-) -> LoopReport:
-    """The loop report of the aligned decode kernel for `dtype_name` activations and `bk`-element steps
-    (64: blocksize >= 64, the common case; 32: blocksize 32), compiled with the low-rank program for an
-    adapter in `a` ("fp32", the default adapter dtype: what a LoRALinearNF4 decode call launches) or
-    without one (None)."""
-    from nf4.kernels.gemv import gemv_configs
+def param_names(cfg: LaunchConfig, variant: str = "aligned") -> list[str]:
+    """The non-constexpr parameters of `cfg`'s kernel as compiled for `variant`, in order."""
+    signature, _, _ = specialize(cfg, variant)
+    return [name for name, ty in signature.items() if ty != "constexpr"]
 
+
+def config_loop_report(cfg: LaunchConfig, bytes_per_thread: float, arch: int = 90) -> LoopReport:
+    """`analyze` of the compiled `cfg`."""
+    return analyze(compile_cubin(cfg, arch), bytes_per_thread, param_names(cfg))
+
+
+# --------------------------------------------------------------------------------------------------
+# the decode kernel
+
+
+def gemv_config(dtype_name: str = "bf16", double_quant: bool = True, arch: int = 90, bk: int | None = None,
+                a: str | None = "fp32", configs=None) -> LaunchConfig:  # fmt: skip
+    """The decode kernel's configuration for `dtype_name` activations, `bk`-code steps (default: the
+    register-table path on fp16/bf16, 64 on fp32) and an adapter in `a` ("fp32", what a LoRALinearNF4
+    decode call launches) or None; `configs`: another module's `gemv_configs()` (the old kernel)."""
+    from nf4.kernels.gemv import LUT_BK, gemv_configs
+
+    bk = bk or (64 if dtype_name == "fp32" else LUT_BK)
     name = f"nf4_gemv[{dtype_name},aligned=1,dq={int(double_quant)},"
-    suffix = f",BK={bk}]" if a is None else f",BK={bk},A={a}]"
-    cfg = next(c for c in gemv_configs() if c.name.startswith(name) and c.name.endswith(suffix))
+    tail = f",A={a}]" if a else "]"
+    for cfg in configs if configs is not None else gemv_configs():
+        if not (cfg.name.startswith(name) and cfg.name.endswith(tail) and f",BK={bk}" in cfg.name):
+            continue
+        if cfg.archs and arch not in cfg.archs:
+            continue
+        if a is None and ",A=" in cfg.name:
+            continue
+        return cfg
+    raise KeyError(f"no decode configuration {name}...BK={bk}...{tail} for sm_{arch}")
+
+
+def gemv_loop_report(dtype_name: str = "bf16", double_quant: bool = True, arch: int = 90, bk: int | None = None,
+                     a: str | None = "fp32", configs=None) -> LoopReport:  # fmt: skip
+    """The loop report of the aligned decode kernel (`gemv_config`)."""
+    cfg = gemv_config(dtype_name, double_quant, arch, bk, a, configs)
+    bk = cfg.constexprs["BK"]
     threads = 32 * cfg.options["num_warps"]
-    return analyze(compile_cubin(cfg, arch), cfg.constexprs["BN"] * (bk // 2) / threads)
+    return config_loop_report(cfg, cfg.constexprs["BN"] * (bk // 2) / threads, arch)
 
 
-def predict_us(
-    n: int,
-    k: int,
-    m: int = 1,
-    per_byte: float = BUDGET,
-    r: int = 16,
-    blocksize: int = 64,
-    double_quant: bool = True,
-    split: int | None = None,
-) -> float:
-    """Predicted GPU time (us, CUDA-graph replay) of a LoRALinearNF4 decode call on the H200 (bf16, float32
-    adapter of rank r): `nf4.kernels.gemv.model_us` with the streaming loop's issue time from its SASS,
-    `per_byte` lane-instructions per byte of W (`LoopReport.per_byte`), and by default the split-K factor
-    the launcher chooses there (`split_on_h200`)."""
+@dataclass(frozen=True)
+class DecodeTerms:
+    """Predicted GPU time of a decode call and its terms (us, CUDA-graph replay, H200)."""
+
+    n: int
+    k: int
+    m: int
+    split: int
+    dram_us: float  # W, absmax, x, adapter, partial sums at the bandwidth Little's law allows
+    issue_us: float  # the streaming loop's lane-instructions
+    l1_us: float  # its L1 / shared-memory wavefronts
+    fixed_us: float  # epilogue round trips + kernel launches
+
+    @property
+    def predicted_us(self) -> float:
+        return max(self.dram_us, self.issue_us, self.l1_us) + self.fixed_us
+
+
+def decode_terms(n: int, k: int, m: int = 1, report: LoopReport | None = None, r: int = 16, blocksize: int = 64,
+                 double_quant: bool = True, split: int | None = None,
+                 bk: int | None = None) -> DecodeTerms:  # fmt: skip
+    """The terms of a LoRALinearNF4 decode call on the H200 (bf16, float32 adapter of rank r), the loop
+    costs from `report` (default: the current sm_90 bf16 loop), the split-K factor the launcher
+    chooses there (`split_on_h200`)."""
+    from nf4.kernels.gemv import memory_us, step_k
+
+    report = report or gemv_loop_report("bf16", double_quant, 90)
+    bk = bk or step_k(k, blocksize)
+    if split is None:
+        split = split_on_h200(n, k, m, blocksize, bk)
+    w_bytes = n * k / 2
+    issue_us = w_bytes * report.per_byte / LANE_INSTRUCTIONS_PER_S * 1e6
+    l1_us = w_bytes * report.l1_per_byte / WAVEFRONTS_PER_S * 1e6
+    dram_us, fixed_us = memory_us(n, k, m, r, split, SMS, blocksize, double_quant, bk)
+    return DecodeTerms(n, k, m, split, dram_us, issue_us, l1_us, fixed_us)
+
+
+def predict_us(n: int, k: int, m: int = 1, per_byte: float = BUDGET, r: int = 16, blocksize: int = 64,
+               double_quant: bool = True, split: int | None = None) -> float:  # fmt: skip
+    """Predicted GPU time (us) with `per_byte` lane-instructions per byte of W and no L1 term (the
+    issue-and-DRAM model; `decode_terms` adds L1)."""
     from nf4.kernels.gemv import model_us
 
     if split is None:
@@ -178,11 +555,11 @@ SHAPES = ((8192, 8192, 1), (14336, 4096, 1), (4096, 4096, 1), (8192, 8192, 16))
 """(N, K, M) of the issue's goals (out x in features, rows)."""
 
 
-def split_on_h200(n: int, k: int, m: int = 1, blocksize: int = 64) -> int:
+def split_on_h200(n: int, k: int, m: int = 1, blocksize: int = 64, bk: int | None = None) -> int:
     """The split-K factor `nf4_gemv` launches with on the H200 (132 multiprocessors)."""
     from nf4.kernels.gemv import choose_split, step_k
 
-    return choose_split(n, k, m, step_k(k, blocksize), SMS)
+    return choose_split(n, k, m, bk or step_k(k, blocksize), SMS)
 
 
 def epilogue_report(arch: int = 90) -> dict:
@@ -207,24 +584,35 @@ def epilogue_report(arch: int = 90) -> dict:
     }
 
 
-def _straight_line_report(cfg: LaunchConfig, elements: int, bytes_per_element: float, arch: int) -> dict:
-    """Instructions per element of a loop-free kernel (each thread runs its SASS once for its share of
-    the program's `elements`), the budget the H200 issues while 4.1 TB/s moves `bytes_per_element`, and
-    the global load / store widths."""
-    ops = [opcode(i) for _, i in disassemble(compile_cubin(cfg, arch))]
-    per_thread = elements / (32 * cfg.options["num_warps"])
-    return {
-        "name": cfg.name,
-        "instructions": len(ops),
-        "elements_per_thread": per_thread,
-        "per_element": len(ops) / per_thread,
-        "budget_per_element": BUDGET * bytes_per_element,
-        "loads": sorted({op for op in ops if op.startswith("LDG")}),
-        "stores": sorted({op for op in ops if op.startswith("STG")}),
-    }
+# --------------------------------------------------------------------------------------------------
+# the other kernels (no loop: one pass per thread)
 
 
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _straight_line_report(cfg: LaunchConfig, elements: int, bytes_per_element: float, arch: int) -> dict:
+    """Instructions and L1 wavefronts per element of a loop-free kernel (each thread runs its SASS once
+    for its share of the program's `elements`), the budgets the H200 allows while 4.1 TB/s moves
+    `bytes_per_element`, and the global load / store widths."""
+    cubin = compile_cubin(cfg, arch)
+    per_thread = elements / (32 * cfg.options["num_warps"])
+    rep = analyze_straight(cubin, per_thread, param_names(cfg))
+    ops = [opcode(i) for _, i in disassemble(cubin)]
+    wavefronts_per_element = rep.wavefronts / (LANES * per_thread)
+    return {
+        "name": cfg.name,
+        "instructions": rep.instructions,
+        "elements_per_thread": per_thread,
+        "per_element": rep.instructions / per_thread,
+        "budget_per_element": BUDGET * bytes_per_element,
+        "l1_per_element": wavefronts_per_element,
+        "l1_budget_per_element": L1_BUDGET * bytes_per_element,
+        "l1_fraction": wavefronts_per_element / (L1_BUDGET * bytes_per_element),
+        "lookups": rep.lookups,
+        "loads": sorted({op for op in ops if op.startswith("LDG") and op != "LDGDEPBAR"}),
+        "stores": sorted({op for op in ops if op.startswith("STG")}),
+    }
 
 
 def dequantize_report(dtype_name: str = "bf16", double_quant: bool = True, blocksize: int = 64, arch: int = 90) -> dict:
@@ -238,6 +626,22 @@ def dequantize_report(dtype_name: str = "bf16", double_quant: bool = True, block
     return _straight_line_report(cfg, cfg.constexprs["BLOCKS"] * blocksize, moved, arch)
 
 
+def dequantize_lora_report(dtype_name: str = "bf16", adapter: str = "fp32", double_quant: bool = True,
+                           bk: int = 64, r: int = 16, arch: int = 90) -> dict:  # fmt: skip
+    """Static cost of `dequantize_lora` (one [BN, BK] tile per program; its rank loop runs once at r <= 16,
+    so the kernel is counted straight through): per element half a byte of codes, the absmax share and
+    the output from and to DRAM (A and B, read once per tile, stay in L2)."""
+    from nf4.kernels.dequantize import dequantize_lora_configs
+
+    name = f"dequantize_lora[{dtype_name},adapter={adapter},dq={int(double_quant)},BK={bk}]"
+    cfg = next(c for c in dequantize_lora_configs() if c.name == name)
+    # as the runtime compiles it for contiguous adapters: the strides along K of A and along r of B are 1
+    cfg = dataclasses.replace(cfg, constexprs={**cfg.constexprs, "stride_ak": 1, "stride_br": 1})
+    bn = cfg.constexprs["BN"]
+    moved = 0.5 + _BYTES[dtype_name] + (1 if double_quant else 4) / 64  # A and B come from L2
+    return _straight_line_report(cfg, bn * bk, moved, arch)
+
+
 def quantize_report(dtype_name: str = "bf16", blocksize: int = 64, arch: int = 90) -> dict:
     """Static cost of the quantize kernel (`nf4.kernels.quantize`, no loop): per element it reads the
     input (2 or 4 bytes) and writes half a byte of codes and its share of the float32 absmax."""
@@ -249,15 +653,82 @@ def quantize_report(dtype_name: str = "bf16", blocksize: int = 64, arch: int = 9
     return _straight_line_report(cfg, cfg.constexprs["BLOCKS"] * blocksize, moved, arch)
 
 
-if __name__ == "__main__":
-    report = gemv_loop_report("bf16", True, 90)
-    print(
-        f"sm_90 bf16 dq: loop of {report.instructions} SASS instructions for {report.bytes_per_thread:g} B of W "
-        f"per thread = {report.per_byte:.2f} lane-instructions per byte (budget {BUDGET:.1f}); "
-        f"W loads {report.w_load}; table in {report.table} ({report.gathers} gathers per iteration)"
+def loop_line(label: str, rep: LoopReport) -> str:
+    """One line of a loop report: instructions, L1 wavefronts, lookups, shared-memory traffic."""
+    return (
+        f"{label}: {rep.instructions} instr / {rep.bytes_per_thread:g} B per thread = {rep.per_byte:.2f} "
+        f"lane-instr/B (budget {BUDGET:.2f}); L1 {rep.wavefronts:.0f} wavefronts per warp-iteration = "
+        f"{rep.l1_per_byte:.4f}/B = {rep.l1_fraction:.2f} of budget {L1_BUDGET:.4f}; W {rep.w_load}; "
+        f"table in {rep.table}; lookups {rep.lookups or 'none'}; shared {rep.shared_bytes_per_byte:.2f} B/B"
     )
-    print(f"{'N x K':>12} {'M':>3} {'split':>5} {'predicted us':>12}")
+
+
+def prediction_table(report: LoopReport, label: str, bk: int | None = None) -> str:
+    """The loop line of `report` and, per row of SHAPES, the terms of `decode_terms` with `predicted us` last."""
+    lines = [loop_line(label, report)]
+    head = f"{'N x K':>12} {'M':>3} {'split':>5} {'DRAM us':>8} {'issue us':>8} {'L1 us':>8} {'fixed us':>8}"
+    lines.append(head + f" {'predicted us':>12}")
     for n, k, m in SHAPES:
-        split = split_on_h200(n, k, m)
-        t = predict_us(n, k, m, report.per_byte, split=split)
-        print(f"{f'{n}x{k}':>12} {m:>3} {split:>5} {t:>12.1f}")
+        t = decode_terms(n, k, m, report, bk=bk)
+        lines.append(
+            f"{f'{n}x{k}':>12} {m:>3} {t.split:>5} {t.dram_us:>8.2f} {t.issue_us:>8.2f} {t.l1_us:>8.2f} "
+            f"{t.fixed_us:>8.2f} {t.predicted_us:>12.1f}"
+        )
+    return "\n".join(lines)
+
+
+def legacy_configs(path: str):
+    """`gemv_configs()` of a frozen copy of the decode module (benchmarks/legacy/gemv_2d550bf.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nf4_legacy_gemv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.gemv_configs()
+
+
+def kernel_report(arch: int = 90) -> str:
+    """Every kernel's loop (or straight-line) costs: the decode loops, its epilogue, dequantize,
+    dequantize_lora, quantize (sm_{arch}): instructions and L1 wavefronts against their budgets."""
+    import json
+
+    lines = [f"# nf4.kernels.sass reports, sm_{arch}: lane-instructions and L1 wavefronts against the H200 budgets"]
+    loops = [(f"{dt} dq={int(dq)} register table A=fp32", (dt, dq, arch)) for dt in ("bf16", "fp16") for dq in (1, 0)]
+    loops += [(f"bf16 dq=1 pair table BK={bk} A=fp32", ("bf16", True, arch, bk)) for bk in (64, 32)]
+    for label, args in loops:
+        lines.append(loop_line(f"decode loop {label}", gemv_loop_report(*args)))
+    lines.append(loop_line("decode loop fp32 dq=1 BK=64", gemv_loop_report("fp32", True, arch, a=None)))
+    lines.append(f"decode epilogue: {json.dumps(epilogue_report(arch))}")
+    keys = ("name", "per_element", "budget_per_element", "l1_per_element", "l1_budget_per_element", "l1_fraction",
+            "lookups", "loads", "stores")  # fmt: skip
+    rounded = lambda r: {k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keys}  # noqa: E731
+    for dt in ("bf16", "fp32"):
+        for dq in (False, True):
+            lines.append(f"dequantize: {json.dumps(rounded(dequantize_report(dt, dq, 64, arch)))}")
+    for adapter in ("bf16", "fp32"):
+        for bk in (64, 32):
+            r = dequantize_lora_report("bf16", adapter, True, bk, arch=arch)
+            lines.append(f"dequantize_lora (r = 16): {json.dumps(rounded(r))}")
+    for dt in ("bf16", "fp32"):
+        lines.append(f"quantize: {json.dumps(rounded(quantize_report(dt, 64, arch)))}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m nf4.kernels.sass [--compare LEGACY.py]`: the sm_90 bf16 decode loop and the prediction per
+    row of SHAPES (DRAM, issue and L1 terms, predicted us last); with --compare, the same for the frozen
+    decode module at that path (its BK=64 pair-table loop)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--compare", help="a frozen copy of the decode module (benchmarks/legacy/...)")
+    args = parser.parse_args(argv)
+    print(prediction_table(gemv_loop_report("bf16", True, 90), "sm_90 bf16 dq decode loop"))
+    if args.compare:
+        old = gemv_loop_report("bf16", True, 90, bk=64, configs=legacy_configs(args.compare))
+        print()
+        print(prediction_table(old, f"the same call with the loop of {os.path.basename(args.compare)}", bk=64))
+
+
+if __name__ == "__main__":
+    main()

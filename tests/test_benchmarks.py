@@ -28,7 +28,12 @@ def test_gpu_check_dry_run(tmp_path):
     assert expected <= files
     assert len(files) <= 8  # what the GPU machine sends back
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert {r["bench"] for r in records} == {"quantize", "matmul", "train_step"}
+    assert {r["bench"] for r in records} == {"quantize", "matmul", "train_step", "lookup", "decode"}
+    lookups = {r["case"]: r for r in records if r["bench"] == "lookup"}
+    assert set(lookups) == {"read", "global", "shared", "register"}
+    assert all(r["checksum_agrees"] for case, r in lookups.items() if case != "read")
+    decode = {r["impl"]: r for r in records if r["bench"] == "decode"}
+    assert set(decode) == {"2d550bfb5869", "current"} and decode["current"]["max_diff_vs_old"] is not None
     for r in records:
         assert r["median_ms"] > 0 and {"device", "torch", "triton", "commit", "date"} <= set(r["env"])
     for r in (r for r in records if r["bench"] in ("matmul", "train_step")):

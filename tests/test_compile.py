@@ -84,7 +84,10 @@ def test_every_configuration_compiles_for_every_arch_and_specialisation(reports)
     assert len({cfg.name for cfg in configs}) == len(configs), "configuration names must be unique"
     expected = {(configs[i].name, arch, variant) for i, arch, variant in jobs_for(*RUNS[which])}
     assert {(r["name"], r["arch"], r["variant"]) for r in reports} == expected
-    assert {r["name"] for r in reports if r["variant"] == "aligned"} == {cfg.name for cfg in configs}
+    # every configuration, on every arch it is launched on (`LaunchConfig.archs`) that this run compiles
+    archs = RUNS[which][1]
+    launched = {cfg.name for cfg in configs if not cfg.archs or set(cfg.archs) & set(archs)}
+    assert {r["name"] for r in reports if r["variant"] == "aligned"} == launched
     bad = [r for r in reports if r["error"]]
     assert not bad, describe(bad)
 
@@ -93,9 +96,10 @@ def test_an_argument_equal_to_one_is_compiled_for_every_code_path(reports):
     _, reports = reports
     """gpu-findings.md, finding 1: `M.to(tl.int64)` fails to compile when the runtime makes M = 1 a
     constant. Every code path (kernel and boolean meta-parameters) compiles with every integer = 1."""
-    paths = {cfg.path for cfg in all_configs()}
+    archs = {r["arch"] for r in reports}
+    paths = {(cfg.path, arch) for cfg in all_configs() for arch in archs if not cfg.archs or arch in cfg.archs}
     ones = {(r["name"], r["arch"]) for r in reports if r["variant"] == "ones" and not r["error"]}
-    assert len(ones) == len(paths) * len({r["arch"] for r in reports})
+    assert len(ones) == len(paths)
 
 
 def test_no_spills_and_shared_memory_within_limits(reports):
@@ -125,10 +129,14 @@ def test_large_m_matmul_uses_wgmma_on_hopper_and_mma_on_ampere(reports):
     assert any(r["arch"] == 90 for r in large)
 
 
-def test_dequantize_kernel_fits_the_bandwidth_budget():
-    """sm_90: 16-byte loads of the packed codes and 16-byte stores, and at most half of the
-    lane-instructions the H200 can issue per element while 4.1 TB/s moves its bytes (so the kernel is
-    bound by memory, not issue; issue "QLoRA training at cuBLAS speed": >= 85% of the copy bandwidth)."""
+def test_dequantize_kernels_fit_the_issue_and_l1_budgets():
+    """sm_90: dequantize reads the packed codes 16 bytes at a time and writes 16 bytes at a time, looks the
+    NF4 values up in registers (no gather from memory but the double-quantized absmax's nested map), and
+    stays within 0.7 of the lane-instructions and L1_TARGET (0.8) of the L1 wavefronts the H200 affords per
+    element while 4.1 TB/s moves its bytes (issue "QLoRA training at cuBLAS speed": >= 85% of the copy
+    bandwidth). NOTE: with the 8-byte pair-table gather it used 0.40 of the issue budget and 0.95 of L1's
+    (bf16, double quant); the registers' PRMTs trade that for 0.61 and 0.35. `dequantize_lora` (the
+    large-M merge) is reported, not bounded: 1.4 of its L1 budget (docs in benchmarks/results)."""
     out = without_interpreter(
         "import json\nfrom nf4.kernels.sass import dequantize_report\n"
         "for dt in ('bf16', 'fp32'):\n    for dq in (False, True):\n"
@@ -137,21 +145,25 @@ def test_dequantize_kernel_fits_the_bandwidth_budget():
     for line in out.splitlines():
         r = json.loads(line)
         assert "LDG.E.128" in r["loads"] and r["stores"] == ["STG.E.128"], r
-        assert r["per_element"] <= r["budget_per_element"] / 2, r
+        assert r["per_element"] <= 0.7 * r["budget_per_element"] and r["l1_fraction"] <= 0.8, r
+        assert set(r["lookups"]) <= {"nested_code_ptr"}, r
 
 
-def test_quantize_kernel_loads_and_stores_16_bytes():
-    """sm_90: the input is read and the packed codes written 16 bytes at a time; the only other loads
-    are the 8-byte bucket-table gathers, one per element. Instructions per element stay under 32 for
-    bf16 (29.5 measured: ~71% of the copy bandwidth predicted, issue-bound; 47.0 with the binary search
-    before) and within the budget for fp32 input (memory-bound)."""
+def test_quantize_kernel_loads_16_bytes_and_stays_issue_bound():
+    """sm_90: the input is read 16 bytes at a time and the packed codes written 4 bytes at a time (a
+    thread's codes of its 8 loaded elements: 16-byte stores made Triton regroup x through shared memory);
+    the only other loads are the 8-byte bucket-table gathers, one per element. Instructions per element
+    stay under 32 for bf16 (29.5: ~71% of the copy bandwidth predicted, issue-bound; 47.0 with the binary
+    search before) and within the budget for fp32 input; the L1 wavefronts stay below the issue time
+    (bf16: 1.0 of the L1 budget against 1.41 of the issue budget)."""
     out = without_interpreter(
         "import json\nfrom nf4.kernels.sass import quantize_report\n"
         "for dt in ('bf16', 'fp32'):\n    print(json.dumps(quantize_report(dt, 64)))\n"
     )
     reports = {r["name"]: r for r in map(json.loads, out.splitlines())}
     for r in reports.values():
-        assert r["loads"] == ["LDG.E.128", "LDG.E.64"] and "STG.E.128" in r["stores"], r
+        assert r["loads"] == ["LDG.E.128", "LDG.E.64"] and r["stores"] == ["STG.E"], r
+        assert r["l1_fraction"] <= r["per_element"] / r["budget_per_element"], r
     assert reports["quantize_nf4[bs=64,bf16]"]["per_element"] < 32, reports
     fp32 = reports["quantize_nf4[bs=64,fp32]"]
     assert fp32["per_element"] <= fp32["budget_per_element"], fp32

@@ -1,0 +1,772 @@
+"""FROZEN COPY, for comparison only: `kernels/gemv.py` as of commit 2d550bfb5869 (the decode kernel before
+issue 17), unchanged below this note except for this paragraph. `benchmarks/gpu_check.sh` times it beside
+the current kernel on the GPU (`benchmarks/bench_lookup.py`) and tests/test_gemv.py checks that the L1
+model of `nf4.kernels.sass` flags its loop (4-byte pair-table gathers copied into shared memory and read
+back with ldmatrix). Do not edit or import it from the package.
+
+NF4 decode kernel (M <= 16): `x @ dequant(W)^T + u @ v + bias`, streaming W at the memory-bandwidth limit.
+
+    y[M, N] = x[M, K] @ W[N, K]^T + u[M, r] @ v[r, N] + bias[N]          (M = 1 .. 16)
+    W[n, k] = NF4[code(n*K + k)] * absmax[(n*K + k) // blocksize]
+
+W is an `NF4Tensor` in bitsandbytes' layout: element (n, k) is code n*K + k of the flat tensor, byte i
+holds codes 2i (high nibble) and 2i + 1 (low nibble), blocks of `blocksize` (32 .. 4096) consecutive codes
+may cross rows, and absmax may be double-quantized (`absmax = nested_code[q] * nested_absmax[b // 256]
++ offset`).
+
+Tiling. Program (i, s) owns the BN = 256 rows (output features) [i*BN, (i+1)*BN) and the s-th slice of
+the reduction dimension (split-K: `k_per_split` elements, a multiple of the step). Each step of its loop
+takes BK = 64 columns (32 bytes) of every row, or 32 columns (16 bytes) where blocksize is 32 or
+K % 64 == 32 (`step_k`): 16-byte loads of packed bytes (a thread holds two whole row pieces with 4
+warps; Triton's pipeliner copies them with 16-byte cp.async two steps ahead), the matching [16, BK] tile
+of x (M rows padded to 16), and one `tl.dot` [BN, BK] x [BK, 16] on tensor cores (W is the A operand:
+wgmma on sm_90, mma.sync on sm_80).
+
+Decode ("aligned" path, K % 32 == 0). Every byte is looked up in a 256-entry pair table (`pair_table`):
+entry b holds both nibbles' NF4 values, already in the activation dtype for fp16/bf16 (two 16-bit halves
+of one int32: one 32-bit gather per byte, from L1, and the two halves are the two neighbouring weights
+the dot operand wants, so no conversion instruction is needed), or as two float32 words (int64 entries)
+for fp32 activations. Since K % 32 == 0, the BK codes a row contributes to a step start at a multiple of
+BK in the flat tensor and lie in ONE absmax block (BK <= blocksize): the scale factors out,
+
+    partial[n, m] = sum_{k in step} NF4[code(n, k)] * x[m, k]      (the dot, fp32 accumulation)
+    acc[n, m]    += partial[n, m] * absmax[block(n, step)]           (one FMA per output per step)
+
+so absmax (double-quantized included) is decoded once per row and step, never per element.
+
+General path (K % 32 != 0, odd K included): rows do not start on byte or 32-code boundaries, so each
+element is located on its own (byte = f >> 1, nibble by the parity of f = n*K + k, block = f >> log2_bs),
+decoded as `nf4.dequantize` does (float32 product, one rounding to the activation dtype) and fed to the
+same dot. Correct for every shape; not tuned (such shapes are rare in models).
+
+The adapter's A (inference: `a` instead of u, fp16/bf16 on the aligned path). One more row tile of
+programs, i = cdiv(N, BN), computes u = x @ A^T of its K-slice (exact fp32, A read in its own dtype,
+16 columns and 16 ranks per step, cp.async-pipelined: its own loop, so the W loop's code is the same)
+and stores it after W's partial sums; a LoRALinearNF4 decode call is then these two kernels and nothing
+else (no GEMV for x @ A^T, no cast of a float32 A).
+
+Split-K and epilogue. Each program writes its fp32 partial sums to `partial[s, M, N]` (no atomics: the
+result is deterministic); a second small kernel sums the `split` slices (8 at a time, their loads in
+flight together), adds u @ v (16 ranks at a time, one exact fp32 dot) and bias, and rounds once to x's
+dtype. It reads u, v and bias in their own dtypes, so a float32 adapter (B^T as v) or a bf16 bias costs
+no conversion kernel. The LoRA term costs r*(M + N) loads: 0.7% of W's bytes at N = K = 8192, r = 16,
+so it rides in the epilogue rather than in the streaming kernel.
+
+Numerics: fp32 accumulation, one rounding at the end. With fp16/bf16 activations the NF4 value enters
+the dot rounded to that dtype and absmax multiplies in fp32 (the unfactored `nf4.dequantize` rounds the
+product instead: the same relative error, 2**-9 for bf16). fp32 activations use exact fp32 codes and an
+IEEE fp32 dot. Under the interpreter (`SOFT_BF16`) every dot runs on fp32 operands holding the same
+values (`tl.dot` on bf16 is wrong there).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, nested_pointers, ptr_type, round_to, to_f32
+from nf4.kernels.dequantize import decode_absmax
+
+BM = 16  # rows of x per program: M <= 16 padded to the smallest tensor-core tile
+BK = 32  # smallest reduction step: 16 bytes of each W row, in one absmax block (blocksize >= 32)
+MAX_M = 16
+NUM_WARPS = 4
+EPILOGUE_BN = 64
+A_BK = tl.constexpr(16)  # columns of A per step of the low-rank program (64 took 8 B of stack, triton 3.6)
+SPLITS_PER_STEP = tl.constexpr(8)  # split-K slices the epilogue sums per loop step (loads in flight)
+
+
+def block_n(dtype: torch.dtype, aligned: bool = True) -> int:
+    """Rows of W per program. Aligned path: 256 for fp16/bf16 (two 16-byte rows per thread with 4 warps),
+    16 for fp32, whose exact fp32 dot runs on FMA units and holds its operands in registers (64 took an
+    8-byte stack frame under triton 3.6 on sm_90, 32 under 3.9 on sm_80). General path: 32 (it keeps
+    an int64 index per element).
+
+    NOTE: the general path at 256 rows spilled 300-3000 bytes per thread (sm_80 and sm_90, triton 3.9);
+    at 32 rows it compiles without spills or stack.
+    """
+    if not aligned:
+        return 32
+    return 16 if dtype == torch.float32 else 256
+
+
+# --------------------------------------------------------------------------------------------------
+# jit helpers
+
+
+@triton.jit
+def _absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, block, mask, DOUBLE_QUANT: tl.constexpr):
+    """float32 absmax of blocks `block` (int64), decoding the double-quantized form if needed; `mask`
+    None means every block exists."""
+    if mask is None:
+        mask = tl.full(block.shape, True, tl.int1)
+    return decode_absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, block, mask, DOUBLE_QUANT)
+
+
+@triton.jit
+def _dot(w, x, DOT_F32: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """w [BN, BK] @ x[16, BK]^T in fp32: on tensor cores, or exactly in fp32 (fp32 data, interpreter)."""
+    if DOT_F32:
+        return tl.dot(to_f32(w, SOFT_BF16), tl.trans(to_f32(x, SOFT_BF16)), input_precision="ieee")
+    else:
+        return tl.dot(w, tl.trans(x))
+
+
+@triton.jit(do_not_specialize=["M", "N"])
+def _nf4_gemv_kernel(
+    # pointers
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_offset_ptr,
+    nested_code_ptr,
+    pairs_ptr,
+    code_ptr,
+    partial_ptr,
+    a_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    KB,
+    stride_xm,
+    log2_bs,
+    n_blocks,
+    k_per_split,
+    kb_per_split,
+    r,
+    stride_ar,
+    stride_ak,
+    # meta-parameters
+    ALIGNED: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    CODE_F32: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    HAS_A: tl.constexpr,
+):
+    pid_k = tl.program_id(1).to(tl.int64)
+    offs_m = tl.arange(0, 16)
+    in_m = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    if HAS_A and tl.program_id(0) * BN >= N:  # the extra row tile (launched with HAS_A): x @ A^T of this slice
+        _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, k_start, k_end, M, N, r, stride_ar, stride_ak, SOFT_BF16)
+    else:
+        _w_slice(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
+                 pairs_ptr, code_ptr, partial_ptr, pid_k, k_start, k_end, M, N, K, KB, log2_bs, n_blocks,
+                 kb_per_split, ALIGNED, DOUBLE_QUANT, BN, BK, CODE_F32, DOT_F32, SOFT_BF16)  # fmt: skip
+
+
+@triton.jit
+def _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, k_start, k_end, M, N, r, stride_ar, stride_ak,
+                  SOFT_BF16: tl.constexpr):  # fmt: skip
+    """xa[pid_k] = x[:, slice] @ A[:, slice]^T in exact fp32 (A in its own dtype), 16 ranks at a time,
+    stored as float32 [M, r] after the split slices of W's partial sums (`partial[split, M, N]`)."""
+    xa_ptr = partial_ptr + tl.num_programs(1).to(tl.int64) * M * N
+    offs_m = tl.arange(0, 16)
+    offs_j = tl.arange(0, 16)
+    for j0 in range(0, r, 16):
+        rank = j0 + offs_j
+        in_j = rank < r
+        a_rows = a_ptr + rank.to(tl.int64)[:, None] * stride_ar
+        acc = tl.zeros((16, 16), dtype=tl.float32)  # [ranks, rows of x]
+        for k0 in range(k_start, k_end, A_BK):
+            offs_k = k0 + tl.arange(0, A_BK)
+            in_k = offs_k < k_end
+            a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=in_j[:, None] & in_k[None, :], other=0.0)
+            x = tl.load(x_rows + offs_k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
+            acc += tl.dot(to_f32(a, SOFT_BF16), tl.trans(to_f32(x, SOFT_BF16)), input_precision="ieee")
+        offs = (pid_k * M + offs_m[None, :]) * r + rank[:, None]
+        tl.store(xa_ptr + offs, acc, mask=in_m[None, :] & in_j[:, None])
+
+
+@triton.jit
+def _w_slice(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
+             pairs_ptr, code_ptr, partial_ptr, pid_k, k_start, k_end, M, N, K, KB, log2_bs, n_blocks,
+             kb_per_split, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             CODE_F32: tl.constexpr, DOT_F32: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
+    """partial[pid_k] = x[:, slice] @ dequant(W)[rows, slice]^T for this program's BN rows of W."""
+    offs_m = tl.arange(0, 16)
+    offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    in_n = offs_n < N
+    act = x_rows.dtype.element_ty
+    acc = tl.zeros((BN, 16), dtype=tl.float32)  # transposed: W is the dot's A operand
+    if ALIGNED:
+        # K % 32 == 0: byte offsets of a step are row * KB + kb0 + [0, 16), with KB, the loop's start
+        # (pid_k * kb_per_split) and step multiples of 16: what lets Triton emit 16-byte loads. Rows past
+        # N read row N - 1 (their sums are never stored), so the loads need no mask.
+        HALF: tl.constexpr = BK // 2
+        rows = tl.minimum(offs_n, N - 1)
+        row_bytes = packed_ptr + (rows * KB)[:, None] + tl.arange(0, HALF)[None, :]
+        first_code = rows * K  # flat index of each row's first code
+        kb_start = pid_k * kb_per_split
+        kb_end = tl.minimum(kb_start + kb_per_split, KB)
+        for kb0 in range(kb_start, kb_end, HALF):
+            byte = tl.load(row_bytes + kb0)
+            entry = tl.load(pairs_ptr + byte.to(tl.int32))
+            if CODE_F32:
+                even = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+                odd = (entry >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+            else:
+                even = (entry & 0xFFFF).to(tl.uint16).to(act, bitcast=True)
+                odd = ((entry >> 16) & 0xFFFF).to(tl.uint16).to(act, bitcast=True)
+            w = tl.reshape(tl.join(even, odd), (BN, BK))  # [BN, BK] codes in natural order
+            x = tl.load(x_rows + 2 * kb0 + tl.arange(0, BK)[None, :], mask=in_m[:, None], other=0.0)
+            block = (first_code + 2 * kb0) >> log2_bs
+            scale = _absmax(
+                absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, block, None, DOUBLE_QUANT
+            )
+            acc += _dot(w, x, DOT_F32, SOFT_BF16) * scale[:, None]
+    else:
+        for k0 in range(k_start, k_end, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            in_k = offs_k < k_end
+            f = offs_n[:, None] * K + offs_k[None, :]  # flat code index, int64
+            valid = in_n[:, None] & in_k[None, :]
+            byte = tl.load(packed_ptr + (f >> 1), mask=valid, other=0x77).to(tl.int32)
+            nibble = tl.where((f & 1) == 0, byte >> 4, byte & 15)
+            scale = _absmax(
+                absmax_ptr,
+                nested_absmax_ptr,
+                nested_offset_ptr,
+                nested_code_ptr,
+                f >> log2_bs,
+                valid & ((f >> log2_bs) < n_blocks),
+                DOUBLE_QUANT,
+            )
+            w = round_to(tl.load(code_ptr + nibble) * scale, act, SOFT_BF16)  # as nf4.dequantize rounds it
+            x = tl.load(x_rows + offs_k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
+            acc += _dot(w, x, DOT_F32, SOFT_BF16)
+    offs = (pid_k * M + offs_m[None, :]) * N + offs_n[:, None]
+    tl.store(partial_ptr + offs, acc, mask=in_m[None, :] & in_n[:, None])
+
+
+@triton.jit
+def _sum_slices(ptr, tile, mask, split, stride_split):
+    """sum over s < split of ptr[s * stride_split + tile] (float32), SPLITS_PER_STEP slices per loop step:
+    their loads are independent, so a step waits for one L2 round trip, not SPLITS_PER_STEP. 64-bit slice
+    offsets: the runtime passes stride_split (M*N or M*r) as i32 when it fits, (s0 + t) times it may not
+    (and `.to()` on it fails where it is specialised to 1, a plain int)."""
+    total = tl.zeros(tile.shape, dtype=tl.float32)
+    stride64 = tl.zeros((), tl.int64) + stride_split
+    slice_off = tl.zeros((), tl.int64)  # a scalar, not a tensor of pointers: no layout change in the loop
+    for s0 in range(0, split, SPLITS_PER_STEP):
+        part = tl.zeros(tile.shape, dtype=tl.float32)
+        for t in tl.static_range(SPLITS_PER_STEP):
+            in_split = tl.full(tile.shape, s0 + t, tl.int32) < split  # a tensor: the interpreter rejects a bool
+            part += tl.load(ptr + (slice_off + t * stride64) + tile, mask=mask & in_split, other=0.0)
+        total += part
+        slice_off += SPLITS_PER_STEP * stride64
+    return total
+
+
+@triton.jit(do_not_specialize=["M", "has_bias"])
+def _nf4_gemv_epilogue_kernel(
+    partial_ptr,
+    u_ptr,
+    v_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    r,
+    split,
+    stride_split,
+    stride_um,
+    stride_ur,
+    stride_vr,
+    stride_vn,
+    has_bias,
+    lora_scale,
+    BN: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    FUSED_U: tl.constexpr,
+):
+    """out = sum_s partial[s] + (u @ v) * lora_scale + bias, rounded once; r = 0 means no LoRA term.
+    With FUSED_U, u = x @ A^T is the sum of the streaming kernel's float32 slices stored after W's
+    (`partial[split, M, N]`, then `[split, M, r]`); otherwise u_ptr [M, r] in x's dtype.
+
+    Latency, not bandwidth, bounds this kernel (a few MB from L2 at most), so it keeps many loads in
+    flight: the split slices are summed SPLITS_PER_STEP at a time (`_sum_slices`) and the low-rank term
+    16 ranks at a time ([16, 16] tile of u, [16, BN] tile of v, one exact fp32 dot), so a call waits for
+    about ceil(split / 8) * (1 + ceil(r / 16) with FUSED_U) + ceil(r / 16) + 1 round trips. N is
+    specialised (divisible by 16 on the fast path) so the row offsets are known aligned and the partial
+    sums load 16 bytes at a time.
+    """
+    offs_m = tl.arange(0, 16)
+    offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    in_m = offs_m < M
+    in_n = offs_n < N
+    inside = in_m[:, None] & in_n[None, :]
+    tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    acc = _sum_slices(partial_ptr, tile, inside, split, stride_split)
+    offs_r = tl.arange(0, 16)
+    v_ptrs = v_ptr + offs_r.to(tl.int64)[:, None] * stride_vr + offs_n[None, :] * stride_vn
+    lora = tl.zeros((16, BN), dtype=tl.float32)  # its own accumulator: the dot's layout stays out of the sums
+    xa_ptr = partial_ptr + (tl.zeros((), tl.int64) + split) * stride_split  # FUSED_U: u's slices follow W's
+    xa_tile = offs_m.to(tl.int64)[:, None] * r + offs_r[None, :]
+    u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
+    for r0 in range(0, r, 16):
+        in_r = offs_r < r - r0
+        if FUSED_U:
+            u = _sum_slices(xa_ptr + r0, xa_tile, in_m[:, None] & in_r[None, :], split, M * r)
+        else:
+            u = to_f32(tl.load(u_ptrs, mask=in_m[:, None] & in_r[None, :], other=0.0), SOFT_BF16)
+            u_ptrs += 16 * stride_ur
+        v = to_f32(tl.load(v_ptrs, mask=in_r[:, None] & in_n[None, :], other=0.0), SOFT_BF16)
+        lora = tl.dot(u, v, lora, input_precision="ieee")
+        v_ptrs += 16 * stride_vr
+    acc += lora * lora_scale
+    if has_bias:
+        acc += to_f32(tl.load(bias_ptr + offs_n, mask=in_n, other=0.0), SOFT_BF16)[None, :]
+    tl.store(out_ptr + tile, round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=inside)
+
+
+# --------------------------------------------------------------------------------------------------
+# configurations (for the ahead-of-time report)
+
+
+def _main_signature(dtype: torch.dtype, double_quant: bool, a_dtype: torch.dtype) -> dict[str, str]:
+    return {
+        "x_ptr": ptr_type(dtype),
+        "packed_ptr": "*u8",
+        "absmax_ptr": "*u8" if double_quant else "*fp32",
+        "nested_absmax_ptr": "*fp32",
+        "nested_offset_ptr": "*fp32",
+        "nested_code_ptr": "*fp32",
+        "pairs_ptr": "*i64" if dtype == torch.float32 else "*i32",
+        "code_ptr": "*fp32",
+        "partial_ptr": "*fp32",
+        "a_ptr": ptr_type(a_dtype),
+        "M": "i32",
+        "N": "i32",
+        "K": "i64",
+        "KB": "i64",
+        "stride_xm": "i64",
+        "log2_bs": "i32",
+        "n_blocks": "i64",
+        "k_per_split": "i64",
+        "kb_per_split": "i64",
+        "r": "i32",
+        "stride_ar": "i64",
+        "stride_ak": "i64",
+    }
+
+
+def step_k(k: int, blocksize: int) -> int:
+    """Reduction elements per loop step: 64 (two 16-byte loads per row) where blocksize >= 64 and
+    K % 64 == 0, else 32. NOTE: 64 halves the per-step scale FMAs and loop overhead per byte of W:
+    the sm_90 bf16 loop went from 8.9 to the count in tests/test_gemv.py (lane-instructions per byte)."""
+    return 64 if blocksize >= 64 and k % 64 == 0 else BK
+
+
+def fuses_a(dtype: torch.dtype, aligned: bool) -> bool:
+    """Whether the streaming kernel computes x @ A^T itself (given the adapter's A): fp16/bf16 on the
+    aligned path (K % 32 == 0), the decode case; elsewhere the launcher computes it with torch first.
+
+    NOTE: the low-rank program is compiled in only where used (`HAS_A`): present in every variant, it
+    changed the register allocation of the W loop enough to give 8-byte stack frames (fp16/bf16,
+    no double quant: 64-column steps on sm_90 and 32-column steps on sm_80, triton 3.6)."""
+    return aligned and dtype != torch.float32
+
+
+def _main_constexprs(
+    dtype: torch.dtype, aligned: bool, double_quant: bool, soft_bf16: bool, bk: int, has_a: bool = False
+) -> dict:
+    return dict(
+        HAS_A=has_a,
+        ALIGNED=aligned,
+        DOUBLE_QUANT=double_quant,
+        BN=block_n(dtype, aligned),
+        BK=bk,
+        CODE_F32=dtype == torch.float32,
+        DOT_F32=soft_bf16 or dtype == torch.float32,
+        SOFT_BF16=soft_bf16,
+    )
+
+
+# NOTE: fp fusion stays on here (the other kernels turn it off): it fuses the per-step `partial * absmax`
+# into the accumulator (one FFMA instead of FMUL + FADD per output) and the double-quantized absmax
+# decode into one FFMA, which can differ from `nf4.dequantize`'s two roundings by 1 ulp of a float32
+# absmax (6e-8 relative), far below the bf16/fp16 rounding of the codes and inside the fp32 tests'
+# tolerance (tests/test_gemv.py).
+_OPTIONS = {"num_warps": NUM_WARPS, "num_stages": 3, "enable_fp_fusion": True}
+
+
+def _options(aligned: bool, dtype: torch.dtype, bk: int) -> dict:
+    """Compile options. The fp16/bf16 aligned path with 64-column steps uses 3 stages (Triton's pipeliner
+    then copies W with 16-byte cp.async two steps ahead: 128 B in flight per thread).
+
+    NOTE: 3 stages elsewhere gave 8-byte stack frames: the general path on sm_80 (triton 3.9), the
+    32-column aligned path with double quant on sm_80 (triton 3.6); fp32 aligned took 8 bytes with 2 or
+    3 stages on sm_90 (triton 3.9). The stage counts below compile without stack or spills.
+    """
+    if dtype == torch.float32 and aligned:
+        stages = 1
+    else:
+        stages = 3 if aligned and bk == 64 else 2
+    return {**_OPTIONS, "num_stages": stages}
+
+
+def _epilogue_signature(dtype: torch.dtype, v_dtype: torch.dtype, bias_dtype: torch.dtype) -> dict[str, str]:
+    act = ptr_type(dtype)
+    return {
+        "partial_ptr": "*fp32",
+        "u_ptr": act,
+        "v_ptr": ptr_type(v_dtype),
+        "bias_ptr": ptr_type(bias_dtype),
+        "out_ptr": act,
+        "M": "i32",
+        "N": "i32",
+        "r": "i32",
+        "split": "i32",
+        "stride_split": "i64",
+        "stride_um": "i64",
+        "stride_ur": "i64",
+        "stride_vr": "i64",
+        "stride_vn": "i64",
+        "has_bias": "i32",
+        "lora_scale": "fp32",
+    }
+
+
+def gemv_configs() -> list[LaunchConfig]:
+    """Every compiled variant `nf4_gemv` can launch on a GPU: per activation dtype, the streaming kernel
+    (aligned / general path x double quant or not) and the epilogue."""
+    out = []
+    for dtype in TL_DTYPES:
+        dname = ptr_type(dtype)[1:]
+        for aligned, bk in ((True, 64), (True, 32), (False, 32)):
+            # without the low-rank program (x stands in for A), and for fp16/bf16 on the aligned path with
+            # it (`fuses_a`): A in x's dtype or float32 (the default adapter dtype)
+            a_dtypes = [None] + (list(dict.fromkeys((dtype, torch.float32))) if fuses_a(dtype, aligned) else [])
+            for double_quant, a_dtype in itertools.product((False, True), a_dtypes):
+                a_name = "" if a_dtype is None else f",A={ptr_type(a_dtype)[1:]}"
+                out.append(
+                    LaunchConfig(
+                        name=f"nf4_gemv[{dname},aligned={int(aligned)},dq={int(double_quant)},"
+                        f"BN={block_n(dtype, aligned)},BK={bk}{a_name}]",
+                        kernel=_nf4_gemv_kernel,
+                        signature=_main_signature(dtype, double_quant, a_dtype or dtype),
+                        constexprs=_main_constexprs(dtype, aligned, double_quant, False, bk, a_dtype is not None),
+                        options=_options(aligned, dtype, bk),
+                        aligned_only=True,
+                    )
+                )
+        # u = x_d @ A^T comes in x's dtype (or as the streaming kernel's float32 slices, `fused_u`); B^T and
+        # the bias in x's dtype or float32 (the adapter's and the layer's own dtypes, read as they are)
+        fused_u = (False, True) if fuses_a(dtype, True) else (False,)
+        for v_dtype, bias_dtype, fused in itertools.product(*[dict.fromkeys((dtype, torch.float32))] * 2, fused_u):
+            out.append(
+                LaunchConfig(
+                    name=f"nf4_gemv[epilogue,{dname},v={ptr_type(v_dtype)[1:]},bias={ptr_type(bias_dtype)[1:]},"
+                    f"BN={EPILOGUE_BN}{',fused_u' if fused else ''}]",
+                    kernel=_nf4_gemv_epilogue_kernel,
+                    signature=_epilogue_signature(dtype, v_dtype, bias_dtype),
+                    constexprs={"BN": EPILOGUE_BN, "SOFT_BF16": False, "FUSED_U": fused},
+                    options={"num_warps": NUM_WARPS, "enable_fp_fusion": True},
+                )
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# launcher
+
+
+def pair_table(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 256-entry table of both nibbles' NF4 values, byte b -> (NF4[b >> 4], NF4[b & 15]).
+
+    fp16/bf16: int32 entries, NF4[b >> 4] in `dtype` in the low 16 bits (the even element, first in
+    memory as the dot operand wants it) and NF4[b & 15] in the high 16 bits. fp32: int64 entries, the
+    float32 bits of NF4[b >> 4] in the low word and of NF4[b & 15] in the high word.
+    """
+    from nf4.codebook import NF4_CODE
+
+    byte = torch.arange(256)
+    if dtype == torch.float32:
+        bits = NF4_CODE.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        table = bits[byte >> 4] | (bits[byte & 15] << 32)
+    else:
+        bits = NF4_CODE.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+        table = (bits[byte >> 4] | (bits[byte & 15] << 16)).to(torch.int64)
+        table = torch.where(table >= 2**31, table - 2**32, table).to(torch.int32)
+    return table.to(device)
+
+
+@functools.cache
+def _constants(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Per-(device, dtype) constants, built once: the pair table, the NF4 table, a stand-in for absent
+    optional pointers."""
+    from nf4.codebook import NF4_CODE
+
+    return {
+        "pairs": pair_table(dtype, device),
+        "code": NF4_CODE.to(device=device, dtype=torch.float32),
+        "none_f32": torch.empty(0, device=device),
+    }
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# --------------------------------------------------------------------------------------------------
+# cost model: chooses split-K here, predicts GPU time in `nf4.kernels.sass` (H200 figures)
+
+BANDWIDTH = 4.1e12
+"""bytes/s: the H200's measured copy bandwidth (gpu-findings.md)."""
+H200_SMS = 132
+LAUNCH_US = 2.0
+"""GPU time per kernel of a CUDA-graph replay besides its own work (launch, ramp-up, tail), an assumed
+figure for small kernels on Hopper; a decode call launches two (streaming kernel + epilogue)."""
+L2_ROUND_TRIP_US = 0.3
+"""Time for a dependent load that hits L2 to come back (~260 cycles near, more from the far partition,
+plus queueing: an assumed figure). The epilogue is bound by how many of these it waits for in a row."""
+DRAM_LATENCY_US = 1.0
+"""Loaded DRAM latency with margin (unloaded ~0.6 us on Hopper): by Little's law each SM must keep its
+share of the bandwidth times this in flight, 4.1 TB/s / 132 x 1 us = 31 KB, or the stream slows down."""
+MIN_STEPS = 4
+"""Each program walks at least this many steps (amortises its prologue and fills the pipeline)."""
+MODEL_RANK = 16
+"""The adapter rank the split choice assumes (r only adds epilogue round trips: ceil(r / 16) each)."""
+
+
+def epilogue_round_trips(split: int, r: int, fused_u: bool = True) -> int:
+    """Dependent L2 round trips of the epilogue: the split-K slices summed `SPLITS_PER_STEP` at a time,
+    the low-rank term 16 ranks at a time (with `fused_u` each chunk of u summed over the slices first),
+    then bias and the store.
+
+    NOTE: the first epilogue summed one slice per loop iteration and one rank per iteration, each load
+    waiting for the previous (its SASS: one 32-bit load per element, FADD right behind it): split + r + 2
+    round trips, 51 at 8192x8192 (split 33, r = 16), ~15 us, more than the streaming kernel itself."""
+    steps = cdiv(split, SPLITS_PER_STEP.value)
+    return steps + cdiv(r, 16) * (1 + steps * fused_u) + 1
+
+
+def in_flight_bytes(bn: int, bk: int, stages: int) -> int:
+    """Bytes of W one program has requested and not yet received: Triton's pipeliner keeps `stages - 1`
+    steps of [bn, bk] codes (bn * bk / 2 bytes each) in flight."""
+    return bn * bk // 2 * max(1, stages - 1)
+
+
+def model_us(n, k, m=1, r=MODEL_RANK, split=1, sms=H200_SMS, blocksize=64, double_quant=True, issue_us=0.0, bk=None):
+    """Predicted GPU time (us, CUDA-graph replay) of a decode call, bf16 activations, the adapter's A and
+    B in float32 handed to the kernels (what a LoRALinearNF4 decode call is: these two kernels):
+
+        bytes   = n*k/2 + n*k/blocksize * (1 + 4/256 with double quant, else 4)    codes, absmax
+                + 2*m*k + 4*r*(k + n) + 2*m*n + 2*n                               x, A, B, out, bias
+                + 2 * 4*split*m*(n + r)                 float32 partial sums, written and read back
+        eff     = min(1, programs / sms * in_flight_bytes / (BANDWIDTH / H200_SMS * DRAM_LATENCY_US))
+        time    = max(bytes / (BANDWIDTH * eff), issue_us)
+                + epilogue_round_trips(split, r) * L2_ROUND_TRIP_US + 2 * LAUNCH_US
+
+    `issue_us`: the streaming loop's instruction issue time (`nf4.kernels.sass`). The partial sums mostly
+    stay in the 60 MB L2, so counting them at DRAM speed is pessimistic. Not modelled: the tail of an
+    uneven wave, L1 throughput of the table gathers.
+    """
+    bk = bk or step_k(k, blocksize)
+    bn = block_n(torch.bfloat16)
+    absmax = n * k / blocksize * ((1 + 4 / 256) if double_quant else 4)
+    other = 2 * m * k + 4 * r * (k + n) + 2 * m * n + 2 * n + 8 * split * m * (n + r)
+    programs = cdiv(n, bn) * split
+    need = BANDWIDTH / H200_SMS * DRAM_LATENCY_US * 1e-6
+    eff = min(1.0, programs / sms * in_flight_bytes(bn, bk, _options(True, torch.bfloat16, bk)["num_stages"]) / need)
+    t_mem = (n * k / 2 + absmax + other) / (BANDWIDTH * eff) * 1e6
+    return max(t_mem, issue_us) + epilogue_round_trips(split, r) * L2_ROUND_TRIP_US + 2 * LAUNCH_US
+
+
+def effective_split(k: int, split: int, bk: int) -> int:
+    """The split-K factor a launch really gets: slices are whole steps, so some requests collapse."""
+    return cdiv(k, cdiv(cdiv(k, split), bk) * bk)
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_split(n: int, k: int, m: int, bk: int, sms: int) -> int:
+    """The split-K factor `model_us` predicts fastest (the smallest among equals), each slice at least
+    MIN_STEPS steps long. More slices keep more of W in flight (Little's law) but write and read back
+    more partial sums and add epilogue round trips: at 8192x8192 this gives 8 (M = 1 and 16)."""
+    best = (float("inf"), 1)
+    for split in sorted({effective_split(k, s, bk) for s in range(1, max(1, k // (bk * MIN_STEPS)) + 1)}):
+        best = min(best, (model_us(n, k, m, split=split, sms=sms, bk=bk), split))
+    return best[1]
+
+
+def split_for(n: int, k: int, m: int, bk: int, device: torch.device) -> int:
+    """Split-K factor for a launch: `choose_split` for the device's multiprocessors; 1 off CUDA (the
+    interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return choose_split(n, k, m, bk, _multiprocessors(device))
+
+
+def nf4_gemv(
+    x: torch.Tensor,
+    weight,
+    *,
+    u: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
+    split: int | None = None,
+    a: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`x @ dequant(weight)^T + (u @ v) * lora_scale + bias` for M <= 16 rows, over two kernel launches.
+
+    Args:
+        x: [M, K] activations, fp32/fp16/bf16, M <= 16 (any strides along M; contiguous along K).
+        weight: the `NF4Tensor` W [N, K] (any K, any blocksize, with or without double quantization).
+        u, v: the low-rank (LoRA) term [M, r] and [r, N], any strides, any float dtype (read as they
+            are and used in fp32: no conversion kernel), or both None.
+        a: instead of u, the adapter's A [r, K] (any strides, fp32 or x's dtype): u = x @ a^T is then
+            computed by the streaming kernel (one extra row tile of programs, exact fp32 products and
+            sums, never rounded to x's dtype), saving the separate GEMV and a cast of A per call.
+        bias: [N] in any float dtype (read as it is, used in fp32), or None.
+        split: split-K factor (tests); by default `split_for`.
+    Returns:
+        [M, N] in x's dtype.
+
+    No device-to-host read: a call is metadata checks, two allocations and two launches (CUDA-graph
+    capturable).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [M, K], got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in TL_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}; convert it first")
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight must be a 2-D NF4Tensor [N, K], got shape {list(weight.shape)}")
+    n, k = weight.shape
+    m = x.shape[0]
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} columns but the weight has K = {k}: expected x of shape [M, {k}]")
+    if m > MAX_M:
+        raise ValueError(f"nf4_gemv takes at most {MAX_M} rows, got M = {m}; use nf4.kernels.matmul.nf4_matmul")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {weight.device}; move one of them")
+    if u is not None and a is not None:
+        raise ValueError("pass u [M, r] or a [r, K] (u = x @ a^T), not both")
+    lhs = u if a is None else a
+    if (lhs is None) != (v is None):
+        raise ValueError("pass both u [M, r] (or a [r, K]) and v [r, N] for the low-rank term, or neither")
+    if a is not None and (a.dim() != 2 or v.dim() != 2 or a.shape[1] != k or v.shape != (a.shape[0], n)):
+        raise ValueError(f"expected a [r, {k}] and v [r, {n}], got a {list(a.shape)} and v {list(v.shape)}")
+    if u is not None and (u.dim() != 2 or v.dim() != 2 or u.shape[0] != m or v.shape != (u.shape[1], n)):
+        raise ValueError(f"expected u [{m}, r] and v [r, {n}], got u {list(u.shape)} and v {list(v.shape)}")
+    if a is not None and a.dtype not in TL_DTYPES:
+        raise TypeError(f"a must be float32, float16 or bfloat16, got {a.dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"expected bias of shape [{n}], got {list(bias.shape)}")
+
+    return launch(x, weight, u, v, bias, lora_scale, split, a)
+
+
+class _Plan(NamedTuple):
+    """Everything about a launch that depends only on the shapes, dtypes and device (cached)."""
+
+    grid: tuple[int, int]
+    epilogue_grid: tuple[int]
+    split: int
+    scalars: tuple[int, ...]  # log2_bs, n_blocks, k_per_split, kb_per_split (after M, N, K, KB, stride_xm)
+    meta: dict  # constexprs and compile options of the streaming kernel
+    epilogue_meta: dict
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(m, n, k, dtype, device, blocksize, double_quant, split, has_a) -> _Plan:
+    interpret = INTERPRET or device.type != "cuda"
+    aligned = k % BK == 0
+    bk = step_k(k, blocksize) if aligned else BK
+    bn = block_n(dtype, aligned)
+    if split is None:
+        split = split_for(n, k, m, bk, device)
+    k_per_split = cdiv(cdiv(k, split), bk) * bk
+    split = cdiv(k, k_per_split)
+    return _Plan(
+        grid=(cdiv(n, bn) + has_a, split),  # with A: one more row tile, the low-rank program
+        epilogue_grid=(cdiv(n, EPILOGUE_BN),),
+        split=split,
+        scalars=(blocksize.bit_length() - 1, cdiv(n * k, blocksize), k_per_split, k_per_split // 2),
+        meta={
+            **_main_constexprs(dtype, aligned, double_quant, interpret, bk, bool(has_a)),
+            **_options(aligned, dtype, bk),
+        },
+        epilogue_meta=dict(BN=EPILOGUE_BN, SOFT_BF16=interpret, num_warps=NUM_WARPS, enable_fp_fusion=True),
+    )
+
+
+def launch(x, weight, u, v, bias, lora_scale, split=None, a=None) -> torch.Tensor:
+    """`nf4_gemv` without its argument checks (for `nf4.kernels.matmul`, whose callers checked them):
+    x [M, K] contiguous along K, u [M, r] (or a [r, K]: u = x @ a^T is then computed by the streaming
+    kernel's extra row tile) and v [r, N] in any float dtype (or None), bias [N] in any float dtype (or
+    None). Everything is read in its own dtype, so a float32 adapter or bias costs no conversion kernel."""
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    fused = a is not None and a.shape[0] > 0 and fuses_a(x.dtype, k % BK == 0)
+    if a is not None and not fused:
+        u = x @ a.to(x.dtype).t()
+    plan = _plan(m, n, k, x.dtype, x.device, weight.blocksize, weight.double_quant, split, int(fused))
+    constants = _constants(x.device, x.dtype)
+    r = a.shape[0] if fused else u.shape[1] if u is not None else 0
+    # W's partial sums [split, M, N], then (fused) x @ A^T's [split, M, r]: one allocation
+    partial = torch.empty(plan.split * m * (n + r * fused), dtype=torch.float32, device=x.device)
+    nested = nested_pointers(weight)
+    a_args = (a, r, a.stride(0), a.stride(1)) if fused else (x, 0, 0, 0)  # x stands in: never read
+    _nf4_gemv_kernel[plan.grid](
+        x,
+        weight.packed,
+        weight.absmax,
+        *nested,
+        constants["pairs"],
+        constants["code"],
+        partial,
+        a_args[0],
+        m,
+        n,
+        k,
+        k // 2,
+        x.stride(0),
+        *plan.scalars,
+        *a_args[1:],
+        **plan.meta,
+    )
+    if fused:
+        u, strides = x, (0, 0, v.stride(0), v.stride(1))  # u is read from `partial`
+    elif r:
+        strides = (u.stride(0), u.stride(1), v.stride(0), v.stride(1))
+    else:
+        u = v = x  # never read: r = 0
+        strides = (0, 0, 0, 0)
+    _nf4_gemv_epilogue_kernel[plan.epilogue_grid](
+        partial,
+        u,
+        v,
+        bias if bias is not None else constants["none_f32"],
+        out,
+        m,
+        n,
+        r,
+        plan.split,
+        m * n,
+        *strides,
+        int(bias is not None),
+        float(lora_scale),
+        FUSED_U=fused,
+        **plan.epilogue_meta,
+    )
+    return out
