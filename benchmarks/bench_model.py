@@ -17,7 +17,7 @@ fast), and the ratios nf4 / bnb+peft.
     python benchmarks/bench_model.py --preset tiny                     # CPU, seconds
     python benchmarks/bench_model.py --preset 8b --seq 2048 --batch 1  # a GPU (Llama-3-8B dimensions)
 
-Prints a table and JSON lines (appended to --out if given).
+Prints a table and JSON lines (each also appended to --out, if given, as soon as it is measured).
 """
 
 from __future__ import annotations
@@ -160,8 +160,8 @@ def run_one(args) -> dict:
     peak[0] = max(peak[0], anon_bytes())
     step_s = statistics.median(times)
     return dict(
-        stack=args.stack, checkpointing=args.checkpointing, preset=args.preset, seq=args.seq, batch=args.batch,
-        r=args.r, device=args.device, step_s=step_s, tokens_per_s=args.batch * args.seq / step_s,
+        bench="model_step", stack=args.stack, checkpointing=args.checkpointing, preset=args.preset, seq=args.seq,
+        batch=args.batch, r=args.r, device=args.device, step_s=step_s, tokens_per_s=args.batch * args.seq / step_s,
         peak_bytes=torch.cuda.max_memory_allocated() if cuda else peak[0] - start,
         peak_kind="cuda max allocated" if cuda else "anonymous RSS above start", loss=loss.item(),
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -220,11 +220,15 @@ def main(argv=None) -> int:
             proc = one(stack, mode, args.batch, args.warmup, args.steps)
             if proc.returncode != 0:
                 print(f"{stack} (checkpointing {mode}) failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-                record = dict(stack=stack, checkpointing=mode == "on", error=proc.stderr.strip().splitlines()[-1:])
+                record = dict(bench="model_step", stack=stack, checkpointing=mode == "on",
+                              error=proc.stderr.strip().splitlines()[-1:])  # fmt: skip
             else:
                 record = json.loads(proc.stdout.strip().splitlines()[-1])
             record.update(commit=commit, date=time.strftime("%Y-%m-%d"))
             records.append(record)
+            if args.out:  # as soon as measured: a run cut short (gpu_check.sh's time limit) keeps it
+                with args.out.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
     print(f"QLoRA training step, preset {args.preset} ({args.device}), {args.batch} x {args.seq} tokens, r={args.r}, "
           f"median of {args.steps} steps after {args.warmup} warm-up")  # fmt: skip
     print(f"{'stack':<10}{'checkpointing':>14}{'step':>10}{'tokens/s':>11}{'peak memory':>14}{'loss':>9}")
@@ -238,18 +242,17 @@ def main(argv=None) -> int:
     for mode in modes:
         ours, theirs = by.get(("nf4", mode == "on")), by.get(("bnb+peft", mode == "on"))
         if ours and theirs:
-            ratio = dict(stack="nf4 / bnb+peft", checkpointing=mode == "on",
+            ratio = dict(bench="model_step", stack="nf4 / bnb+peft", checkpointing=mode == "on",
                          tokens_per_s=ours["tokens_per_s"] / theirs["tokens_per_s"],
                          peak_bytes=ours["peak_bytes"] / theirs["peak_bytes"], commit=commit)  # fmt: skip
             records.append(ratio)
+            if args.out:
+                with args.out.open("a") as f:
+                    f.write(json.dumps(ratio) + "\n")
             print(f"nf4 / bnb+peft, checkpointing {mode}: {ratio['tokens_per_s']:.2f}x the tokens/s, "
                   f"{ratio['peak_bytes']:.2f}x the peak memory")  # fmt: skip
-    lines = [json.dumps(r) for r in records]
-    for line in lines:
-        print(line)
-    if args.out:
-        with args.out.open("a") as f:
-            f.write("\n".join(lines) + "\n")
+    for record in records:
+        print(json.dumps(record))
     return 0
 
 

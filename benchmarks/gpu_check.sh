@@ -2,14 +2,19 @@
 # The one-shot GPU check. On the GPU machine (no registry; torch, triton, pytest, hypothesis, peft,
 # transformers preinstalled; bitsandbytes carried as a wheel in .whl/), from the repository root:
 #
-#     bash benchmarks/gpu_check.sh            # test suite + benchmarks + lookups + static report, < 9 minutes
+#     bash benchmarks/gpu_check.sh            # tests, benchmarks, lookups, model step, static report: < 9 min
 #     bash benchmarks/gpu_check.sh --dry-run  # on any machine: every step, tiny, without a GPU
 #
-# Time budget (one device call of at most 9 minutes): tests 180 s, benchmarks 200 s, the table-lookup
-# microbenchmark with the decode kernel of 2d550bfb5869 beside the current one 60 s (bench_lookup.py:
-# checks the L1 model of nf4.kernels.sass), static report 60 s, each stopped with SIGINT when over
-# (pytest still prints its summary line, run_all.py still writes what it measured), then killed 5 s later. The tests run with `pytest -n 14` where pytest-xdist imports
-# (the GPU machine has 16 cores), else serially.
+# Time budget (one device call of at most 9 minutes, setup included): tests 140 s, benchmarks 140 s, the
+# table-lookup microbenchmark with the decode kernel of 2d550bfb5869 beside the current one 60 s
+# (bench_lookup.py: checks the L1 model of nf4.kernels.sass), a whole Llama-3-8B-shaped model's QLoRA step
+# at 2048 tokens 120 s (bench_model.py: nf4, bitsandbytes + PEFT and 16-bit LoRA at batch 1, then nf4 and
+# bitsandbytes + PEFT at the largest batch up to 8 that nf4 trains at), static report 40 s. Cut to fit:
+# the model step runs with gradient checkpointing only (off is `bench_model.py --checkpointing both`) and
+# 3 timed steps; 16-bit LoRA is not rerun at the largest batch. Each step is stopped with SIGINT when over
+# (pytest still prints its summary line, run_all.py still writes what it measured, bench_model.py has
+# written each configuration as it finished), then killed 5 s later. The tests run with `pytest -n 14`
+# where pytest-xdist imports (the GPU machine has 16 cores), else serially.
 # PYTHON selects the interpreter (default python3; the dry run here: PYTHON=.venv/bin/python).
 # Everything it produces goes to $OUT (default ./gpu-check-out), flat, at most 8 files:
 # env.txt, pytest.txt, table.txt, results.jsonl, profile.txt (top kernels of the fused paths),
@@ -70,7 +75,7 @@ if [ $DRY = 1 ]; then
 else
   # tests/test_benchmarks.py runs this script's dry run, which the next step supersedes.
   step "tests (the whole suite but test_benchmarks.py; ${XDIST:-serial: no pytest-xdist})"
-  limit 180 "$PY" -m pytest -q -p no:cacheprovider $XDIST --durations=15 \
+  limit 140 "$PY" -m pytest -q -p no:cacheprovider $XDIST --durations=15 \
     --ignore="$REPO/tests/test_benchmarks.py" "$REPO/tests" > "$OUT/pytest.txt" 2>&1
 fi
 rc=$?
@@ -82,15 +87,22 @@ echo "pytest summary: $(grep -E '[0-9]+ (passed|failed|skipped|deselected|errors
 step "benchmarks"
 QUICK=""
 [ $DRY = 1 ] && QUICK="--quick"
-limit 200 "$PY" "$REPO/benchmarks/run_all.py" $QUICK --out-dir "$OUT" || { echo "benchmarks failed or timed out"; status=1; }
+limit 140 "$PY" "$REPO/benchmarks/run_all.py" $QUICK --out-dir "$OUT" || { echo "benchmarks failed or timed out"; status=1; }
 
 step "table lookups (global / shared / registers) and the decode kernel of 2d550bfb5869 beside the current one"
 limit 60 "$PY" "$REPO/benchmarks/bench_lookup.py" $QUICK --out "$OUT/results.jsonl" || { echo "lookup benchmark failed or timed out"; status=1; }
 
+step "a whole model's QLoRA training step (bench_model.py: nf4 / bitsandbytes + PEFT / 16-bit LoRA)"
+if [ $DRY = 1 ]; then MODEL="--preset tiny --warmup 1 --steps 1"; else MODEL="--preset 8b --seq 2048 --warmup 1 --steps 3"; fi
+limit 80 "$PY" "$REPO/benchmarks/bench_model.py" $MODEL --batch 1 --checkpointing on --out "$OUT/results.jsonl" \
+  || { echo "model benchmark (batch 1) failed or timed out"; status=1; }
+limit 40 "$PY" "$REPO/benchmarks/bench_model.py" $MODEL --largest-batch 8 --stacks nf4,bnb+peft --checkpointing on \
+  --out "$OUT/results.jsonl" || { echo "model benchmark (largest batch) failed or timed out"; status=1; }
+
 step "static kernel report"
 MATCH=""
 [ $DRY = 1 ] && MATCH="--match quantize_absmax"
-limit 60 "$PY" "$REPO/benchmarks/static_report.py" $MATCH --out "$OUT/static_report.txt" > /dev/null || status=1
+limit 40 "$PY" "$REPO/benchmarks/static_report.py" $MATCH --out "$OUT/static_report.txt" > /dev/null || status=1
 tail -1 "$OUT/static_report.txt"
 
 step "done (status $status); files in $OUT:"
