@@ -15,6 +15,7 @@ the process's start, sampled every 2 ms), the loss after the timed steps (so a b
 fast), and the ratios nf4 / bnb+peft.
 
     python benchmarks/bench_model.py --preset tiny                     # CPU, seconds
+    python benchmarks/bench_model.py --preset small --seq 256          # CPU, a minute
     python benchmarks/bench_model.py --preset 8b --seq 2048 --batch 1  # a GPU (Llama-3-8B dimensions)
 
 Prints a table and JSON lines (each also appended to --out, if given, as soon as it is measured).
@@ -36,6 +37,8 @@ PRESETS = {
     # hidden, intermediate, layers, heads, kv heads, vocab
     "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
+    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                  num_key_value_heads=16, vocab_size=8192),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
