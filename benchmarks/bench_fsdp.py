@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ def _model(args, stack: str):
 
 def _worker(rank: int, world: int, port: int, args, stack: str, out: str) -> None:
     import torch.distributed as dist
+    from common import lm_training_steps
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -75,25 +75,10 @@ def _worker(rank: int, world: int, port: int, args, stack: str, out: str) -> Non
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch * world, args.seq), generator=torch.Generator().manual_seed(1))
     mine = ids.chunk(world)[rank].to(device)
-    times, gathered = [], None
-    for step in range(args.warmup + args.steps):
-        counter = AllGatherBytes()
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with counter:
-            loss = model(input_ids=mine, labels=mine).loss
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        gathered = counter
+    step_s, loss, gathered = lm_training_steps(model, opt, lambda step: mine, args.warmup, args.steps, AllGatherBytes)
     result = dict(
-        stack=stack, rank=rank, step_s=statistics.median(times), all_gather_bytes=gathered.bytes,
-        all_gathers=gathered.calls, local_bytes=local_bytes(model), loss=loss.item(),
+        stack=stack, rank=rank, step_s=step_s, all_gather_bytes=gathered.bytes,
+        all_gathers=gathered.calls, local_bytes=local_bytes(model), loss=loss,
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )  # fmt: skip
     if cuda:

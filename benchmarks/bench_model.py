@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -119,6 +118,7 @@ def run_one(args) -> dict:
     import peft  # noqa: F401 - every library loaded before the memory baseline
     import torch
     import transformers  # noqa: F401
+    from common import lm_training_steps
 
     import nf4.hf  # noqa: F401
 
@@ -144,29 +144,18 @@ def run_one(args) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(1)
     vocab = PRESETS[args.preset]["vocab_size"]
-    times = []
-    for step in range(args.warmup + args.steps):
-        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
+    step_s, loss, _ = lm_training_steps(
+        model, opt, lambda step: torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device),
+        args.warmup, args.steps,
+    )  # fmt: skip
     done[0] = True
     sampler.join()
     peak[0] = max(peak[0], anon_bytes())
-    step_s = statistics.median(times)
     return dict(
         bench="model_step", stack=args.stack, checkpointing=args.checkpointing, preset=args.preset, seq=args.seq,
         batch=args.batch, r=args.r, device=args.device, step_s=step_s, tokens_per_s=args.batch * args.seq / step_s,
         peak_bytes=torch.cuda.max_memory_allocated() if cuda else peak[0] - start,
-        peak_kind="cuda max allocated" if cuda else "anonymous RSS above start", loss=loss.item(),
+        peak_kind="cuda max allocated" if cuda else "anonymous RSS above start", loss=loss,
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )  # fmt: skip
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import statistics
+import time
+
 import torch
 from torch import nn
 
@@ -47,3 +51,26 @@ def ours(linear: nn.Linear, r: int, device: torch.device):
     layer = LoRALinearNF4.from_linear(linear, r=r, lora_alpha=r).to(device)
     nn.init.normal_(layer.lora_B, std=0.01)
     return layer
+
+
+def lm_training_steps(model, opt, ids, warmup: int, steps: int, around=contextlib.nullcontext):
+    """Causal-LM training steps (forward with labels = ids, backward, `opt.step()`): `ids(step)` gives each
+    step's token ids; `around()` wraps forward and backward. Returns (median seconds of the steps after
+    `warmup`, the last step's loss, the last `around()` object). CUDA is synchronised around each step."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    times, loss = [], None
+    for step in range(warmup + steps):
+        batch = ids(step)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with around() as wrapper:
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), loss.item(), wrapper
