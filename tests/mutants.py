@@ -1,5 +1,5 @@
 """Mutation check: realistic one-line bugs planted in the core modules, each run against the test file(s)
-that guard the module. Run it before a release, not in CI (about 6 minutes on 2 cores):
+that guard the module. Run it before a release, not in CI (about 8 minutes on 2 cores):
 
     .venv/bin/python tests/mutants.py                 # every mutant: a table of killed / survived
     .venv/bin/python tests/mutants.py -k gemv -k tie  # those whose name contains "gemv" or "tie"
@@ -157,8 +157,9 @@ MUTANTS = (
            "an FP4 layer in an NF4 checkpoint is not refused by name"),
     Mutant("hf-missing-layer-silent", "nf4/hf/quantizer.py", "if name not in self.loaded and name not in self.errors:",
            "if False:", ("tests/test_hf.py",), "a layer missing from the checkpoint is left on meta without an error"),
-    Mutant("hf-saves-own-config", "nf4/hf/quantizer.py", '"quant_method": "bitsandbytes",', '"quant_method": "nf4",',
-           ("tests/test_hf.py",), "save_pretrained writes a config stock transformers + bitsandbytes cannot load"),
+    Mutant("hf-saves-fp4-config", "nf4/hf/quantizer.py", '"bnb_4bit_quant_type": "nf4",',
+           '"bnb_4bit_quant_type": "fp4",', ("tests/test_hf.py",),
+           "save_pretrained writes a config on which stock bitsandbytes reads the codes as FP4"),
     Mutant("peft-dropout-dropped", "nf4/hf/peft.py", "base.bias, self.scaling[name], p, self.training)",
            "base.bias, self.scaling[name], 0.0, self.training)", ("tests/test_hf_peft.py",),
            "the fused PEFT path forgets lora_dropout"),

@@ -98,9 +98,9 @@ class NF4Config(QuantizationConfigMixin):
         }
 
     def bitsandbytes_dict(self, compute_dtype: torch.dtype, skipped: list[str] | None) -> dict[str, Any]:
-        """bitsandbytes' 4-bit `quantization_config` for the same weights: what `save_pretrained` writes."""
+        """bitsandbytes' 4-bit `quantization_config` for the same weights: what `save_pretrained` writes
+        (through `BitsAndBytesConfig.from_dict`, which sets quant_method "bitsandbytes" itself)."""
         return {
-            "quant_method": "bitsandbytes",
             "load_in_4bit": True,
             "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4",
