@@ -213,6 +213,7 @@ def demo(rank: int, world: int, port: int, out: str) -> None:
     result = run(steps=6, batch=4, heldout=16, train_pool=48, out=os.path.join(out, "demo"), progress=False,
                  log=lines.append)  # fmt: skip
     if rank == 0:
-        torch.save({"result": result.__dict__, "lines": lines}, os.path.join(out, "demo.pt"))
+        fields = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in result.__dict__.items()}
+        torch.save({"result": fields, "lines": lines}, os.path.join(out, "demo.pt"))
     else:
         assert result is None

@@ -54,7 +54,7 @@ def runs(tmp_path_factory) -> dict:
     for world in (2, 4):
         out = tmp_path_factory.mktemp(f"fsdp{world}")
         launch(train_and_check, world, out)
-        found[world] = out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+        found[world] = out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
     return found
 
 
@@ -121,14 +121,14 @@ def test_save_adapter_on_a_sharded_model_writes_peft_files_from_rank_0(trained):
 def test_dcp_checkpoint_loads_at_another_world_size_bit_exact(runs):
     out, results = runs[2]
     launch(load_checkpoint, 3, out)  # saved by 2 ranks, loaded by 3
-    loaded = torch.load(out / "load-rank0.pt", weights_only=False)["full_state_dict"]
+    loaded = torch.load(out / "load-rank0.pt", weights_only=True)["full_state_dict"]
     assert equal_state(loaded, results[0]["full_state_dict"])
 
 
 def test_mixed_precision_leaves_the_nf4_numerics_alone(tmp_path):
     launch(mixed_precision, 2, tmp_path)
     for rank in range(2):
-        result = torch.load(tmp_path / f"mp-rank{rank}.pt", weights_only=False)
+        result = torch.load(tmp_path / f"mp-rank{rank}.pt", weights_only=True)
         mp, plain = result["mp"], result["plain"]
         assert mp["weights_identical"] and plain["weights_identical"]
         assert mp["param_dtypes"] == ["torch.float32", "torch.int32", "torch.uint8"]  # sharded storage
@@ -143,7 +143,7 @@ def test_demo_under_torchrun_trains_sharded_as_one_process_does(tmp_path):
     The report adds the sharding."""
     launch(demo, 1, tmp_path / "one")
     launch(demo, 2, tmp_path / "two")
-    one, two = (torch.load(tmp_path / name / "demo.pt", weights_only=False) for name in ("one", "two"))
+    one, two = (torch.load(tmp_path / name / "demo.pt", weights_only=True) for name in ("one", "two"))
     assert one["result"]["reload_identical"] and two["result"]["reload_identical"]
     gain_one = one["result"]["fidelity_after"] - one["result"]["fidelity_before"]
     gain_two = two["result"]["fidelity_after"] - two["result"]["fidelity_before"]
@@ -156,6 +156,6 @@ def test_demo_under_torchrun_trains_sharded_as_one_process_does(tmp_path):
 @pytest.mark.gpu
 def test_fully_shard_on_one_gpu_runs_the_fused_kernels_with_and_without_cpu_offload(tmp_path):
     launch(one_gpu, 1, tmp_path)
-    result = torch.load(tmp_path / "gpu.pt", weights_only=False)
+    result = torch.load(tmp_path / "gpu.pt", weights_only=True)
     for name in ("plain", "offload"):
         assert result[name]["forward_error"] <= 1e-5 and result[name]["grad_error"] <= 1e-4, (name, result)
