@@ -5,11 +5,13 @@ same model from the same seeds, so each can compare its sharded run with the sin
 """
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+TIMEOUT = timedelta(seconds=120)  # a collective that waits longer fails the worker (no silent hang)
 IN, HIDDEN, MID, OUT = 256, 1030, 518, 72  # rows: 1030, 518 divide by no world size; blocks straddle edges
 
 
@@ -44,7 +46,7 @@ def logged(fn, rank: int, world: int, port: int, out: str) -> None:
 
 def init(rank: int, world: int, port: int):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh("cpu", (world,))
@@ -177,7 +179,7 @@ def one_gpu(rank: int, world: int, port: int, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world)
+    dist.init_process_group("nccl", rank=rank, world_size=world, timeout=TIMEOUT)
     mesh = init_device_mesh("cuda", (world,))
     result = {}
     for name, kwargs in {"plain": {}, "offload": dict(offload_policy=CPUOffloadPolicy())}.items():

@@ -36,7 +36,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from nf4.api import quantize
-from nf4.format import BLOCKSIZES, check_blocksize
+from nf4.format import check_blocksize
 from nf4.lora.modules import LinearNF4
 from nf4.tensor import NF4Tensor
 
@@ -207,12 +207,10 @@ class NF4HfQuantizer(HfQuantizer):
     def get_quantize_ops(self):
         return NF4Quantize(self)
 
-    def get_load_operations(self):
-        return {"deserialize": NF4Deserialize}
-
     def get_weight_conversions(self):
         """For a pre-quantized checkpoint: collect each weight's serialized pieces into one `NF4Deserialize`.
-        (Spelled out rather than left to `serialized_names`, which transformers before 5.2x does not read.)"""
+        (Spelled out rather than left to `serialized_names` + `get_load_operations`, which transformers
+        before 5.2x does not read.)"""
         from transformers.core_model_loading import WeightConverter
 
         if not self.pre_quantized:
@@ -354,4 +352,4 @@ def nf4_config_for(quantization_config: dict | None, blocksize: int | None) -> N
     return NF4Config.from_bitsandbytes(quantization_config, blocksize)
 
 
-__all__ = ["BLOCKSIZES", "NF4Config", "NF4Deserialize", "NF4HfQuantizer", "NF4Quantize", "nf4_config_for"]
+__all__ = ["NF4Config", "NF4Deserialize", "NF4HfQuantizer", "NF4Quantize", "nf4_config_for"]
