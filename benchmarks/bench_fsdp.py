@@ -84,6 +84,7 @@ def _worker(rank: int, world: int, port: int, args, stack: str, out: str) -> Non
     if cuda:
         result["max_allocated"] = torch.cuda.max_memory_allocated()
     Path(out, f"{stack}-{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # leave together (a rank tearing down while another still talks can abort in gloo)
     dist.destroy_process_group()
 
 

@@ -215,6 +215,7 @@ def gather_to_rank_0(model: nn.Module, build, gathered: AllGatherBytes) -> tuple
     dist.all_gather_object(per_rank, nf4_local_bytes(model))
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, LoRALinearNF4))
+    dist.barrier()  # leave together: a rank tearing down while another still receives can abort in gloo
     dist.destroy_process_group()
     if rank:
         return None, []
