@@ -2,7 +2,9 @@
 
     python benchmarks/run_all.py [--quick] [--out-dir DIR]
 
-Without --out-dir the results go to benchmarks/results/<date>-<device>-<commit>/: results.jsonl (one
+On the CPU it ends with bench_model.py's tiny preset (a whole model's QLoRA step, nf4 against
+bitsandbytes + PEFT and 16-bit LoRA). Without --out-dir the results go to
+benchmarks/results/<date>-<device>-<commit>/: results.jsonl (one
 object per measurement, with the environment), table.txt (what was printed), profile.txt (on a GPU:
 torch.profiler's top kernels of one call of each fused path; on the CPU a line saying it was skipped)
 and speedup.png (needs matplotlib; skipped with a note where it is missing). Runs on a GPU when one is
@@ -13,6 +15,7 @@ or `timeout -s INT`), it still writes every measurement taken so far, and says i
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -91,13 +94,43 @@ def main(argv=None) -> int:
             print(lines[-1], flush=True)
         lines.append("\nINTERRUPTED: the run was cut short")
         print(lines[-1], flush=True)
+    if device.type == "cpu" and done == len(BENCHES):  # on a GPU, gpu_check.sh runs the 8b preset instead
+        lines.append(f"\n## a whole model's QLoRA step (bench_model.py, preset tiny)\n{_model_step(args.quick)}")
+        print(lines[-1], flush=True)
     lines.append("\n" + plot(results.records, args.out_dir / "speedup.png"))
     print(lines[-1])
     (args.out_dir / "table.txt").write_text("\n".join(lines) + "\n")
     results.write_jsonl(args.out_dir / "results.jsonl", mode="w")
+    if _MODEL_RECORDS:
+        with (args.out_dir / "results.jsonl").open("a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in _MODEL_RECORDS))
     (args.out_dir / "profile.txt").write_text(results.breakdown_text() + "\n")
     print(f"\n{results.breakdown_text()}\n\nresults in {args.out_dir}")
     return 0 if done == len(BENCHES) else 1
+
+
+_MODEL_RECORDS: list[dict] = []
+
+
+def _model_step(quick: bool) -> str:
+    """bench_model.py's tiny preset (nf4 / bitsandbytes + PEFT / 16-bit LoRA), its table; its records kept
+    for results.jsonl."""
+    import contextlib
+    import io
+    import tempfile
+
+    import bench_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out, printed = Path(tmp) / "model.jsonl", io.StringIO()
+        steps = (
+            ["--warmup", "1", "--steps", "1", "--checkpointing", "on"] if quick else ["--warmup", "3", "--steps", "10"]
+        )
+        with contextlib.redirect_stdout(printed):
+            bench_model.main(["--preset", "tiny", "--device", "cpu", *steps, "--out", str(out)])
+        if out.exists():
+            _MODEL_RECORDS.extend(json.loads(line) for line in out.read_text().splitlines())
+    return "\n".join(line for line in printed.getvalue().splitlines() if not line.startswith("{"))
 
 
 def _table(results: Results, bench, name: str) -> str:

@@ -42,7 +42,9 @@ def test_gpu_check_dry_run(tmp_path):
         # graph and eager times in every record; on the CPU both are the one perf_counter time, no graph
         assert {"median_ms", "eager_ms", "graph", "graph_error"} <= set(r), sorted(r)
         assert r["eager_ms"] == r["median_ms"] and r["graph"] is False and r["graph_error"] is None
+    assert any(r["bench"] == "model_step" and r.get("preset") == "tiny" and r["batch"] == 1 for r in records)
     table = (tmp_path / "table.txt").read_text()
+    assert "a whole model's QLoRA step (bench_model.py, preset tiny)" in table and "nf4 / bnb+peft" in table
     assert "CPU run" in table.splitlines()[0] and "nf4 fused" in table and "bitsandbytes" in table
     assert "eager ms" in table
     assert "kernel breakdown: skipped" in (tmp_path / "profile.txt").read_text()
