@@ -20,7 +20,7 @@ def test_gpu_check_dry_run(tmp_path):
         env={**clean_env(), "OUT": str(tmp_path), "PYTHON": sys.executable},
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = {p.name for p in tmp_path.iterdir()}

@@ -2,6 +2,7 @@
 the repository root does not shadow Hugging Face's `kernels` package."""
 
 import ast
+import importlib.machinery
 import os
 import subprocess
 import sys
@@ -92,16 +93,43 @@ def _run_in_root(code: str, extra_path: str = "") -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
+HIDE_REAL_KERNELS = """
+import importlib.machinery, os, sys
+# Drop every sys.path entry but the root that holds a top-level `kernels` (Hugging Face's package, a
+# dependency of transformers), so this process sees the machine where it is not installed.
+root = os.path.abspath(os.curdir)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) == root
+               or importlib.machinery.PathFinder.find_spec("kernels", [p]) is None]
+"""
+
+
 def test_repository_root_steps_aside_for_the_real_kernels_package(tmp_path):
     """Started in the repository root, `import kernels` finds `kernels/`: it must load Hugging Face's
-    package where one is installed, and be an empty module (not ours, not an error) where none is."""
+    package where one is installed, and be an empty module (not ours, not an error) where none is.
+    Both cases run whether or not Hugging Face's `kernels` is installed here (transformers requires it)."""
     fake = tmp_path / "kernels"
     fake.mkdir()
     (fake / "__init__.py").write_text("get_kernel = 'the real one'\n")
     proc = _run_in_root("import kernels, nf4.kernels; print(kernels.get_kernel, nf4.kernels.__name__)", str(tmp_path))
     assert proc.returncode == 0 and proc.stdout.split() == ["the", "real", "one", "nf4.kernels"], proc.stderr
-    proc = _run_in_root("import kernels; print(hasattr(kernels, 'dequantize_nf4'), hasattr(kernels, 'get_kernel'))")
+    code = HIDE_REAL_KERNELS + "import kernels; print(hasattr(kernels, 'dequantize_nf4'), hasattr(kernels, 'get_kernel'))"
+    proc = _run_in_root(code)
     assert proc.returncode == 0 and proc.stdout.split() == ["False", "False"], proc.stderr
+
+
+def _installed_kernels_package():
+    """The spec of a top-level `kernels` outside the repository root (Hugging Face's), or None."""
+    path = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT]
+    return importlib.machinery.PathFinder.find_spec("kernels", path)
+
+
+@pytest.mark.skipif(_installed_kernels_package() is None, reason="Hugging Face's kernels package is not installed")
+def test_repository_root_loads_the_installed_kernels_package():
+    """Where Hugging Face's `kernels` is installed, `import kernels` from the root is that package."""
+    proc = _run_in_root("import os, kernels; print(os.path.dirname(kernels.__file__), hasattr(kernels, 'dequantize_nf4'))")
+    assert proc.returncode == 0, proc.stderr
+    where, ours = proc.stdout.split()
+    assert Path(where).resolve() == Path(_installed_kernels_package().origin).parent.resolve() and ours == "False"
 
 
 @pytest.mark.slow
