@@ -69,3 +69,19 @@ PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(pat
     proc = subprocess.run([sys.executable, "-c", setup + code + check], env=env, timeout=600, capture_output=True,
                           text=True, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_readme_says_what_is_bit_for_bit_and_what_is_not():
+    """The headline does not claim bit-for-bit compatibility without the double-quantization exception
+    (tests/test_reference.py::test_nested_codes_against_bitsandbytes_and_exact_nearest measures it)."""
+    import re
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    intro = readme[: readme.index("## Example")]
+    unqualified = re.findall(r"bit[- ]for[- ]bit compatible", intro)
+    assert not unqualified, unqualified
+    section = intro[intro.index("What is bit for bit with bitsandbytes") :]
+    exact, inexact = section.split("- Not bit for bit", 1)
+    assert "packed 4-bit codes" in exact and "absmax without double quantization" in exact
+    assert "with double quantization (the default)" in inexact and "8-bit absmax codes" in inexact
+    assert "nested offset" in inexact
