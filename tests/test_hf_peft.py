@@ -402,32 +402,35 @@ def test_the_wrappers_leave_models_without_nf4_layers_to_the_original_code(tiny3
 RECIPE = r"""
 import json, sys
 sys.modules["bitsandbytes"] = None  # as if not installed: `import bitsandbytes` fails, find_spec gives None
-model_dir, out = sys.argv[1], sys.argv[2]
+readme, model_dir = sys.argv[1:3]
 
-# the README's recipe ("Fine-tune a causal LM"), with a tiny model, 2 steps, on the CPU
+# the README's recipe ("Fine-tune a causal LM") as written, but for the model, the data and the arguments
+code = open(readme).read().split("## Fine-tune a causal LM", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+ours = {
+    "model_dir = ": f"model_dir = {model_dir!r}",
+    "texts = ": "texts = ['w5 w6 w7 w8 w9 w10', 'w11 w12 w13 w14']",
+    "args = ": "args = TrainingArguments('qlora-out', max_steps=2, per_device_train_batch_size=2, learning_rate=2e-4, "
+               "use_cpu=True, report_to=[], save_strategy='no')",
+}
+lines = code.splitlines()
+for i, line in enumerate(lines):
+    for start, replacement in ours.items():
+        if line.startswith(start):
+            lines[i] = replacement
+            ours[start] = None
+assert not any(ours.values()), f"the README recipe has no line starting with {ours}"
+recipe = {}
+exec("\n".join(lines), recipe)
+
 import peft, torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                          TrainingArguments)
+from transformers import AutoModelForCausalLM
 import nf4.hf
 
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4.hf.NF4Config(), dtype=torch.bfloat16)
-counts = [model.num_parameters(), model.num_parameters(exclude_embeddings=True)]
-model = peft.prepare_model_for_kbit_training(model)
-config = peft.LoraConfig(r=16, lora_alpha=16, target_modules="all-linear")
-model = peft.get_peft_model(model, config)
-texts = ["w5 w6 w7 w8 w9 w10", "w11 w12 w13 w14"]
-train = [{"input_ids": ids} for ids in tokenizer(texts)["input_ids"]]
-args = TrainingArguments(out, max_steps=2, per_device_train_batch_size=2, learning_rate=2e-4, use_cpu=True,
-                         report_to=[], save_strategy="no")
-collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-result = Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
-model.save_pretrained(out + "/adapter")
-
+model = recipe["model"]
+counts = [model.get_base_model().num_parameters(), model.get_base_model().num_parameters(exclude_embeddings=True)]
 base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4.hf.NF4Config(), dtype=torch.bfloat16)
 base = peft.prepare_model_for_kbit_training(base)  # float32 norms, as in the trained model
-back = peft.PeftModel.from_pretrained(base, out + "/adapter")
+back = peft.PeftModel.from_pretrained(base, "qlora-out/adapter")
 ids = torch.tensor([[2, 5, 6, 7, 8]])
 model.eval()
 with torch.no_grad():
@@ -435,7 +438,6 @@ with torch.no_grad():
 print(json.dumps({
     "counts": counts,
     "peft_counts": list(model.get_nb_trainable_parameters()),
-    "steps": result.global_step,
     "fused": sum(type(m).__name__ == "LoraLinearNF4" for m in model.modules()),
     "fused_back": sum(type(m).__name__ == "LoraLinearNF4" for m in back.modules()),
     "lora_B_trained": all(p.abs().sum().item() > 0 for n, p in model.named_parameters() if "lora_B" in n),
@@ -446,27 +448,32 @@ print(json.dumps({
 
 
 def test_readme_recipe_trains_without_bitsandbytes(tmp_path, tiny32):
-    import json
+    """The README's recipe, read from README.md, in a fresh interpreter where bitsandbytes cannot be
+    imported: it trains (every lora_B moved off zero), counts as bitsandbytes does, and its saved adapter
+    loads back with PeftModel.from_pretrained to the same outputs."""
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     tiny_tokenizer().save_pretrained(tiny32)
+    readme = Path(__file__).resolve().parents[1] / "README.md"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the torch path on the CPU
     # not from the repository root, where the folder kernels/ would shadow Hugging Face's `kernels`
-    run = subprocess.run([sys.executable, "-c", RECIPE, str(tiny32), str(tmp_path)], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", RECIPE, str(readme), str(tiny32)], capture_output=True, text=True,
                          env=env, cwd=tmp_path, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    plain = LlamaForCausalLM.from_pretrained(tiny32)
-    assert got["counts"] == [plain.num_parameters(), plain.num_parameters(exclude_embeddings=True)]
     theirs = peft.get_peft_model(
         peft.prepare_model_for_kbit_training(load_bnb(tiny32, torch.bfloat16)),
         peft.LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"),
-    )
+    )  # the same recipe on bitsandbytes
+    base = theirs.get_base_model()
+    assert got["counts"] == [base.num_parameters(), base.num_parameters(exclude_embeddings=True)]
     assert got["peft_counts"] == list(theirs.get_nb_trainable_parameters())
-    assert got["steps"] == 2 and got["lora_B_trained"] and got["fused"] == got["fused_back"] == 14
+    assert got["lora_B_trained"] and got["fused"] == got["fused_back"] == 14
     assert got["same_outputs"] and got["bitsandbytes"]
+    assert (tmp_path / "qlora-out" / "adapter" / "adapter_model.safetensors").exists()
 
 
 # -- the exact 16-bit merge: a clean model, a checkpoint stock transformers loads as 16-bit ------
