@@ -8,6 +8,7 @@ sums (K <= 128) at the output's scale.
 """
 
 import copy
+import importlib.util
 import json
 
 import peft
@@ -435,7 +436,20 @@ ids = torch.tensor([[2, 5, 6, 7, 8]])
 model.eval()
 with torch.no_grad():
     same = torch.equal(model(ids).logits, back(ids).logits)
+# TRL's SFTTrainer with a stock LoraConfig, one step (TRL is in the test extra)
+import trl
+from datasets import Dataset
+
+sft = trl.SFTTrainer(
+    model=AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4.hf.NF4Config(), dtype=torch.bfloat16),
+    args=trl.SFTConfig(output_dir="trl-out", max_steps=1, per_device_train_batch_size=2, use_cpu=True, report_to=[],
+                       save_strategy="no", max_length=16),
+    train_dataset=Dataset.from_dict({"text": ["w5 w6 w7 w8 w9", "w10 w11 w12 w13"]}),
+    processing_class=recipe["tokenizer"],
+    peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+)
 print(json.dumps({
+    "trl": [sft.train().global_step, sum(type(m).__name__ == "LoraLinearNF4" for m in sft.model.modules())],
     "counts": counts,
     "peft_counts": list(model.get_nb_trainable_parameters()),
     "fused": sum(type(m).__name__ == "LoraLinearNF4" for m in model.modules()),
@@ -447,10 +461,11 @@ print(json.dumps({
 """
 
 
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is in the test extra")
 def test_readme_recipe_trains_without_bitsandbytes(tmp_path, tiny32):
     """The README's recipe, read from README.md, in a fresh interpreter where bitsandbytes cannot be
     imported: it trains (every lora_B moved off zero), counts as bitsandbytes does, and its saved adapter
-    loads back with PeftModel.from_pretrained to the same outputs."""
+    loads back with PeftModel.from_pretrained to the same outputs; TRL's SFTTrainer trains there too."""
     import os
     import subprocess
     import sys
@@ -472,7 +487,7 @@ def test_readme_recipe_trains_without_bitsandbytes(tmp_path, tiny32):
     assert got["counts"] == [base.num_parameters(), base.num_parameters(exclude_embeddings=True)]
     assert got["peft_counts"] == list(theirs.get_nb_trainable_parameters())
     assert got["lora_B_trained"] and got["fused"] == got["fused_back"] == 14
-    assert got["same_outputs"] and got["bitsandbytes"]
+    assert got["same_outputs"] and got["bitsandbytes"] and got["trl"] == [1, 14]
     assert (tmp_path / "qlora-out" / "adapter" / "adapter_model.safetensors").exists()
 
 
