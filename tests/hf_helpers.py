@@ -36,3 +36,16 @@ def load_bnb(path, dtype=torch.float32, double_quant=True, quant_type="nf4"):
         bnb_4bit_compute_dtype=dtype,
     )
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=dtype)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' 128 ids: "w4" .. "w127" and four special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(4, 128)} | {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "[EOS]": 3}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )

@@ -167,6 +167,19 @@ MUTANTS = (
            "base.bias, 1.0, p, self.training)", ("tests/test_hf_peft.py",), "the fused PEFT path ignores scaling"),
     Mutant("peft-unmerge-keeps-merge", "nf4/hf/peft.py", "self.get_base_layer()._set_weight(self._nf4_before_merge)",
            "pass", ("tests/test_hf_peft.py",), "unmerge leaves the requantized weight in place"),
+    Mutant("compat-absmax-counted", "nf4/hf/compat.py", "out[id(m.weight_absmax)] = 0",
+           "out[id(m.weight_absmax)] = 1", ("tests/test_hf_peft.py",),
+           "num_parameters / PEFT's counts take the absmax for model parameters"),
+    Mutant("compat-packed-counted-once", "nf4/hf/compat.py", "out[id(m.weight)] = 2", "out[id(m.weight)] = 1",
+           ("tests/test_hf_peft.py",), "the packed codes count one weight per byte, not bitsandbytes' two"),
+    Mutant("compat-stock-lora-unregistered", "nf4/hf/compat.py",
+           "peft_config._register_custom_module({LinearNF4: LoraLinearNF4})", "pass", ("tests/test_hf_peft.py",),
+           "a stock peft.LoraConfig finds no LoRA layer for nf4's layers"),
+    Mutant("merge-keeps-quantizer", "nf4/hf/peft.py", "quantizer.remove_quantization_config(model)", "pass",
+           ("tests/test_hf_peft.py",), "the 16-bit merge keeps the 4-bit quantizer on the model"),
+    Mutant("hf-bnb-config-passed-through", "nf4/hf/__init__.py",
+           "quantization_config = as_nf4_config(quantization_config)", "pass", ("tests/test_hf.py",),
+           "nf4.hf.from_pretrained quietly hands a BitsAndBytesConfig to bitsandbytes"),
 )
 # fmt: on
 

@@ -262,3 +262,52 @@ def test_from_pretrained_on_cuda_quantizes_with_the_kernel_to_the_same_bytes(tin
     a, b = gpu.state_dict(), cpu.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k].cpu(), b[k]) for k in a)
     assert torch.allclose(gpu(ids.cuda()).logits.cpu().float(), cpu(ids).logits.float(), rtol=0.05, atol=0.05)
+
+
+# -- nf4.hf.from_pretrained with bitsandbytes' config: NF4 read as NF4Config, the rest refused -------
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+def test_from_pretrained_reads_an_nf4_bitsandbytes_config_as_nf4_config(tiny16, double_quant):
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                             bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    model = nf4.hf.from_pretrained(AutoModelForCausalLM, tiny16, quantization_config=bnb, dtype=torch.bfloat16)
+    assert len(layers(model)) == 14 and not any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    expect = load_nf4(tiny16, torch.bfloat16, double_quant=double_quant).state_dict()
+    got = model.state_dict()
+    assert set(got) == set(expect) and all(torch.equal(got[k], expect[k]) for k in got)
+
+
+def test_from_pretrained_refuses_bitsandbytes_configs_nf4_cannot_honour(tiny16):
+    from transformers import BitsAndBytesConfig, GPTQConfig
+
+    cases = [
+        (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4"), ValueError,
+         r"bnb_4bit_quant_type='fp4'\) asks for bitsandbytes' FP4.*pass quantization_config=nf4.hf.NF4Config\(\)"),
+        (BitsAndBytesConfig(load_in_8bit=True), ValueError,
+         r"load_in_8bit=True\) asks for bitsandbytes' 8-bit LLM.int8.*pass quantization_config=nf4.hf.NF4Config\(\)"),
+        (GPTQConfig(bits=4), TypeError, r"must be nf4.hf.NF4Config .* got GPTQConfig; pass quantization_config="),
+    ]  # fmt: skip
+    for config, error, message in cases:
+        with pytest.raises(error, match=message):
+            nf4.hf.from_pretrained(AutoModelForCausalLM, tiny16, quantization_config=config)
+
+
+def test_gpt2_dequantizes_to_conv1d_and_stock_transformers_loads_it(tmp_path, ids):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4, n_positions=32)).save_pretrained(
+        tmp_path / "16"
+    )
+    model = load_nf4(tmp_path / "16")
+    expect = model(ids).logits
+    model.dequantize()
+    assert type(model.transformer.h[0].attn.c_attn) is Conv1D and getattr(model, "is_loaded_in_4bit", None) is None
+    assert torch.allclose(model(ids).logits, expect, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "dense")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert torch.equal(back(ids).logits, model(ids).logits)

@@ -1,11 +1,15 @@
 """nf4 where Hugging Face users already work: transformers' `from_pretrained`, PEFT, the Trainer.
 
-    import nf4.hf                                  # registers quant_method "nf4" with transformers
+    import nf4.hf                                  # registers quant_method "nf4"; PEFT learns nf4's layers
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4.hf.NF4Config(), dtype=torch.bfloat16)
-    model = peft.get_peft_model(model, nf4.hf.lora_config(r=16, lora_alpha=16, target_modules=[...]))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
     ...                                            # Trainer / TRL's SFTTrainer, gradient checkpointing
     model.save_pretrained(out)                     # the adapter, in PEFT's format
-    nf4.hf.load_adapter(base, out)                 # back onto an nf4 model (PeftModel)
+    peft.PeftModel.from_pretrained(base, out)      # back onto an nf4 model (or base.load_adapter(out))
+
+Stock PEFT calls work on nf4 layers through the wrappers in `nf4.hf.compat` (the one place nf4 changes
+PEFT's and transformers' code); bitsandbytes is never imported. `nf4.hf.lora_config` and
+`nf4.hf.load_adapter` remain as conveniences.
 
 A checkpoint already in bitsandbytes' serialized 4-bit form (saved by transformers + bitsandbytes, by
 `nf4 quantize`, or by an nf4 model's `save_pretrained`) loads without requantizing through
@@ -24,8 +28,9 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from transformers.quantizers import auto as _auto
 
+from nf4.hf import compat
 from nf4.hf.peft import LoraLinearNF4, load_adapter, lora_config, merge_and_unload
-from nf4.hf.quantizer import QUANT_METHOD, NF4Config, NF4HfQuantizer, nf4_config_for
+from nf4.hf.quantizer import QUANT_METHOD, NF4Config, NF4HfQuantizer, as_nf4_config, nf4_config_for
 
 __all__ = [
     "LoraLinearNF4",
@@ -42,6 +47,7 @@ if _auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not NF4Config:
     _auto.register_quantization_config(QUANT_METHOD)(NF4Config)
 if _auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not NF4HfQuantizer:
     _auto.register_quantizer(QUANT_METHOD)(NF4HfQuantizer)
+compat.install()  # PEFT's LoRA injection and the parameter counts know nf4's layers (nf4/hf/compat.py)
 
 _CONFIG_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 _CONFIG_KWARGS += ("trust_remote_code",)
@@ -59,8 +65,11 @@ def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, qua
       `quantization_config`, if given, only sets the blocksize every weight must have (default: any).
       FP4 and 8-bit checkpoints are refused with a ValueError.
 
-    Other arguments go to `model_class.from_pretrained` (dtype, device_map, ...).
+    `quantization_config` is an `NF4Config`, or bitsandbytes' 4-bit NF4 `BitsAndBytesConfig`, read as the
+    NF4Config giving the same bytes (`nf4.hf.quantizer.as_nf4_config`); FP4 and 8-bit configs are refused
+    with a ValueError. Other arguments go to `model_class.from_pretrained` (dtype, device_map, ...).
     """
+    quantization_config = as_nf4_config(quantization_config)
     config = kwargs.pop("config", None)
     if config is None:
         config_kwargs = {k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs}

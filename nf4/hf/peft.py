@@ -1,5 +1,6 @@
-"""PEFT's LoRA on nf4 layers: `lora_config(...)` makes `peft.get_peft_model` wrap every targeted
-`nf4.lora.LinearNF4` in `LoraLinearNF4`, which keeps PEFT's semantics and runs nf4's fused op.
+"""PEFT's LoRA on nf4 layers: with `nf4.hf` imported, `peft.get_peft_model` (and every other way PEFT
+injects LoRA, see `nf4.hf.compat`) wraps each targeted `nf4.lora.LinearNF4` in `LoraLinearNF4`, which keeps
+PEFT's semantics and runs nf4's fused op.
 
 - One active adapter (the training case): one call of `nf4.lora.lora_linear` (the NF4 matmul with the
   LoRA term fused, nf4's hand-written backward, dropout inside the op). Several active adapters: the base
@@ -13,9 +14,10 @@
   `dequant(W) + scaling * B @ A`, like PEFT on bitsandbytes: **lossy** (the update is mostly below the
   rounding step of NF4). `unmerge()` restores the weight from before the merge byte for byte (PEFT on
   bitsandbytes subtracts and requantizes again). For an exact merge, `nf4.hf.merge_and_unload(model)`
-  returns the base model with 16-bit nn.Linear layers holding `dequant(W) + scaling * B @ A`.
+  returns the base model as a plain 16-bit model holding `dequant(W) + scaling * B @ A`.
 - Saving: PEFT's `save_pretrained` (the adapter only, PEFT's format). Loading it back onto an nf4 model:
-  `load_adapter(model, path)`: a file's adapter_config.json cannot carry the custom layer mapping.
+  PEFT's and transformers' stock loaders (`PeftModel.from_pretrained`, `model.load_adapter`, ...), or
+  `load_adapter(model, path)`.
 - Not supported (refused with ValueError when the adapter is added): DoRA, lora_bias, fan_in_fan_out and
   PEFT's other LoRA variants (aLoRA, Arrow, ...).
 """
@@ -32,7 +34,6 @@ from torch import nn
 
 from nf4.api import quantize
 from nf4.lora.functional import _lora_linear, check_inputs
-from nf4.lora.merge import merge_and_unload as _merge_nf4_layers
 from nf4.lora.modules import LinearNF4
 
 
@@ -156,22 +157,12 @@ def _dispatch_mapping() -> dict:
 
 
 def lora_config(model: nn.Module | None = None, **kwargs) -> LoraConfig:
-    """A `peft.LoraConfig(**kwargs)` whose LoRA layers on nf4 base layers are `LoraLinearNF4`.
-
-    `target_modules="all-linear"` needs the model (`lora_config(model=model, target_modules="all-linear")`):
-    it then lists every nf4 and nn.Linear layer but the output head, as PEFT does for nn.Linear; PEFT alone
-    does not know nf4's layers. With `model`, target names that match no layer are refused here.
-    """
+    """`peft.LoraConfig(**kwargs)`, with nf4's LoRA layer registered on it (what `import nf4.hf` does for
+    every LoraConfig at injection time, see `nf4.hf.compat`). With `model`, target names that match no
+    layer are refused here, naming the layers there are."""
     targets = kwargs.get("target_modules")
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        if model is None:
-            raise ValueError(
-                "target_modules='all-linear' needs the model to find nf4's layers: call "
-                "nf4.hf.lora_config(model=model, target_modules='all-linear', ...), or list the names, e.g. "
-                "target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']"
-            )
-        kwargs["target_modules"] = sorted(_all_linear(model))
-    elif model is not None and targets is not None:
+    all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
+    if model is not None and targets is not None and not all_linear:
         _check_targets(model, targets)
     config = LoraConfig(**kwargs)
     config._register_custom_module(_dispatch_mapping())
@@ -180,14 +171,6 @@ def lora_config(model: nn.Module | None = None, **kwargs) -> LoraConfig:
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LinearNF4) or type(m) is nn.Linear}
-
-
-def _all_linear(model: nn.Module) -> set[str]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {n for n, m in _linear_layers(model).items() if m is not head}
-    if not names:
-        raise ValueError(f"target_modules='all-linear' found no Linear or nf4 layer in this {type(model).__name__}")
-    return names
 
 
 def _check_targets(model: nn.Module, targets) -> None:
@@ -210,26 +193,24 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
                  **kwargs) -> PeftModel:  # fmt: skip
     """Load a PEFT LoRA adapter saved with `save_pretrained` onto an nf4 model; returns the PeftModel.
 
-    `model` is the base model (a new PeftModel is built, as `PeftModel.from_pretrained` does) or a
-    PeftModel already (the adapter is added under `adapter_name`). Other kwargs go to PEFT.
-    """
-    config = LoraConfig.from_pretrained(str(path))
-    config._register_custom_module(_dispatch_mapping())
+    `model` is the base model (`PeftModel.from_pretrained(model, path, ...)`) or a PeftModel already
+    (`model.load_adapter(path, adapter_name, ...)`: the adapter is added under `adapter_name`). Other kwargs
+    go to PEFT."""
     if isinstance(model, PeftModel):
-        from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-        config.inference_mode = not is_trainable
-        model.add_adapter(adapter_name, config)
-        set_peft_model_state_dict(model, load_peft_weights(str(path)), adapter_name=adapter_name)
+        model.load_adapter(str(path), adapter_name, is_trainable=is_trainable, **kwargs)
         return model
     return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable,
-                                     config=config, **kwargs)  # fmt: skip
+                                     **kwargs)  # fmt: skip
 
 
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Exact merge of a PeftModel on nf4 layers: the base model, with each `LoraLinearNF4` replaced by an
-    nn.Linear holding `dequant(W) + sum of the active adapters' scaling * B @ A` (float32, rounded once to
-    `dtype`, default the weight's original dtype) and every other nf4 layer by its dequantized nn.Linear."""
+    """Exact merge into a plain 16-bit model: every `LoraLinearNF4` becomes an nn.Linear holding
+    `dequant(W) + sum of the active adapters' scaling * B @ A` (float32, rounded once to `dtype`, default
+    the weight's original dtype), every other nf4 layer its dequantized nn.Linear (GPT-2's Conv1D layers
+    come back as Conv1D), PEFT's other layers are merged and unloaded by PEFT, and the 4-bit markers go
+    (`config.quantization_config`, `is_loaded_in_4bit`, `hf_quantizer`, `quantization_method`): the
+    result's `save_pretrained` writes a 16-bit checkpoint that stock transformers loads as one.
+    Returns the base model (a PeftModel is unwrapped); works in place."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     for name, layer in [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLinearNF4)]:
         inner = layer.get_base_layer()
@@ -239,15 +220,58 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         for adapter in layer.active_adapters:
             if adapter in layer.lora_A:
                 w = w + layer.get_delta_weight(adapter)
-        out_dtype = dtype or inner.nf4_meta.dtype
-        linear = nn.Linear(inner.in_features, inner.out_features, bias=inner.bias is not None,
-                           device=w.device, dtype=out_dtype)  # fmt: skip
-        with torch.no_grad():
-            linear.weight.copy_(w.to(out_dtype))
-            if inner.bias is not None:
-                linear.bias.copy_(inner.bias.to(out_dtype))
-        base.set_submodule(name, linear)
-    return _merge_nf4_layers(base, dtype=dtype, include_base=True)
+        base.set_submodule(name, dense_layer(inner, w, dtype))
+    if isinstance(model, PeftModel):  # PEFT's own layers (on 16-bit layers), modules_to_save: PEFT merges them
+        base = model.merge_and_unload()
+    return dequantize_model(base, dtype)
+
+
+def dense_layer(layer: LinearNF4, weight: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Module:
+    """The 16-bit layer the nf4 `layer` stands for, holding `weight` [out, in] (rounded once to `dtype`,
+    default the original dtype): nn.Linear, or transformers' Conv1D where the checkpoint stored it so."""
+    dtype = dtype or layer.nf4_meta.dtype
+    weight = weight.to(dtype)
+    if getattr(layer, "transposed_checkpoint", False):  # GPT-2: Conv1D, weight [in, out], always a bias
+        from transformers.pytorch_utils import Conv1D
+
+        dense = Conv1D(layer.out_features, layer.in_features).to(device=weight.device, dtype=dtype)
+        weight = weight.t()
+    else:
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device,
+                          dtype=dtype)  # fmt: skip
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if dense.bias is not None:
+            dense.bias.copy_(layer.bias.to(dtype) if layer.bias is not None else torch.zeros_like(dense.bias))
+    dense.train(layer.training)
+    return dense
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Every nf4 layer of `model` as its dequantized 16-bit layer (`dense_layer`), in place; a transformers
+    model with no 4-bit layer left loses its 4-bit markers (`drop_4bit_markers`). Returns `model`."""
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LinearNF4)]:
+        model.set_submodule(name, dense_layer(layer, layer.dequantize_weight(torch.float32), dtype))
+    drop_4bit_markers(model)
+    return model
+
+
+def drop_4bit_markers(model: nn.Module) -> None:
+    """Remove what marks `model` as 4-bit (transformers' quantization config and quantizer, PEFT's and TRL's
+    `is_loaded_in_4bit`), unless a 4-bit layer (nf4's or bitsandbytes') is still in it."""
+    if any(isinstance(m, LinearNF4) or type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules()):
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)  # transformers' own cleanup: config, quantizer, method
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    for name in ("is_loaded_in_4bit", "quantization_method"):
+        if name in model.__dict__:
+            delattr(model, name)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
 
 
 def convert_peft_layer(layer: nn.Module, base: LinearNF4) -> LoraLinearNF4:

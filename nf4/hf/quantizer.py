@@ -277,10 +277,11 @@ class NF4HfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model, dtype=None):
-        """`model.dequantize()`: every LinearNF4 becomes an nn.Linear holding its dequantized weight."""
-        from nf4.lora.merge import merge_and_unload
+        """`model.dequantize()`: every LinearNF4 becomes the 16-bit layer it stands for, holding its
+        dequantized weight, and `is_loaded_in_4bit` goes (transformers removes the rest of the 4-bit config)."""
+        from nf4.hf.peft import dequantize_model
 
-        return merge_and_unload(model, dtype=dtype, include_base=True)
+        return dequantize_model(model, dtype)
 
 
 class _QuantizerOp(ConversionOps):
@@ -341,6 +342,40 @@ class NF4Deserialize(_QuantizerOp):
         return {}
 
 
+def as_nf4_config(config) -> NF4Config | None:
+    """`quantization_config=` of `nf4.hf.from_pretrained` as an NF4Config: an NF4Config or None as it is,
+    bitsandbytes' 4-bit NF4 `BitsAndBytesConfig` as the NF4Config that quantizes to the same bytes
+    (blocksize 64, its double-quant flag and skipped modules; nf4 computes in the activation dtype, so
+    `bnb_4bit_compute_dtype` has no counterpart: pass `dtype=` for the model's). FP4, 8-bit and other
+    configs are refused: nf4 would not give what they ask for."""
+    if config is None or isinstance(config, NF4Config):
+        return config
+    from transformers import BitsAndBytesConfig
+
+    if not isinstance(config, BitsAndBytesConfig):
+        raise TypeError(
+            f"quantization_config must be nf4.hf.NF4Config (or bitsandbytes' NF4 BitsAndBytesConfig), got "
+            f"{type(config).__name__}; pass quantization_config=nf4.hf.NF4Config()"
+        )
+    if config.load_in_8bit or not config.load_in_4bit:
+        raise ValueError(
+            "quantization_config=BitsAndBytesConfig(load_in_8bit=True) asks for bitsandbytes' 8-bit LLM.int8, "
+            "which nf4 does not implement; nf4 quantizes to 4-bit NF4: pass quantization_config=nf4.hf.NF4Config() "
+            "(or load with AutoModelForCausalLM.from_pretrained and bitsandbytes for 8 bits)"
+        )
+    if config.bnb_4bit_quant_type != "nf4":
+        raise ValueError(
+            f"quantization_config=BitsAndBytesConfig(bnb_4bit_quant_type={config.bnb_4bit_quant_type!r}) asks for "
+            "bitsandbytes' FP4, which nf4 does not implement; nf4 quantizes to NF4: pass "
+            "quantization_config=nf4.hf.NF4Config() (or bnb_4bit_quant_type='nf4')"
+        )
+    return NF4Config(
+        blocksize=64,  # bitsandbytes' 4-bit blocksize
+        double_quant=bool(config.bnb_4bit_use_double_quant),
+        modules_to_not_convert=config.llm_int8_skip_modules,
+    )
+
+
 def nf4_config_for(quantization_config: dict | None, blocksize: int | None) -> NF4Config | None:
     """The NF4Config for a checkpoint's recorded `quantization_config` (None: a 16-bit checkpoint)."""
     if quantization_config is None:
@@ -352,4 +387,4 @@ def nf4_config_for(quantization_config: dict | None, blocksize: int | None) -> N
     return NF4Config.from_bitsandbytes(quantization_config, blocksize)
 
 
-__all__ = ["NF4Config", "NF4Deserialize", "NF4HfQuantizer", "NF4Quantize", "nf4_config_for"]
+__all__ = ["NF4Config", "NF4Deserialize", "NF4HfQuantizer", "NF4Quantize", "as_nf4_config", "nf4_config_for"]
