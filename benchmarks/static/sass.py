@@ -48,7 +48,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
-from nf4.kernels.aot import _tool, specialize
+from aot import _tool, specialize
+
 from nf4.kernels.common import LaunchConfig
 
 SMS = 132
@@ -447,7 +448,7 @@ def _report(body: list[str], sources: dict[str, frozenset], bytes_per_thread: fl
 
 
 def compile_cubin(cfg: LaunchConfig, arch: int = 90, variant: str = "aligned") -> bytes:
-    """The cubin of `cfg` for sm_{arch}, specialised as `variant` (see `nf4.kernels.aot.specialize`)."""
+    """The cubin of `cfg` for sm_{arch}, specialised as `variant` (see `aot.specialize`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -692,7 +693,7 @@ def kernel_report(arch: int = 90) -> str:
     dequantize_lora, quantize (sm_{arch}): instructions and L1 wavefronts against their budgets."""
     import json
 
-    lines = [f"# nf4.kernels.sass reports, sm_{arch}: lane-instructions and L1 wavefronts against the H200 budgets"]
+    lines = [f"# benchmarks/static/sass.py, sm_{arch}: lane-instructions and L1 wavefronts against the H200 budgets"]
     loops = [(f"{dt} dq={int(dq)} register table A=fp32", (dt, dq, arch)) for dt in ("bf16", "fp16") for dq in (1, 0)]
     loops += [(f"bf16 dq=1 pair table BK={bk} A=fp32", ("bf16", True, arch, bk)) for bk in (64, 32)]
     for label, args in loops:
@@ -715,7 +716,7 @@ def kernel_report(arch: int = 90) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m nf4.kernels.sass [--compare LEGACY.py]`: the sm_90 bf16 decode loop and the prediction per
+    """`python benchmarks/static/sass.py [--compare LEGACY.py]`: the sm_90 bf16 decode loop and the prediction per
     row of SHAPES (DRAM, issue and L1 terms, predicted us last); with --compare, the same for the frozen
     decode module at that path (its BK=64 pair-table loop)."""
     import argparse
