@@ -52,7 +52,7 @@ def test_the_package_does_not_ship_or_import_the_development_tools():
     """The ahead-of-time compiler and the static speed model live in benchmarks/static (they need cuobjdump
     and a compiler run, not the wheel): no module of the package imports them, by either name."""
     tools = {p.stem for p in (ROOT / "benchmarks" / "static").glob("*.py")}
-    assert {"aot", "sass"} <= tools
+    assert {"aot", "sass", "model"} <= tools
     for name, path in modules().items():
         assert path.stem not in tools, f"{name} shadows benchmarks/static/{path.stem}.py"
         for node in ast.walk(ast.parse(path.read_text())):
