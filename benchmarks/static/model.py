@@ -271,7 +271,8 @@ class Warp:
                 return 0 if ops[1] == "SRZ" else None
             if root == "IMAD":  # .X: the high word of a 64-bit sum, its carry-in taken as 0
                 if "HI" in mods:
-                    return None
+                    a, b, c = v(0), v(1), self.val(args[2], lane, True)
+                    return None if None in (a, b, c) else (((a * b) >> 32) + c) & M32
                 a, b, c = v(0), v(1), self.val(args[2], lane, True)
                 return None if None in (a, b, c) else (a * b + c) & M32
             if root in ("IADD3", "IADD"):  # .X: carry-in taken as 0
@@ -281,9 +282,7 @@ class Warp:
                 a, b = self.val(args[0], lane, True), self.val(args[1], lane, True)
                 return None if None in (a, b) else (a + b) & M32
             if root == "LEA":
-                if "HI" in mods:  # b + the high word of ({c:a} << s)
-                    if "X" in mods:
-                        return None
+                if "HI" in mods:  # b + the high word of ({c:a} << s); .X: carry-in taken as 0
                     a, b, c, s = v(0), self.val(args[1], lane, True), v(2), v(3)
                     return None if None in (a, b, c, s) else (((((c << 32) | a) << s) >> 32) + b) & M32
                 a, b, s = v(0), self.val(args[1], lane, True), v(2)
@@ -293,8 +292,8 @@ class Warp:
                 if None in (a, s, b):
                     return None
                 s &= 31 if "U32" in mods or "S32" in mods else 63
-                if "L" in mods:
-                    return None if "HI" in mods else (a << s) & M32
+                if "L" in mods:  # .HI: the high word of ({b:a} << s)
+                    return ((((b << 32) | a) << s) >> 32) & M32 if "HI" in mods else (a << s) & M32
                 if "HI" in mods:  # funnel shift right of (b:hi, a:lo), high result = b >> s
                     if "S32" in mods:
                         return ((b - (1 << 32) if b >> 31 else b) >> s) & M32
