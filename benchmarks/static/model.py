@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,6 +334,31 @@ class Warp:
                         byte = 0xFF if byte & 0x80 else 0
                     out |= byte << (8 * i)
                 return out
+            if root in ("VIMNMX", "IMNMX"):  # PT: minimum, !PT: maximum
+                a, b = v(0), v(1)
+                if None in (a, b):
+                    return None
+                if "U32" not in mods:
+                    a, b = _signed(a), _signed(b)
+                return (min(a, b) if ops[-1] == "PT" else max(a, b)) & M32
+            if root in ("I2F", "I2FP"):  # integer division's reciprocal idiom: values as float32 bits
+                a = v(0)
+                return None if a is None else _bits(float(a if "U32" in mods else _signed(a)))
+            if root == "MUFU" and "RCP" in mods:
+                a = v(0)
+                return None if a is None or _float(a) == 0 else _bits(1.0 / _float(a))
+            if root == "F2I":
+                a = v(0)
+                if a is None or not math.isfinite(_float(a)):
+                    return None
+                return int(_float(a)) & M32
+            if root in ("FMUL", "FADD", "FFMA"):
+                xs = [v(i) for i in range(3 if root == "FFMA" else 2)]
+                if None in xs:
+                    return None
+                f = [_float(x) for x in xs]
+                r = f[0] * f[1] if root == "FMUL" else f[0] + f[1] if root == "FADD" else f[0] * f[1] + f[2]
+                return _bits(r) if math.isfinite(r) else None
             if root == "IABS":
                 a = v(0)
                 return None if a is None else abs(a - (1 << 32) if a >> 31 else a) & M32
@@ -366,6 +392,21 @@ class Warp:
             out.append(r and c if comb == "AND" else r or c if comb == "OR" else r != c)
         if re.fullmatch(r"P\d+", d):
             self.p[d] = out
+
+
+def _signed(a: int) -> int:
+    return a - (1 << 32) if a >> 31 else a
+
+
+def _float(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits & M32))[0]
+
+
+def _bits(x: float) -> int:
+    try:
+        return struct.unpack("<I", struct.pack("<f", x))[0]
+    except OverflowError:
+        return struct.unpack("<I", struct.pack("<f", math.copysign(math.inf, x)))[0]
 
 
 def shared_wavefronts(op: str, lanes: list) -> float:
@@ -445,6 +486,11 @@ class Terms:
         return self.bound[1] + self.launch_us
 
 
+def sass_instructions(text: str) -> list[tuple[int, str]]:
+    """(address, instruction) of cuobjdump's SASS text."""
+    return [(int(a, 16), i.strip()) for a, i in sass._LINE.findall(text)]
+
+
 def main_body(instructions: list[tuple[int, str]]) -> list[tuple[int, str]]:
     """Instructions up to the first unconditional EXIT (what follows is called slow paths and padding)."""
     out = []
@@ -464,7 +510,7 @@ def occupancy(launch: Launch) -> int:
 
 
 def analyze(launch: Launch) -> Terms:
-    instructions = main_body([(int(a, 16), i.strip()) for a, i in sass._LINE.findall(launch.sass_text)])
+    instructions = main_body(sass_instructions(launch.sass_text))
     loop = sass._hot_loop_addresses(instructions)
     weight = {a: (launch.trips if a in loop else 1) for a, _ in instructions}
     sources = sass.address_sources(instructions, launch.params)
