@@ -109,3 +109,36 @@ def test_the_emulator_follows_thread_index_arithmetic_into_shared_addresses():
     terms = model.analyze(launch)
     assert [(a.op, a.wavefronts) for a in terms.accesses] == [("STS", 32.0), ("LDS", 1.0)]
     assert terms.unresolved == 0 and terms.wavefronts_per_warp == 33
+
+
+def _sass(lines: list[str]) -> str:
+    return "\n".join(f"        /*{16 * i:04x}*/                   {ins} ;" for i, ins in enumerate(lines))
+
+
+def test_a_loop_that_waits_for_each_load_costs_a_round_trip_per_iteration():
+    """The x @ A^T shape of problem: each of 64 iterations loads, then uses the value before the next load
+    issues (in-order issue): 64 round trips. The same 64 loads with two in flight (32 iterations of two
+    loads, each used one iteration later) wait half as often."""
+    serial = ["S2R R0, SR_TID.X", "LDG.E R2, desc[UR4][R4.64]", "FADD R3, R3, R2", "BRA 0x10", "EXIT"]
+    two_deep = ["S2R R0, SR_TID.X", "FADD R3, R3, R2", "LDG.E R2, desc[UR4][R4.64]", "FADD R3, R3, R6",
+                "LDG.E R6, desc[UR4][R4.64+0x4]", "BRA 0x10", "FADD R3, R3, R2", "EXIT"]  # fmt: skip
+    for lines, trips, expected in ((serial, 64, 64), (two_deep, 32, 32)):
+        instructions = model.sass_instructions(_sass(lines))
+        counts = model.trip_counts(instructions, trips)
+        path = list(model.walk(instructions, model.Warp({}, {})))
+        assert model.round_trips(path, counts) == expected, lines
+
+
+def test_the_walk_follows_a_branch_on_the_program_id():
+    """A launch with two kinds of program (W slices, and the extra row of x @ A^T programs) is walked once
+    per kind: the program id decides the branch, so each kind counts only its own instructions."""
+    text = _sass([
+        "S2R R0, SR_CTAID.X", "ISETP.GE.AND P0, PT, R0, 0x40, PT", "@P0 BRA 0x50", "FFMA R1, R1, R1, R1",
+        "EXIT", "PRMT R2, R2, 0x7610, R2", "PRMT R2, R2, 0x7610, R2", "EXIT",
+    ])  # fmt: skip
+    w_program = model.Launch("w", text, {}, {}, grid=132, num_warps=4, registers=32, shared_bytes=0, dram_bytes=0)
+    a_program = model.Launch("a", text, {}, {"_ctaid_x": 64}, grid=132, num_warps=4, registers=32, shared_bytes=0,
+                             dram_bytes=0)  # fmt: skip
+    assert set(model.program_cost(w_program).cycles) == {"fp32", "fma", "alu"}
+    assert model.program_cost(w_program).cycles["alu"] == 32 / 64  # the ISETP
+    assert model.program_cost(a_program).cycles == {"alu": 3 * 32 / 64}

@@ -27,9 +27,12 @@ What it charges, per launch (every term in µs; the prediction is the slowest te
 Constants: H200 132 SMs, 1.98 GHz (NVIDIA's maximum boost clock for H100/H200 SXM; a throttled clock makes
 every pipe term slower), DRAM latency 0.4 µs (HBM3 on H100 SXM ~400 ns, mikamirai.com "GPU memory
 bandwidth"; ~600 cycles in fp4-site.pages.dev "GPU memory hierarchy"). Nothing is fitted to a timing.
-Limits: branches are not followed (every instruction of the main body counts once, loop bodies x trips,
-code after the first unconditional EXIT - slow paths - is left out); L2, DRAM queueing, dual issue and
-register-bank stalls are not modelled; one warp's addresses stand for all.
+Control flow: warp 0 of a program (its id in `Launch.values`, `_ctaid_x`) is walked once, following a
+forward branch where its predicate is known and equal in every lane, falling through otherwise; loop
+bodies count their trip counts (`Launch.trips`); code reached only by CALL (slow paths) is left out.
+Limits: one warp's addresses stand for all; every global load is charged a DRAM round trip in the chain
+(L2 hits are faster); L2 bandwidth, DRAM queueing, dual issue, register-bank stalls and the LSU's own
+issue rate are not modelled; carries of 64-bit adds are taken as 0.
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ class Warp:
         self.p: dict[str, list] = {}
         self.const: dict[int, int] = {}
         self.uniform: set[str] = set()  # registers whose unknown value is the same in every lane
+        self.ctaid = {"x": int(values.get("_ctaid_x", 0)), "y": int(values.get("_ctaid_y", 0))}
         for off, name in params.items():
             v = values.get(name)
             if v is None:  # a pointer: low word 0
@@ -212,8 +216,8 @@ class Warp:
         if root == "UMOV":
             self.u[d] = self.val(ops[1], 0)
             return
-        if root == "S2UR":
-            self.u[d] = 0  # program 0, CTA 0 of its cluster
+        if root == "S2UR":  # the program id (`ctaid`), CTA 0 of its cluster
+            self.u[d] = self.ctaid.get(ops[1][-1].lower(), 0) if "CTAID" in ops[1] else 0
             return
         if root in ("ISETP", "FSETP", "PLOP3", "HSETP2"):
             self._setp(root, mods, ops, guard)
@@ -267,7 +271,9 @@ class Warp:
                 return v(0)
             if root == "S2R":
                 f = _SREG.get(ops[1])
-                return f(lane) if f else (0 if "CTAID" in ops[1] else None)
+                if "CTAID" in ops[1]:
+                    return self.ctaid.get(ops[1][-1].lower(), 0)
+                return f(lane) if f else None
             if root == "CS2R":
                 return 0 if ops[1] == "SRZ" else None
             if root == "IMAD":  # .X: the high word of a 64-bit sum, its carry-in taken as 0
@@ -368,9 +374,26 @@ class Warp:
 
     def _setp(self, root: str, mods: list, ops: list, guard) -> None:
         d = ops[0]
-        if root != "ISETP" or "EX" in mods:
+        if root != "ISETP":
             if re.fullmatch(r"U?P\d+", d):
                 self.p[d] = [None] * 32
+            return
+        if "EX" in mods:  # the high words of a 64-bit compare; the low words' result is the last operand
+            out = []
+            for lane in range(32):
+                a, b = self.val(ops[2], lane), self.val(ops[3], lane)
+                c, low = self.pred(ops[4], lane), self.pred(ops[5], lane)
+                if None in (a, b, c, low):
+                    out.append(None)
+                    continue
+                if "U32" not in mods:
+                    a, b = _signed(a), _signed(b)
+                tie = a == b and low
+                r = {"GT": a > b or tie, "GE": a > b or tie, "LT": a < b or tie, "LE": a < b or tie, "EQ": tie,
+                     "NE": a != b or low}.get(mods[0])  # fmt: skip
+                out.append(None if r is None else (r and c if "AND" in mods else r or c))
+            if re.fullmatch(r"P\d+", d):
+                self.p[d] = out
             return
         cmp = mods[0]
         signed = "U32" not in mods
@@ -450,7 +473,7 @@ class Launch:
     registers: int
     shared_bytes: int
     dram_bytes: float  # bytes it must move to / from DRAM
-    trips: int = 1  # iterations of its hottest loop per program
+    trips: int | dict = 1  # iterations of its largest loop, or {loop index in address order: iterations}
     arch: int = 90
 
 
@@ -491,16 +514,6 @@ def sass_instructions(text: str) -> list[tuple[int, str]]:
     return [(int(a, 16), i.strip()) for a, i in sass._LINE.findall(text)]
 
 
-def main_body(instructions: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """Instructions up to the first unconditional EXIT (what follows is called slow paths and padding)."""
-    out = []
-    for a, i in instructions:
-        out.append((a, i))
-        if i.split()[0] == "EXIT":
-            break
-    return out
-
-
 def occupancy(launch: Launch) -> int:
     """Blocks of `launch` resident per SM."""
     regs_per_warp = math.ceil(max(launch.registers, 1) * 32 / 256) * 256
@@ -509,21 +522,79 @@ def occupancy(launch: Launch) -> int:
     return max(1, min(MAX_BLOCKS, MAX_WARPS // launch.num_warps, by_regs, by_shared))
 
 
-def analyze(launch: Launch) -> Terms:
-    instructions = main_body(sass_instructions(launch.sass_text))
-    loop = sass._hot_loop_addresses(instructions)
-    weight = {a: (launch.trips if a in loop else 1) for a, _ in instructions}
+def loops_of(instructions: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(first, last) address of every loop: the target of a backward BRA and the branch itself."""
+    out = []
+    for addr, ins in instructions:
+        m = re.match(r"(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?(?:`\(\S+\)\s*)?0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < addr:
+            out.append((int(m.group(1), 16), addr))
+    return out
+
+
+def trip_counts(instructions: list[tuple[int, str]], trips) -> dict[tuple[int, int], int]:
+    """Iterations per loop: `trips` is an int (the largest loop; the others run once) or a dict
+    {index of the loop in address order: iterations}."""
+    found = sorted(loops_of(instructions))
+    if isinstance(trips, dict):
+        return {loop: trips.get(i, 1) for i, loop in enumerate(found)}
+    hot = max(found, key=lambda lp: lp[1] - lp[0], default=None)
+    return {loop: (trips if loop == hot else 1) for loop in found}
+
+
+def walk(instructions: list[tuple[int, str]], warp: Warp):
+    """The instructions program 0's warp 0 executes once each, in order, emulating them as it goes: a
+    forward branch is followed where its predicate is known and equal in every lane (unconditional ones
+    always), otherwise execution falls through; backward branches fall through (loop bodies are counted
+    by their trip counts)."""
+    index = {a: i for i, (a, _) in enumerate(instructions)}
+    i = 0
+    while i < len(instructions):
+        addr, ins = instructions[i]
+        yield addr, ins
+        text = ins.split(None, 1)[1] if ins.startswith("@") else ins
+        m = re.match(r"BRA(?:\.\w+)*\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) > addr and int(m.group(1), 16) in index:
+            taken = True
+            if ins.startswith("@"):
+                lanes = {warp.pred(ins.split()[0][1:], lane) for lane in range(32)}
+                taken = lanes == {True}
+            if taken:
+                i = index[int(m.group(1), 16)]
+                continue
+        if text.split()[0] == "EXIT" and not ins.startswith("@"):
+            return
+        i += 1
+
+
+@dataclass
+class ProgramCost:
+    """One program's costs (per SM cycles of its warps together), for one kind of program of a launch."""
+
+    cycles: dict[str, float]
+    issued: float  # warp-instructions per warp
+    wavefronts: float  # per warp
+    round_trips: float
+    inflight: float  # global bytes a warp requests before it first waits
+    unresolved: int
+    accesses: list
+
+
+def program_cost(launch: Launch) -> ProgramCost:
+    instructions = sass_instructions(launch.sass_text)
+    counts = trip_counts(instructions, launch.trips)
     sources = sass.address_sources(instructions, launch.params)
     warp = Warp(launch.params, launch.values)
     lanes_per_clk = LANES_PER_CLK[launch.arch]
     cycles: dict[str, float] = {}
-    issued = 0.0
-    wavefronts = 0.0
+    issued = wavefronts = 0.0
     accesses: list[Access] = []
     unresolved = 0
-    for a, ins in instructions:
+    path = []
+    for a, ins in walk(instructions, warp):
+        path.append((a, ins))
         op = sass.opcode(ins)
-        n = weight[a]
+        n = math.prod(t for (lo, hi), t in counts.items() if lo <= a <= hi)
         issued += n
         p = pipe(op)
         if p == "tensor":
@@ -541,23 +612,41 @@ def analyze(launch: Launch) -> Terms:
             accesses.append(acc)
             wavefronts += n * acc.wavefronts
         warp.step(ins)
+    trips = round_trips(path, counts)
+    return ProgramCost(cycles, issued, wavefronts, trips, inflight_bytes(path), unresolved, accesses)
+
+
+def analyze(launch: Launch, others: list[tuple[Launch, int]] = ()) -> Terms:
+    """The terms of `launch` (its `grid` programs), plus `others`: other kinds of program of the same
+    launch (a Launch holding their program id in `values`, and how many there are)."""
+    kinds = [(launch, launch.grid)] + list(others)
+    costs = [(program_cost(lc), lc, count) for lc, count in kinds]
     blocks = occupancy(launch)
-    per_sm = math.ceil(launch.grid / SMS)
-    waves = math.ceil(launch.grid / (SMS * blocks))
-    warps_per_sm_total = per_sm * launch.num_warps
+    grid = sum(count for _, count in kinds)
+    waves = math.ceil(grid / (SMS * blocks))
     to_us = 1e6 / CLOCK_HZ
-    issue_us = warps_per_sm_total * issued / ISSUE_PER_CLK * to_us
-    pipes_us = {k: warps_per_sm_total * v * to_us for k, v in sorted(cycles.items())}
-    l1_us = warps_per_sm_total * wavefronts / WAVEFRONTS_PER_CLK * to_us
+    cycles: dict[str, float] = {}
+    issued = wavefronts = 0.0
+    chain_us = 0.0
+    for cost, lc, count in costs:  # the busiest SM runs ceil(count / SMs) programs of each kind
+        warps = math.ceil(count / SMS) * lc.num_warps
+        for k, v in cost.cycles.items():
+            cycles[k] = cycles.get(k, 0.0) + warps * v
+        issued += warps * cost.issued
+        wavefronts += warps * cost.wavefronts
+        rounds = math.ceil(math.ceil(count / SMS) / blocks)
+        chain_us = max(chain_us, cost.round_trips * DRAM_LATENCY_S * 1e6 * rounds)
+    main = costs[0][0]
+    per_sm = math.ceil(launch.grid / SMS)
     dram_us = launch.dram_bytes / BANDWIDTH * 1e6
-    inflight = inflight_bytes(instructions)
     resident_warps = min(blocks, per_sm) * launch.num_warps
-    rate = min(BANDWIDTH, SMS * resident_warps * inflight / DRAM_LATENCY_S) if inflight else BANDWIDTH
-    littles_us = launch.dram_bytes / rate * 1e6
-    trips_chain = round_trips(instructions, loop, launch.trips)
-    chain_us = trips_chain * DRAM_LATENCY_S * 1e6 * math.ceil(per_sm / blocks)
-    return Terms(launch.name, issue_us, pipes_us, l1_us, dram_us, littles_us, chain_us, per_sm, blocks, waves,
-                 inflight, trips_chain, unresolved, wavefronts, issued, accesses=accesses)  # fmt: skip
+    rate = min(BANDWIDTH, SMS * resident_warps * main.inflight / DRAM_LATENCY_S) if main.inflight else BANDWIDTH
+    return Terms(
+        launch.name, issued / ISSUE_PER_CLK * to_us, {k: v * to_us for k, v in sorted(cycles.items())},
+        wavefronts / WAVEFRONTS_PER_CLK * to_us, dram_us, launch.dram_bytes / rate * 1e6, chain_us, per_sm, blocks,
+        waves, main.inflight, max(c.round_trips for c, _, _ in costs), sum(c.unresolved for c, _, _ in costs),
+        main.wavefronts, main.issued, accesses=[a for c, _, _ in costs for a in c.accesses],
+    )  # fmt: skip
 
 
 def _access(warp: Warp, addr: int, ins: str, op: str, src: frozenset) -> Access | None:
@@ -640,20 +729,37 @@ def inflight_bytes(instructions: list[tuple[int, str]]) -> float:
     return total * 32
 
 
-def round_trips(instructions: list[tuple[int, str]], loop: set[int], trips: int) -> float:
+def _expand(path: list[tuple[int, str]], counts: dict[tuple[int, int], int]) -> list[tuple[int, str]]:
+    """`path` with each loop's body repeated its trip count (outermost loops first, nested ones inside)."""
+    out: list[tuple[int, str]] = []
+    i = 0
+    while i < len(path):
+        a = path[i][0]
+        loop = max((lp for lp in counts if lp[0] == a), key=lambda lp: lp[1] - lp[0], default=None)
+        if loop is None:
+            out.append(path[i])
+            i += 1
+            continue
+        j = i
+        while j < len(path) and path[j][0] <= loop[1]:
+            j += 1
+        inner = {lp: t for lp, t in counts.items() if lp != loop and loop[0] <= lp[0] and lp[1] <= loop[1]}
+        body = _expand(path[i + 1 : j], inner)
+        out += ([path[i]] + body) * max(1, counts[loop])
+        i = j
+    return out
+
+
+def round_trips(path: list[tuple[int, str]], counts: dict[tuple[int, int], int]) -> float:
     """DRAM round trips on one warp's critical path: in program order, an instruction issues after the
     previous one and after its operands are ready; a global load (not of a constant table) is ready one
-    round trip after it issues; async copies are ready at the DEPBAR that waits for them. The hot loop's
-    body runs `trips` times."""
+    round trip after it issues; async copies are ready at the DEPBAR that waits for them. Loop bodies run
+    their trip counts."""
     ready: dict[str, float] = {}
     groups: list[float] = []
     pending_async: list[float] = []
     t = 0.0
-    body = [(a, i) for a, i in instructions if a in loop]
-    head = [(a, i) for a, i in instructions if a not in loop and (not loop or a < min(loop))]
-    tail = [(a, i) for a, i in instructions if a not in loop and loop and a > max(loop)]
-    order = head + body * max(trips, 1 if body else 0) + tail
-    for _, ins in order:
+    for _, ins in _expand(path, counts):
         text = ins.split(None, 1)[1] if ins.startswith("@") else ins
         op = sass.opcode(text)
         ops = sass.operands(text)
@@ -672,9 +778,8 @@ def round_trips(instructions: list[tuple[int, str]], loop: set[int], trips: int)
             t = max([t] + done)
             groups = groups[max(0, len(groups) - keep) :]
         elif op.startswith("LDG") and not op.startswith("LDGDEPBAR"):
-            table = "c[0x0]" in text
             for d in dests:
-                ready[d] = t + (0.0 if table else 1.0)
+                ready[d] = t + 1.0
         else:
             for d in dests:
                 ready[d] = t

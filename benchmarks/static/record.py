@@ -44,64 +44,67 @@ BACKTEST = [
 ]  # fmt: skip
 
 
-def _compile_here(jobs: list[tuple[str, str, dict, list]]) -> list[dict]:
-    """Compile `jobs` with the triton and nf4 on sys.path (run inside the subprocess)."""
+def compile_launch(cfg, values: dict, arch: int = 90) -> dict:
+    """Compile `cfg` (a LaunchConfig of the importable nf4) for sm_{arch} as the runtime specialises it at
+    the argument `values` (see the module docstring); the record described there, without grid."""
     import re
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    signature, constexprs, attrs, names = {}, {}, {}, []
+    for i, param in enumerate(cfg.kernel.params):
+        p = param.name
+        if p in cfg.constexprs:
+            signature[p], constexprs[(i,)] = "constexpr", cfg.constexprs[p]
+            continue
+        ty = cfg.signature[p]
+        if ty.startswith("*"):
+            signature[p] = ty
+            if not param.do_not_specialize and not param.do_not_specialize_on_alignment:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif ty.startswith("fp"):
+            signature[p] = ty
+        else:
+            v = int(values[p])
+            if v == 1 and not param.do_not_specialize:
+                signature[p], constexprs[(i,)] = "constexpr", 1
+                continue
+            signature[p] = "i32" if -(2**31) <= v < 2**31 else "i64"
+            if v % 16 == 0 and not param.do_not_specialize and not param.do_not_specialize_on_alignment:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        names.append(p)
+    src = ASTSource(fn=cfg.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg.options)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        Path(path).write_bytes(kernel.asm["cubin"])
+        run = lambda flag: subprocess.run([tool, flag, path], capture_output=True, text=True, check=True).stdout  # noqa: E731
+        sass, elf, usage = run("-sass"), run("-elf"), run("--dump-resource-usage")
+    base = re.search(r"EIATTR_PARAM_CBANK\s+Format:\s+\S+\s+Value:\s+\S+\s+0x([0-9a-f]+)", elf)
+    start = int(base.group(1), 16) & 0xFFFF if base else 0
+    offsets = {}
+    for ordinal, offset in re.findall(r"Ordinal\s*:\s*0x([0-9a-f]+)\s+Offset\s*:\s*0x([0-9a-f]+)", elf):
+        if int(ordinal, 16) < len(names):
+            offsets[start + int(offset, 16)] = names[int(ordinal, 16)]
+    fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    return {
+        "config": cfg.name, "triton": triton.__version__, "arch": arch,
+        "num_warps": cfg.options.get("num_warps", 4), "num_stages": cfg.options.get("num_stages", 3),
+        "registers": int(fields["REG"]), "shared_bytes": int(kernel.metadata.shared),
+        "args": values, "params": {str(k): v for k, v in offsets.items()}, "sass": sass,
+    }  # fmt: skip
+
+
+def _compile_here(jobs: list[tuple[str, str, dict, list]]) -> list[dict]:
+    """Compile `jobs` with the triton and nf4 on sys.path (run inside the subprocess)."""
     from nf4.kernels.aot import all_configs
 
     configs = {cfg.name: cfg for cfg in all_configs()}
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    out = []
-    for label, name, values, grid in jobs:
-        cfg = configs[name]
-        signature, constexprs, attrs, names = {}, {}, {}, []
-        for i, param in enumerate(cfg.kernel.params):
-            p = param.name
-            if p in cfg.constexprs:
-                signature[p], constexprs[(i,)] = "constexpr", cfg.constexprs[p]
-                continue
-            ty = cfg.signature[p]
-            if ty.startswith("*"):
-                signature[p] = ty
-                if not param.do_not_specialize and not param.do_not_specialize_on_alignment:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-            elif ty.startswith("fp"):
-                signature[p] = ty
-            else:
-                v = int(values[p])
-                if v == 1 and not param.do_not_specialize:
-                    signature[p], constexprs[(i,)] = "constexpr", 1
-                    continue
-                signature[p] = "i32" if -(2**31) <= v < 2**31 else "i64"
-                if v % 16 == 0 and not param.do_not_specialize and not param.do_not_specialize_on_alignment:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-            names.append(p)
-        src = ASTSource(fn=cfg.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=cfg.options)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "k.cubin")
-            Path(path).write_bytes(kernel.asm["cubin"])
-            run = lambda flag: subprocess.run([tool, flag, path], capture_output=True, text=True, check=True).stdout  # noqa: E731
-            sass, elf, usage = run("-sass"), run("-elf"), run("--dump-resource-usage")
-        base = re.search(r"EIATTR_PARAM_CBANK\s+Format:\s+\S+\s+Value:\s+\S+\s+0x([0-9a-f]+)", elf)
-        start = int(base.group(1), 16) & 0xFFFF if base else 0
-        offsets = {}
-        for ordinal, offset in re.findall(r"Ordinal\s*:\s*0x([0-9a-f]+)\s+Offset\s*:\s*0x([0-9a-f]+)", elf):
-            if int(ordinal, 16) < len(names):
-                offsets[start + int(offset, 16)] = names[int(ordinal, 16)]
-        fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
-        out.append({
-            "label": label, "config": name, "triton": triton.__version__, "arch": 90,
-            "num_warps": cfg.options.get("num_warps", 4), "num_stages": cfg.options.get("num_stages", 3),
-            "registers": int(fields["REG"]), "shared_bytes": int(kernel.metadata.shared),
-            "grid": grid, "args": values, "params": {str(k): v for k, v in offsets.items()}, "sass": sass,
-        })  # fmt: skip
-    return out
+    return [{"label": label, **compile_launch(configs[name], values, 90), "grid": grid}
+            for label, name, values, grid in jobs]  # fmt: skip
 
 
 def extract(commit: str, dest: Path) -> Path:

@@ -1,5 +1,7 @@
-"""Static speed model of the kernels from their SASS, without a GPU: instruction issue, the L1 /
-shared-memory data path, and DRAM.
+"""Instruction and L1 counts of the kernels' SASS, without a GPU: instruction issue, the L1 / shared-memory
+data path, and DRAM. Its prediction (`decode_terms`: every instruction at full issue rate, no conflicts of
+regular shared accesses, no latency chains) was 1.3-5.8x too fast against the H200; `model.py` (per pipe,
+backtested in tests/test_static_model.py) replaces it for predictions.
 
 Issue. A SASS instruction of a loop body is issued once per iteration by every warp and executed by its
 32 lanes. On the H200
