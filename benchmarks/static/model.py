@@ -30,9 +30,10 @@ bandwidth"; ~600 cycles in fp4-site.pages.dev "GPU memory hierarchy"). Nothing i
 Control flow: warp 0 of a program (its id in `Launch.values`, `_ctaid_x`) is walked once, following a
 forward branch where its predicate is known and equal in every lane, falling through otherwise; loop
 bodies count their trip counts (`Launch.trips`); code reached only by CALL (slow paths) is left out.
-Limits: one warp's addresses stand for all; every global load is charged a DRAM round trip in the chain
-(L2 hits are faster); L2 bandwidth, DRAM queueing, dual issue, register-bank stalls and the LSU's own
-issue rate are not modelled; carries of 64-bit adds are taken as 0.
+Limits: one warp's addresses stand for all; the chain charges every global load but the constant tables'
+lookups a DRAM round trip (data other programs already brought to L2, such as x, comes back sooner);
+L2 bandwidth, DRAM queueing, dual issue, register-bank stalls and the LSU's own issue rate are not
+modelled; carries of 64-bit adds are taken as 0.
 """
 
 from __future__ import annotations
@@ -219,8 +220,8 @@ class Warp:
         if root == "S2UR":  # the program id (`ctaid`), CTA 0 of its cluster
             self.u[d] = self.ctaid.get(ops[1][-1].lower(), 0) if "CTAID" in ops[1] else 0
             return
-        if root in ("ISETP", "FSETP", "PLOP3", "HSETP2"):
-            self._setp(root, mods, ops, guard)
+        if root in ("ISETP", "FSETP", "PLOP3", "HSETP2", "UISETP", "UPLOP3"):
+            self._setp(root.lstrip("U") if root.startswith("U") else root, mods, ops, guard)
             return
         if not re.fullmatch(r"R\d+", d):
             return
@@ -374,6 +375,15 @@ class Warp:
 
     def _setp(self, root: str, mods: list, ops: list, guard) -> None:
         d = ops[0]
+        if root == "PLOP3" and "LUT" in mods:  # Pd = LUT(a, b, c)
+            out = []
+            for lane in range(32):
+                a, b, c = (self.pred(o, lane) for o in ops[2:5])
+                lut = self.val(ops[5], lane)
+                out.append(None if None in (a, b, c, lut) else bool(lut >> (4 * a + 2 * b + c) & 1))
+            if re.fullmatch(r"U?P\d+", d):
+                self.p[d] = out
+            return
         if root != "ISETP":
             if re.fullmatch(r"U?P\d+", d):
                 self.p[d] = [None] * 32
@@ -392,7 +402,7 @@ class Warp:
                 r = {"GT": a > b or tie, "GE": a > b or tie, "LT": a < b or tie, "LE": a < b or tie, "EQ": tie,
                      "NE": a != b or low}.get(mods[0])  # fmt: skip
                 out.append(None if r is None else (r and c if "AND" in mods else r or c))
-            if re.fullmatch(r"P\d+", d):
+            if re.fullmatch(r"U?P\d+", d):
                 self.p[d] = out
             return
         cmp = mods[0]
@@ -413,7 +423,7 @@ class Warp:
                 out.append(None)
                 continue
             out.append(r and c if comb == "AND" else r or c if comb == "OR" else r != c)
-        if re.fullmatch(r"P\d+", d):
+        if re.fullmatch(r"U?P\d+", d):
             self.p[d] = out
 
 
@@ -612,7 +622,8 @@ def program_cost(launch: Launch) -> ProgramCost:
             accesses.append(acc)
             wavefronts += n * acc.wavefronts
         warp.step(ins)
-    trips = round_trips(path, counts)
+    tables = {a for a, src in sources.items() if any(t in src for t in sass.TABLES)}
+    trips = round_trips(path, counts, tables)
     return ProgramCost(cycles, issued, wavefronts, trips, inflight_bytes(path), unresolved, accesses)
 
 
@@ -694,7 +705,7 @@ def _access(warp: Warp, addr: int, ins: str, op: str, src: frozenset) -> Access 
     if lanes is None:
         if data:  # a data-dependent shared lookup: conflicts as simulated over N(0, 1) codes
             return Access(addr, op, "shared", sass.lookup_wavefronts(table or "pairs_ptr", width), None, True)
-        matrices = op.rsplit(".", 1)[1]
+        matrices = op.rsplit(".", 1)[-1]
         plain = float(matrices) if op.startswith(("LDSM", "STSM")) and matrices in ("1", "2", "4") else 1.0
         plain = plain if op.startswith(("LDSM", "STSM")) else max(1.0, 32 * width / 128)
         return Access(addr, op, "shared", plain, None)
@@ -750,16 +761,18 @@ def _expand(path: list[tuple[int, str]], counts: dict[tuple[int, int], int]) -> 
     return out
 
 
-def round_trips(path: list[tuple[int, str]], counts: dict[tuple[int, int], int]) -> float:
+def round_trips(path: list[tuple[int, str]], counts: dict[tuple[int, int], int],
+                tables: set[int] = frozenset()) -> float:  # fmt: skip
     """DRAM round trips on one warp's critical path: in program order, an instruction issues after the
-    previous one and after its operands are ready; a global load (not of a constant table) is ready one
-    round trip after it issues; async copies are ready at the DEPBAR that waits for them. Loop bodies run
+    previous one and after its operands are ready; a global load is ready one round trip after it issues,
+    except loads at `tables` (addresses of lookups in the small constant tables, `sass.TABLES`: L1 hits,
+    their latency left out); async copies are ready at the DEPBAR that waits for them. Loop bodies run
     their trip counts."""
     ready: dict[str, float] = {}
     groups: list[float] = []
     pending_async: list[float] = []
     t = 0.0
-    for _, ins in _expand(path, counts):
+    for addr, ins in _expand(path, counts):
         text = ins.split(None, 1)[1] if ins.startswith("@") else ins
         op = sass.opcode(text)
         ops = sass.operands(text)
@@ -779,7 +792,7 @@ def round_trips(path: list[tuple[int, str]], counts: dict[tuple[int, int], int])
             groups = groups[max(0, len(groups) - keep) :]
         elif op.startswith("LDG") and not op.startswith("LDGDEPBAR"):
             for d in dests:
-                ready[d] = t + 1.0
+                ready[d] = t + (0.0 if addr in tables else 1.0)
         else:
             for d in dests:
                 ready[d] = t

@@ -37,6 +37,16 @@ def _loops(launch: model.Launch) -> list[tuple[int, int]]:
     return sorted(model.loops_of(model.sass_instructions(launch.sass_text)))
 
 
+def _roles(loops: list[tuple[int, int]]) -> tuple[int, int, int]:
+    """Indices (in address order) of the lone loop, and of the outer and inner loop of the nested pair,
+    among three loops (the compilers place them in either order)."""
+    pairs = [(i, j) for i, a in enumerate(loops) for j, b in enumerate(loops)
+             if i != j and a[0] <= b[0] <= b[1] <= a[1]]  # fmt: skip
+    assert len(loops) == 3 and len(pairs) == 1, loops
+    outer, inner = pairs[0]
+    return ({0, 1, 2} - {outer, inner}).pop(), outer, inner
+
+
 def decode_call(n: int, k: int, m: int, r: int) -> list[tuple[str, model.Terms, None]]:
     """The two launches of a decode call, each with its terms (launch cost included)."""
     from nf4.kernels import gemv
@@ -55,15 +65,18 @@ def decode_call(n: int, k: int, m: int, r: int) -> list[tuple[str, model.Terms, 
     w = _launch(label, name, values, cdiv(n, bn) * split, moved, {0: kps // bk})
     loops = _loops(w)
     others = []
-    if r:
-        # loops in address order: the W loop, then x @ A^T's rank loop holding its K loop (A_BK columns a step)
-        assert len(loops) == 3 and loops[1][0] <= loops[2][0] <= loops[2][1] <= loops[1][1], loops
+    if r:  # the W loop, and x @ A^T's rank loop holding its K loop (A_BK columns a step)
+        lone, outer, inner = _roles(loops)
+        w.trips = {lone: kps // bk}
+        a_trips = {outer: cdiv(r, 16), inner: kps // gemv.A_BK.value}
         a = model.Launch(label, w.sass_text, w.params, {**values, "_ctaid_x": cdiv(n, bn)}, split, w.num_warps,
-                         w.registers, w.shared_bytes, 0, {1: cdiv(r, 16), 2: kps // gemv.A_BK.value})  # fmt: skip
+                         w.registers, w.shared_bytes, 0, a_trips)  # fmt: skip
         others.append((a, split))
     else:
         assert len(loops) == 1, loops
     stream = model.analyze(w, others)
+    w_loop = loops[lone] if r else loops[0]
+    assert stream.instructions_per_warp >= (kps // bk) * (w_loop[1] - w_loop[0]) / 16, "the walk missed the W loop"
     stream.launch_us = model.LAUNCH_US
     fused = bool(r)
     ep_name = f"nf4_gemv[epilogue,bf16,v={'fp32' if r else 'bf16'},bias=bf16,BN={gemv.EPILOGUE_BN}"
@@ -74,11 +87,12 @@ def decode_call(n: int, k: int, m: int, r: int) -> list[tuple[str, model.Terms, 
     steps = cdiv(split, gemv.SPLITS_PER_STEP.value)
     ep = _launch(f"{n}x{k} M={m} r={r}: epilogue", ep_name, ev, cdiv(n, gemv.EPILOGUE_BN), ep_bytes, {})
     ep_loops = _loops(ep)
-    if fused:  # the slices' sum, then the rank loop holding u's sum over the slices
-        assert len(ep_loops) == 3 and ep_loops[1][0] <= ep_loops[2][0] <= ep_loops[2][1] <= ep_loops[1][1], ep_loops
-        ep.trips = {0: steps, 1: cdiv(r, 16), 2: steps}
-    else:
-        ep.trips = {0: steps, 1: 0}
+    if fused:  # the slices' sum, and the rank loop holding u's sum over the slices
+        lone, outer, inner = _roles(ep_loops)
+        ep.trips = {lone: steps, outer: cdiv(r, 16), inner: steps}
+    else:  # the slices' sum; the walk skips the rank loop (its guard r > 0 is known false)
+        assert len(ep_loops) == 2, ep_loops
+        ep.trips = {0: steps, 1: steps}
     epilogue = model.analyze(ep)
     epilogue.launch_us = model.LAUNCH_US
     return [(label, stream, None), (ep.name, epilogue, None)]
