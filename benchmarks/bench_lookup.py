@@ -1,5 +1,5 @@
 """Table lookups, and the decode kernel before and after issue 17: what one GPU run needs to check the L1
-model of `nf4.kernels.sass` (`python -m nf4.kernels.sass`, decode_prediction.txt).
+model of benchmarks/static/sass.py (`python benchmarks/static/sass.py`, decode_prediction.txt).
 
 1. lookup: packed NF4 bytes streamed once, every byte looked up in the 256-entry pair table (both codes
    of a byte in the activation dtype, `nf4.kernels.gemv.pair_table`), the results xor-ed into a checksum:

@@ -5,11 +5,11 @@ the matrix instructions used (mma.sync / wgmma). The test suite asserts no spill
     python benchmarks/static_report.py [--arch 80 90] [--variant aligned ones plain] [--match NAME] [--out FILE]
                                        [--sass FILE] [--prediction FILE]
 
---sass writes the SASS cost report of every kernel (`nf4.kernels.sass.kernel_report`: instructions and
-L1 wavefronts against the H200's budgets); --prediction the decode prediction (`python -m
-nf4.kernels.sass --compare benchmarks/legacy/gemv_2d550bf.py`).
+--sass writes the SASS cost report of every kernel (`benchmarks/static/sass.py`, `kernel_report`: instructions and
+L1 wavefronts against the H200's budgets); --prediction the decode prediction (`python
+benchmarks/static/sass.py --compare benchmarks/legacy/gemv_2d550bf.py`).
 
-Variants (`nf4.kernels.aot.VARIANTS`): as the runtime specialises the arguments: all divisible by 16,
+Variants (`benchmarks/static/aot.py`, `VARIANTS`): as the runtime specialises the arguments: all divisible by 16,
 integers equal to 1, or nothing known.
 """
 
@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    from nf4.kernels.aot import compile_all, format_table
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "static"))
+    from aot import compile_all, format_table
 
     reports = compile_all(tuple(args.arch), match=args.match, variants=tuple(args.variant))
     bad = [r for r in reports if not r.ok]
@@ -48,9 +49,8 @@ def main(argv=None) -> int:
         import contextlib
         import io
 
+        import sass
         import triton
-
-        from nf4.kernels import sass
 
         stamp = f"(triton {triton.__version__}; {sass.__name__})"
         if args.sass:

@@ -1,8 +1,10 @@
 """Hypothesis strategies and data generators shared by the tests."""
 
+import importlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from hypothesis import strategies as st
@@ -52,10 +54,23 @@ def make_data(shape, dtype, kind, seed, blocksize=64):
 data_kinds = st.sampled_from(("normal", "zero_blocks", "scales", "extreme"))
 
 
+STATIC = Path(__file__).resolve().parent.parent / "benchmarks" / "static"
+"""The static speed model and the ahead-of-time compiler (development tools, not part of the package)."""
+
+
+def static_module(name: str):
+    """`benchmarks/static/<name>.py` as a module (`aot`, `sass`, `model`): the folder goes on sys.path."""
+    if str(STATIC) not in sys.path:
+        sys.path.insert(0, str(STATIC))
+    return importlib.import_module(name)
+
+
 def without_interpreter(code: str, timeout: int = 900) -> str:
-    """Run Python `code` in a subprocess without TRITON_INTERPRET (so kernels compile for a GPU target);
-    its stdout. Fails the test with the subprocess's stderr if it fails."""
+    """Run Python `code` in a subprocess without TRITON_INTERPRET (so kernels compile for a GPU target),
+    with benchmarks/static importable (`import sass`); its stdout. Fails the test with the subprocess's
+    stderr if it fails."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STATIC), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

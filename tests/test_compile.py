@@ -15,8 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import without_interpreter
-from nf4.kernels.aot import ARCHS, SHARED_LIMIT, TABLE_ARGS, all_configs, jobs_for
+from helpers import STATIC, static_module, without_interpreter
+
+aot = static_module("aot")
+ARCHS, SHARED_LIMIT, TABLE_ARGS, all_configs, jobs_for = (
+    aot.ARCHS, aot.SHARED_LIMIT, aot.TABLE_ARGS, aot.all_configs, aot.jobs_for
+)
 
 SIDE_TRITON = "3.6.0"
 RUNS = {"installed": (("aligned", "ones"), ARCHS), SIDE_TRITON: (("aligned", "ones"), (90,))}
@@ -61,7 +65,7 @@ def reports(request):
     variants, archs = RUNS[request.param]
     arch_args = ["--arch", *map(str, archs)]
     proc = subprocess.run(
-        [sys.executable, "-m", "nf4.kernels.aot", "--json", "--variant", *variants, *arch_args],
+        [sys.executable, str(STATIC / "aot.py"), "--json", "--variant", *variants, *arch_args],
         capture_output=True,
         text=True,
         env=env,
@@ -138,7 +142,7 @@ def test_dequantize_kernels_fit_the_issue_and_l1_budgets():
     (bf16, double quant); the registers' PRMTs trade that for 0.61 and 0.35. `dequantize_lora` (the
     large-M merge) is reported, not bounded: 1.4 of its L1 budget (docs in benchmarks/results)."""
     out = without_interpreter(
-        "import json\nfrom nf4.kernels.sass import dequantize_report\n"
+        "import json\nfrom sass import dequantize_report\n"
         "for dt in ('bf16', 'fp32'):\n    for dq in (False, True):\n"
         "        print(json.dumps(dequantize_report(dt, dq, 64)))\n"
     )
@@ -157,7 +161,7 @@ def test_quantize_kernel_loads_16_bytes_and_stays_issue_bound():
     search before) and within the budget for fp32 input; the L1 wavefronts stay below the issue time
     (bf16: 1.0 of the L1 budget against 1.41 of the issue budget)."""
     out = without_interpreter(
-        "import json\nfrom nf4.kernels.sass import quantize_report\n"
+        "import json\nfrom sass import quantize_report\n"
         "for dt in ('bf16', 'fp32'):\n    print(json.dumps(quantize_report(dt, 64)))\n"
     )
     reports = {r["name"]: r for r in map(json.loads, out.splitlines())}

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import nf4
-from helpers import without_interpreter
+from helpers import static_module, without_interpreter
 from nf4 import reference
 from nf4.kernels.gemv import gemv_configs, nf4_gemv, step_k
 
@@ -203,8 +203,8 @@ def test_inputs_not_modified(kernel_device):
 
 def test_configuration_names():
     """The compiles themselves (sm_80 and sm_90, triton 3.6 and 3.9, every specialisation) are in
-    tests/test_compile.py, which compiles `nf4.kernels.aot.all_configs()`, these included."""
-    from nf4.kernels.aot import all_configs
+    tests/test_compile.py, which compiles `benchmarks/static/aot.py`'s `all_configs()`, these included."""
+    all_configs = static_module("aot").all_configs
 
     names = [cfg.name for cfg in gemv_configs()]
     assert len(set(names)) == len(names) and all(name.startswith("nf4_gemv[") for name in names)
@@ -213,13 +213,13 @@ def test_configuration_names():
 
 def test_inner_loop_fits_the_issue_and_l1_budgets():
     """sm_90, the register-table loop (bf16 and fp16, double quant or not, with the low-rank program, as a
-    LoRALinearNF4 decode call launches it): at most `nf4.kernels.sass.BUDGET` (~8.2) lane-instructions
+    LoRALinearNF4 decode call launches it): at most `sass.BUDGET` (~8.2) lane-instructions
     and L1_TARGET (0.8) of the L1 budget per byte of W, no data-dependent load from global memory, at
     most one byte moved through shared memory per byte of W (the tensor-core operand x apart), W read
     8 bytes at a time straight into registers."""
     out = without_interpreter(
         "import json\n"
-        "from nf4.kernels.sass import BUDGET, L1_TARGET, gemv_loop_report\n"
+        "from sass import BUDGET, L1_TARGET, gemv_loop_report\n"
         "for dt, dq in (('bf16', True), ('bf16', False), ('fp16', True)):\n"
         "    r = gemv_loop_report(dt, dq, 90)\n"
         "    print(json.dumps(dict(dt=dt, dq=dq, per_byte=r.per_byte, l1=r.l1_fraction, lookups=r.global_lookups,"
@@ -239,7 +239,7 @@ def test_l1_model_flags_the_loop_of_2d550bf():
     is not counted as a load."""
     out = without_interpreter(
         "import importlib.util, json\n"
-        "from nf4.kernels.sass import gemv_loop_report\n"
+        "from sass import gemv_loop_report\n"
         f"spec = importlib.util.spec_from_file_location('legacy', {str(LEGACY)!r})\n"
         "legacy = importlib.util.module_from_spec(spec); spec.loader.exec_module(legacy)\n"
         "r = gemv_loop_report('bf16', True, 90, bk=64, configs=legacy.gemv_configs())\n"
@@ -255,32 +255,12 @@ def test_l1_model_flags_the_loop_of_2d550bf():
     assert r["per_byte"] < 8.2  # the issue budget alone did not show it
 
 
-def test_decode_prediction_meets_the_issue_goals():
-    """`python -m nf4.kernels.sass` (decode_prediction.txt): max(DRAM, issue, L1) + epilogue + launches,
-    from the sm_90 SASS, against torch bf16 on the H200 (41 us measured at 8192x8192; ~12 us estimated at
-    4096x4096, benchmarks/results/README.md): 8192x8192 M = 1 <= 16 us, 4096x4096 M = 1 >= 1.5x,
-    8192x8192 M = 16 >= 2x; the L1 term below DRAM's everywhere."""
-    out = without_interpreter(
-        "import json\nfrom nf4.kernels.sass import SHAPES, decode_terms, gemv_loop_report\n"
-        "rep = gemv_loop_report('bf16', True, 90)\n"
-        "for n, k, m in SHAPES:\n"
-        "    t = decode_terms(n, k, m, rep)\n"
-        "    print(json.dumps(dict(shape=[n, k, m], us=t.predicted_us, dram=t.dram_us, l1=t.l1_us,\n"
-        "                          issue=t.issue_us)))\n"
-    )
-    rows = {tuple(r["shape"]): r for r in map(json.loads, out.strip().splitlines())}
-    assert rows[(8192, 8192, 1)]["us"] <= 16
-    assert rows[(4096, 4096, 1)]["us"] <= 12 / 1.5
-    assert rows[(8192, 8192, 16)]["us"] <= 41 / 2
-    assert all(r["l1"] < r["dram"] and r["issue"] < r["dram"] for r in rows.values()), rows
-
-
 def test_epilogue_keeps_the_split_loads_in_flight():
     """sm_90: the epilogue's split-K loop issues its SPLITS_PER_STEP slices' loads together, 128 bits
     wide, with no barrier or shared-memory store between them (the first version waited for every
-    slice: 32-bit loads, each followed by its add; ~15 us at 8192x8192 M = 1, `nf4.kernels.sass`)."""
+    slice: 32-bit loads, each followed by its add; ~15 us at 8192x8192 M = 1, benchmarks/static/sass.py)."""
     out = without_interpreter(
-        "import json\nfrom nf4.kernels.sass import epilogue_report\nprint(json.dumps(epilogue_report()))\n"
+        "import json\nfrom sass import epilogue_report\nprint(json.dumps(epilogue_report()))\n"
     )
     report = json.loads(out.strip().splitlines()[-1])
     from nf4.kernels.gemv import SPLITS_PER_STEP

@@ -48,6 +48,24 @@ def graph() -> dict[str, set[str]]:
     return edges
 
 
+def test_the_package_does_not_ship_or_import_the_development_tools():
+    """The ahead-of-time compiler and the static speed model live in benchmarks/static (they need cuobjdump
+    and a compiler run, not the wheel): no module of the package imports them, by either name."""
+    tools = {p.stem for p in (ROOT / "benchmarks" / "static").glob("*.py")}
+    assert {"aot", "sass", "model"} <= tools
+    for name, path in modules().items():
+        assert path.stem not in tools, f"{name} shadows benchmarks/static/{path.stem}.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported = {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            else:
+                continue
+            bad = {m for m in imported if m.split(".")[-1] in tools or m.split(".")[0] in tools}
+            assert not bad, f"{name} imports {bad}"
+
+
 def test_leaf_modules_import_nothing_from_the_package():
     edges = graph()
     assert {name: edges[name] for name in LEAVES} == {name: set() for name in LEAVES}

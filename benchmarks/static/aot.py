@@ -238,7 +238,7 @@ def compile_all(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m nf4.kernels.aot [--json] [--arch 80 90] [--variant aligned ones plain] [--match NAME]`:
+    """`python benchmarks/static/aot.py [--json] [--arch 80 90] [--variant aligned ones plain] [--match NAME]`:
     compile, print the report.
 
     Run it in a process without `TRITON_INTERPRET=1` (the interpreter replaces the kernels with

@@ -1,5 +1,7 @@
-"""Static speed model of the kernels from their SASS, without a GPU: instruction issue, the L1 /
-shared-memory data path, and DRAM.
+"""Instruction and L1 counts of the kernels' SASS, without a GPU: instruction issue, the L1 / shared-memory
+data path, and DRAM. Its prediction (`decode_terms`: every instruction at full issue rate, no conflicts of
+regular shared accesses, no latency chains) was 1.3-5.8x too fast against the H200; `model.py` (per pipe,
+backtested in tests/test_static_model.py) replaces it for predictions.
 
 Issue. A SASS instruction of a loop body is issued once per iteration by every warp and executed by its
 32 lanes. On the H200
@@ -48,7 +50,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
-from nf4.kernels.aot import _tool, specialize
+from aot import _tool, specialize
+
 from nf4.kernels.common import LaunchConfig
 
 SMS = 132
@@ -447,7 +450,7 @@ def _report(body: list[str], sources: dict[str, frozenset], bytes_per_thread: fl
 
 
 def compile_cubin(cfg: LaunchConfig, arch: int = 90, variant: str = "aligned") -> bytes:
-    """The cubin of `cfg` for sm_{arch}, specialised as `variant` (see `nf4.kernels.aot.specialize`)."""
+    """The cubin of `cfg` for sm_{arch}, specialised as `variant` (see `aot.specialize`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -692,7 +695,7 @@ def kernel_report(arch: int = 90) -> str:
     dequantize_lora, quantize (sm_{arch}): instructions and L1 wavefronts against their budgets."""
     import json
 
-    lines = [f"# nf4.kernels.sass reports, sm_{arch}: lane-instructions and L1 wavefronts against the H200 budgets"]
+    lines = [f"# benchmarks/static/sass.py, sm_{arch}: lane-instructions and L1 wavefronts against the H200 budgets"]
     loops = [(f"{dt} dq={int(dq)} register table A=fp32", (dt, dq, arch)) for dt in ("bf16", "fp16") for dq in (1, 0)]
     loops += [(f"bf16 dq=1 pair table BK={bk} A=fp32", ("bf16", True, arch, bk)) for bk in (64, 32)]
     for label, args in loops:
@@ -715,7 +718,7 @@ def kernel_report(arch: int = 90) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m nf4.kernels.sass [--compare LEGACY.py]`: the sm_90 bf16 decode loop and the prediction per
+    """`python benchmarks/static/sass.py [--compare LEGACY.py]`: the sm_90 bf16 decode loop and the prediction per
     row of SHAPES (DRAM, issue and L1 terms, predicted us last); with --compare, the same for the frozen
     decode module at that path (its BK=64 pair-table loop)."""
     import argparse
