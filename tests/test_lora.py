@@ -580,3 +580,54 @@ def test_dropout_applies_in_training_mode_without_a_gradient(kernel_device):
         layer.train()
         dropped = [layer(x) for _ in range(2)]
     assert not torch.equal(dropped[0], clean) and not torch.equal(dropped[0], dropped[1])
+
+
+def _in_place(y):
+    y += 1
+    return nn.functional.relu(y, inplace=True)
+
+
+def _out_of_place(y):
+    return nn.functional.relu(y + 1)
+
+
+@pytest.mark.parametrize("path", ["eager", "op", "compiled"])
+@pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=["2d", "3d"])
+@pytest.mark.parametrize("cls", [LinearNF4, LoRALinearNF4], ids=["base", "lora"])
+def test_output_can_be_modified_in_place_like_nn_linear(kernel_device, cls, lead, path):
+    """`y = layer(x); y += 1; relu_(y)` gives nn.Linear's semantics: the same values and gradients as the
+    out-of-place version (the output was a view of the matmul's result, which autograd refuses to modify
+    in place under a custom Function). "op" calls `nf4::lora_linear` itself, "compiled" runs the in-place
+    ops inside `torch.compile`."""
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(64, 32)).to(kernel_device)
+    if cls is LoRALinearNF4:
+        nn.init.normal_(layer.lora_B, std=0.1)
+    lora = (layer.lora_A, layer.lora_B) if cls is LoRALinearNF4 else (None, None)
+
+    def forward(x):
+        if path == "op":
+            return run_op(x, layer.nf4_weight, *lora, layer.bias, 1.0, None, 1.0)
+        return layer(x)
+
+    weights = torch.arange(32.0, device=kernel_device)  # a gradient that differs per output
+    x0 = torch.randn(*lead, 64, device=kernel_device)
+    results = []
+    for then in (_out_of_place, _in_place):
+        fn = lambda x, then=then: then(forward(x))  # noqa: E731
+        if path == "compiled":
+            torch._dynamo.reset()
+            fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        layer.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        y = fn(x)
+        (y * weights).sum().backward()
+        grads = [x.grad] + ([layer.lora_A.grad, layer.lora_B.grad] if cls is LoRALinearNF4 else [])
+        results.append([y.detach(), *grads])
+    assert (results[0][0] == 0).any() and (results[0][0] > 0).any()  # relu clips some outputs
+    for expected, got in zip(*results, strict=True):
+        assert torch.equal(got, expected)
+    with torch.no_grad():  # without autograd too
+        y = forward(x0)
+        expected = _out_of_place(y.clone())
+        assert torch.equal(_in_place(y), expected)
