@@ -38,8 +38,9 @@ from nf4.tensor import NF4Tensor
 
 
 def weight_kwargs(q: NF4Tensor) -> dict:
-    """The NF4Tensor `q` as keyword arguments of the `nf4::` ops: its pieces by name, then its metadata."""
-    pieces, meta = q.flatten()
+    """The NF4Tensor `q` as keyword arguments of the `nf4::` ops: its pieces by name, then its metadata
+    (a bfloat16 / float16 nested absmax decode, which the ops' arguments cannot say, done here first)."""
+    pieces, meta = q.decodable().flatten()
     return dict(
         pieces, shape=list(meta.shape), dtype=meta.dtype, blocksize=meta.blocksize, double_quant=meta.double_quant
     )

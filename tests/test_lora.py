@@ -1,5 +1,6 @@
 """The LoRA op's forward and gradients, and the LinearNF4 / LoRALinearNF4 modules."""
 
+import importlib
 import math
 
 import bitsandbytes as bnb
@@ -11,8 +12,16 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nf4
-from helpers import nf4_error_bound
-from nf4.lora import LinearNF4, LoRALinearNF4, lora_linear, merge_and_unload, merged_weight
+from helpers import bnb_cpu_inference, nf4_error_bound
+from nf4.lora import (
+    LinearNF4,
+    LoRALinearNF4,
+    apply_lora,
+    lora_linear,
+    merge_and_unload,
+    merged_weight,
+    quantize_model,
+)
 from nf4.lora.functional import weight_kwargs
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -631,3 +640,59 @@ def test_output_can_be_modified_in_place_like_nn_linear(kernel_device, cls, lead
         y = forward(x0)
         expected = _out_of_place(y.clone())
         assert torch.equal(_in_place(y), expected)
+
+
+def _bnb_bf16_model():
+    """Two bitsandbytes NF4 layers holding bf16 weights (as transformers loads a bf16 4-bit model), after
+    a CPU inference pass: their state has nested_dtype "bfloat16" (`helpers.bnb_cpu_inference`)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).to(torch.bfloat16)
+    for i in (0, 2):
+        linear = model[i]
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(linear.weight.data, False, quant_type="nf4", module=layer)
+        layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        model[i] = layer
+    model = model.to("cpu")  # bitsandbytes quantizes here
+    bnb_cpu_inference(model, torch.randn(2, 128, dtype=torch.bfloat16))
+    return model
+
+
+@pytest.mark.parametrize("convert", ["apply_lora", "quantize_model", "peft"])
+def test_converts_a_bitsandbytes_model_after_cpu_inference(convert):
+    """apply_lora / quantize_model take a bitsandbytes model (plain or under PEFT) whose layers ran a CPU
+    inference pass: each layer keeps bitsandbytes' bytes as stored (nested_dtype "bfloat16") and computes
+    with bitsandbytes' dequantized weight."""
+    model = _bnb_bf16_model()
+    expected = {}
+    for name, layer in model.named_children():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            sd = layer.state_dict()  # undoes the repacking, in the layer too
+            assert b'"nested_dtype": "bfloat16"' in bytes(sd["weight.quant_state.bitsandbytes__nf4"].tolist())
+            state = layer.weight.quant_state
+            w = bnb.functional.dequantize_4bit(layer.weight.data, state, quant_type="nf4")
+            state.dtype = torch.float32  # the same absmax; what nf4's matmul multiplies by (float32 products)
+            w32 = bnb.functional.dequantize_4bit(layer.weight.data, state, quant_type="nf4")
+            state.dtype = torch.bfloat16
+            expected[name] = sd, w, w32
+    if convert == "peft":
+        import peft
+
+        importlib.import_module("nf4.hf")  # nf4's PEFT layers
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["0", "2"]))
+        bnb_cpu_inference(model, torch.randn(2, 128, dtype=torch.bfloat16))  # PEFT's forward repacks too
+        apply_lora(model)
+        layers = {name: model.base_model.model.get_submodule(name).base_layer for name in expected}
+    else:
+        {"apply_lora": apply_lora, "quantize_model": quantize_model}[convert](model)
+        layers = {name: model.get_submodule(name) for name in expected}
+    for name, layer in layers.items():
+        assert type(layer) is (LoRALinearNF4 if convert == "apply_lora" else LinearNF4)
+        sd, w, w32 = expected[name]
+        assert layer.nf4_weight.nested_dtype == torch.bfloat16
+        assert torch.equal(layer.dequantize_weight(), w)
+        assert torch.equal(layer.dequantize_weight(torch.float32), w32)
+        mine = layer.state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in sd.items())
+        x = torch.randn(3, layer.in_features)
+        assert_linear_within_float32(layer(x), x, w32.double(), layer.bias)
