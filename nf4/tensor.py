@@ -32,6 +32,8 @@ __all__ = ["BLOCKSIZES", "FLOAT_DTYPES", "NF4Tensor", "check_blocksize"]
 
 _DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
 _QS_KEY = "quant_state.bitsandbytes__nf4"
+_OFFSET_WIDTH = len(repr(-2.2250738585072014e-308))
+"""The most characters a float's JSON form takes (`repr`: 17 significant digits, sign, 3-digit exponent)."""
 _SERIALIZED = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", _QS_KEY)
 
 
@@ -175,7 +177,11 @@ class NF4Tensor:
         Keys: `prefix`, `prefix.absmax`, `prefix.quant_map`, `prefix.quant_state.bitsandbytes__nf4`
         (UTF-8 JSON as uint8) and, with double quantization, `prefix.nested_absmax` and
         `prefix.nested_quant_map`. Tables are copies, so no two entries share memory (safetensors
-        refuses shared tensors).
+        refuses shared tensors). With double quantization the JSON ends in spaces, up to a length fixed
+        by the layout (shape, dtypes, blocksize) and not by the offset's digits: a checkpoint of
+        `torch.distributed.checkpoint`, which needs every entry to have the size the loading model
+        expects, loads into any model of the same architecture. JSON parsers (bitsandbytes' too) skip
+        the spaces.
         """
         state = {"quant_type": "nf4", "blocksize": self.blocksize}
         state.update(dtype=_DTYPE_NAMES[self.dtype], shape=list(self.shape))
@@ -193,6 +199,9 @@ class NF4Tensor:
                 nested_offset=float(self.nested_offset),
             )
         blob = json.dumps(state).encode("utf-8")
+        if self.double_quant:  # padded with spaces to a length the offset's digits do not change
+            width = len(json.dumps({**state, "nested_offset": 0.0})) - len("0.0") + _OFFSET_WIDTH
+            blob = blob.ljust(width)
         out[f"{prefix}.{_QS_KEY}"] = torch.tensor(list(blob), dtype=torch.uint8)
         return out
 

@@ -16,11 +16,13 @@ TIMEOUT = timedelta(seconds=120)  # a collective that waits longer fails the wor
 IN, HIDDEN, MID, OUT = 256, 1030, 518, 72  # rows: 1030, 518 divide by no world size; blocks straddle edges
 
 
-def build(seed: int = 0) -> nn.Module:
+def build(seed: int = 0, device: str | None = None) -> nn.Module:
+    """The test model; with device="meta" a skeleton (no values: they come from a checkpoint)."""
     from nf4.lora import LoRALinearNF4, apply_lora
 
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, MID), nn.GELU(), nn.Linear(MID, OUT))
+    with torch.device(device or "cpu"):
+        model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, MID), nn.GELU(), nn.Linear(MID, OUT))
     apply_lora(model, r=4, lora_alpha=8, target_modules=["0", "2"])
     apply_lora(model, r=2, lora_alpha=4, target_modules=["4"], double_quant=False)  # float32 absmax too
     for m in model.modules():

@@ -218,3 +218,11 @@ def bnb_cpu_inference(model: torch.nn.Module, *args) -> None:
     finally:
         bnb.matmul_4bit = real
     assert all(layer.weight.quant_state.packing_format_for_cpu for layer in layers)
+
+
+def same_bnb_entry(key: str, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two state-dict entries hold the same: equal tensors, or for a bitsandbytes quant state the same JSON
+    text (nf4 pads it with spaces to a fixed length per layout: `NF4Tensor.to_bnb_state_dict`)."""
+    if key.endswith("quant_state.bitsandbytes__nf4"):
+        return bytes(a.tolist()).rstrip(b" ") == bytes(b.tolist()).rstrip(b" ")
+    return torch.equal(a, b)

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_workers import build, demo, load_checkpoint, logged, mixed_precision, one_gpu, train_and_check
+from dist_workers import (
+    build,
+    demo,
+    load_checkpoint,
+    logged,
+    mixed_precision,
+    one_gpu,
+    train_and_check,
+)
 from safetensors.torch import load_file
 
 TIMEOUT = 180
@@ -159,3 +167,33 @@ def test_fully_shard_on_one_gpu_runs_the_fused_kernels_with_and_without_cpu_offl
     result = torch.load(tmp_path / "gpu.pt", weights_only=True)
     for name in ("plain", "offload"):
         assert result[name]["forward_error"] <= 1e-5 and result[name]["grad_error"] <= 1e-4, (name, result)
+
+
+def quant_state_lengths(model) -> dict:
+    return {k: v.numel() for k, v in model.state_dict().items() if k.endswith("bitsandbytes__nf4")}
+
+
+@pytest.mark.parametrize("skeleton", ["other-base", "meta"])
+def test_dcp_checkpoint_loads_into_a_skeleton_whose_offsets_differ(tmp_path, skeleton, reference_path):
+    """A DCP checkpoint loads into any model of the same architecture: another base model, whose nested
+    offsets have other digits (one forced to 0.5, the shortest), or a skeleton converted on the meta
+    device and materialized with `to_empty` (uninitialised offsets). The quant-state JSON has one
+    length per layout (padded), where DCP refused an entry of another length ("Size mismatch").
+    One process, no process group (DCP's single-process mode); the torch path (whole layers)."""
+    import torch.distributed.checkpoint as dcp
+
+    src = build()
+    dcp.save(src.state_dict(), checkpoint_id=tmp_path / "dcp", no_dist=True)
+    if skeleton == "meta":
+        dst = build(seed=1, device="meta")
+        assert dst[0].weight.device.type == "meta"
+        dst.to_empty(device="cpu")
+    else:
+        dst = build(seed=1)
+        dst[2].weight_nested_offset.fill_(0.5)
+        assert float(src[2].weight_nested_offset) != 0.5
+    state = dst.state_dict()
+    dcp.load(state, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    dst.load_state_dict(state)
+    assert equal_state(dst.state_dict(), src.state_dict())
+    assert quant_state_lengths(build(seed=2)) == quant_state_lengths(src)  # one length per layout

@@ -1,5 +1,6 @@
 """The LoRA op's forward and gradients, and the LinearNF4 / LoRALinearNF4 modules."""
 
+import copy
 import importlib
 import math
 
@@ -12,7 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nf4
-from helpers import bnb_cpu_inference, nf4_error_bound
+from helpers import bnb_cpu_inference, nf4_error_bound, same_bnb_entry
 from nf4.lora import (
     LinearNF4,
     LoRALinearNF4,
@@ -693,6 +694,47 @@ def test_converts_a_bitsandbytes_model_after_cpu_inference(convert):
         assert torch.equal(layer.dequantize_weight(), w)
         assert torch.equal(layer.dequantize_weight(torch.float32), w32)
         mine = layer.state_dict()
-        assert all(torch.equal(mine[k], v) for k, v in sd.items())
+        assert all(same_bnb_entry(k, mine[k], v) for k, v in sd.items())
         x = torch.randn(3, layer.in_features)
         assert_linear_within_float32(layer(x), x, w32.double(), layer.bias)
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32, bias=False))
+
+
+@pytest.mark.parametrize("load", ["assign", "to_empty"])
+@pytest.mark.parametrize("convert", ["apply_lora", "quantize_model"])
+def test_converts_a_meta_model_and_quantizes_the_weights_when_they_arrive(reference_path, convert, load):
+    """A model built on the meta device (how FSDP2 recipes build big models) converts without values; the
+    16-bit checkpoint's weights are quantized as they load (into the meta layers with `assign=True`, or
+    into the layers `to_empty` materialized): the same bytes as converting the loaded model."""
+    torch.manual_seed(0)
+    src = _mlp()
+    kwargs = dict(r=4, lora_alpha=8) if convert == "apply_lora" else {}
+    fn = {"apply_lora": apply_lora, "quantize_model": quantize_model}[convert]
+    expected = fn(copy.deepcopy(src), **kwargs)
+    with torch.device("meta"):
+        model = _mlp()
+    fn(model, **kwargs)
+    assert type(model[0]) is type(expected[0]) and model[0].weight.device.type == "meta"
+    assert model.state_dict()["0.weight"].shape == (48, 64)  # what a loader should bring: the 16-bit weight
+    if load == "to_empty":
+        model.to_empty(device="cpu")
+    missing = model.load_state_dict(src.state_dict(), strict=False, assign=load == "assign").missing_keys
+    assert sorted(missing) == ([] if convert == "quantize_model" else ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"])
+    got, want = model.state_dict(), expected.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want if "lora_" not in k)
+    if convert == "apply_lora":
+        assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+
+
+def test_a_weight_of_another_shape_is_refused_on_arrival():
+    with torch.device("meta"):
+        model = quantize_model(_mlp())
+    sd = {**_mlp().state_dict(), "0.weight": torch.zeros(48, 63)}
+    with pytest.raises(
+        RuntimeError, match=r"0.weight: the checkpoint's weight has shape \[48, 63\], this module expects \[48, 64\]"
+    ):
+        model.load_state_dict(sd, assign=True)
