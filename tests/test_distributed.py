@@ -18,6 +18,7 @@ from dist_workers import (
     logged,
     mixed_precision,
     one_gpu,
+    peft_sharded,
     train_and_check,
 )
 from safetensors.torch import load_file
@@ -197,3 +198,30 @@ def test_dcp_checkpoint_loads_into_a_skeleton_whose_offsets_differ(tmp_path, ske
     dst.load_state_dict(state)
     assert equal_state(dst.state_dict(), src.state_dict())
     assert quant_state_lengths(build(seed=2)) == quant_state_lengths(src)  # one length per layout
+
+
+def test_sharded_peft_model_saves_its_adapter_in_peft_format_and_the_wrong_order_is_refused(tmp_path):
+    """Two gloo ranks: `fully_shard` then `apply_lora` / `quantize_model` gets one clear error; a PEFT model
+    on nf4 layers, sharded with FSDP2 and trained a step, saves its adapter with `nf4.lora.save_adapter`
+    (every rank calls it; PEFT's `save_pretrained` alone fails on the DTensor shards). PEFT reloads the
+    files on one process, onto the 16-bit base: the values are the gathered full state dict's."""
+    import peft
+    from hf_helpers import TARGETS, tiny_config
+    from transformers import LlamaForCausalLM
+
+    launch(peft_sharded, 2, tmp_path)
+    result = torch.load(tmp_path / "peft.pt", weights_only=True)
+    for name in ("apply_lora", "quantize_model"):
+        assert f"{name}: the model is already sharded with FSDP2's fully_shard" in result[name]
+        assert f"convert first, then shard: {name}(model, ...), then nf4.lora.distributed.shard_model" in result[name]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == sorted(TARGETS) and config["inference_mode"]
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == 2 * len(TARGETS) * 2  # lora_A and lora_B of 7 layers in each of 2 decoder layers
+    loaded = peft.PeftModel.from_pretrained(LlamaForCausalLM(tiny_config()), tmp_path / "adapter")
+    mine = {n: p.detach() for n, p in loaded.named_parameters() if "lora_" in n}
+    gathered = result["adapter"]
+    assert mine.keys() == gathered.keys()
+    assert all(torch.equal(mine[k], gathered[k]) for k in gathered)
+    assert not any(torch.equal(v, torch.zeros_like(v)) for k, v in gathered.items() if "lora_B" in k)
