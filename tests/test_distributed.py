@@ -203,7 +203,7 @@ def test_dcp_checkpoint_loads_into_a_skeleton_whose_offsets_differ(tmp_path, ske
 def test_sharded_peft_model_saves_its_adapter_in_peft_format_and_the_wrong_order_is_refused(tmp_path):
     """Two gloo ranks: `fully_shard` then `apply_lora` / `quantize_model` gets one clear error; a PEFT model
     on nf4 layers, sharded with FSDP2 and trained a step, saves its adapter with `nf4.lora.save_adapter`
-    (every rank calls it; PEFT's `save_pretrained` alone fails on the DTensor shards). PEFT reloads the
+    (every rank calls it: gathering the shards is a collective). PEFT reloads the
     files on one process, onto the 16-bit base: the values are the gathered full state dict's."""
     import peft
     from hf_helpers import TARGETS, tiny_config

@@ -1,11 +1,12 @@
 """Saving the adapter of a PEFT model sharded with FSDP2 (`fully_shard`), in PEFT's format.
 
-PEFT's `model.save_pretrained(dir)` reads `model.state_dict()`, whose entries are DTensor shards under
-FSDP2, and fails. `save_pretrained(model, dir)` here gathers the adapter first (each parameter whole,
-`DTensor.full_tensor`: a collective every rank runs, in the same order) and hands it to PEFT's own
-`save_pretrained(dir, state_dict=..., is_main_process=...)`, so rank 0 writes exactly the files PEFT
-writes on one process (`adapter_model.safetensors`, `adapter_config.json`). Only the adapter is gathered,
-never the 4-bit base. Every rank calls it; order: convert, wrap with PEFT, shard, train, then save.
+Under FSDP2 `model.state_dict()` holds DTensor shards, and gathering them is a collective: PEFT's
+`model.save_pretrained(dir)` called on rank 0 alone (the usual `if rank == 0:`) waits for the other
+ranks until the process group times out. `save_pretrained(model, dir)` here is called on every rank: it
+gathers the adapter (each parameter whole, `DTensor.full_tensor`, in the same order on every rank; never
+the 4-bit base) and hands it to PEFT's own `save_pretrained(dir, state_dict=..., is_main_process=...)`,
+so rank 0 writes exactly the files PEFT writes on one process (`adapter_model.safetensors`,
+`adapter_config.json`). Order: convert, wrap with PEFT, shard, train, then save.
 """
 
 from __future__ import annotations
