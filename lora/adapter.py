@@ -11,6 +11,7 @@ Everything is checked before the model is touched, so a bad file never leaves a 
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections import Counter
@@ -41,7 +42,11 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     Ranks and alphas that differ between layers go to `rank_pattern` / `alpha_pattern` (full module
     paths), as PEFT does. Layers must agree on `use_rslora` (PEFT has one flag per adapter). On a model
     sharded with FSDP2 every rank calls it (the adapters are gathered) and rank 0 writes the files.
+    A PEFT model (`peft.get_peft_model`, FSDP2-sharded or not) is saved by PEFT itself, its adapter
+    gathered first (`nf4.hf.fsdp.save_pretrained`; `base_model_name_or_path` is then PEFT's).
     """
+    if hasattr(model, "peft_config"):
+        return importlib.import_module("nf4.hf.fsdp").save_pretrained(model, directory)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRALinearNF4 layers: nothing to save (use nf4.lora.apply_lora first)")

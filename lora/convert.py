@@ -23,6 +23,7 @@ import importlib
 import sys
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from nf4.api import quantize
@@ -99,10 +100,41 @@ def from_bnb(module: nn.Module, name: str = "", cls: type[LinearNF4] = LinearNF4
 
 
 def _nf4(module: nn.Module, name: str, cls: type[LinearNF4], blocksize: int, double_quant: bool, **kwargs):
-    """`module` (nn.Linear or bitsandbytes' Linear4bit) as a `cls`."""
+    """`module` (nn.Linear or bitsandbytes' Linear4bit) as a `cls`; on the meta device, an empty `cls` on
+    meta that quantizes the 16-bit weight a later `load_state_dict` brings (nothing to quantize yet)."""
+    if module.weight.device.type == "meta" and getattr(module.weight, "quant_state", None) is None:
+        if not _is_bnb_4bit(module):
+            dtype = module.weight.dtype
+        else:  # not quantized yet: bitsandbytes' settings, the 16-bit dtype it holds
+            blocksize = getattr(module.weight, "blocksize", None) or 64
+            double_quant = bool(getattr(module.weight, "compress_statistics", True))
+            dtype = module.weight.dtype if module.weight.dtype.is_floating_point else torch.get_default_dtype()
+        layer = cls(module.in_features, module.out_features, bias=module.bias is not None, blocksize=blocksize,
+                    double_quant=double_quant, dtype=dtype, device="meta", **kwargs)  # fmt: skip
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+        layer.train(module.training)
+        return layer
     if type(module) is nn.Linear:
         return cls.from_linear(module, blocksize=blocksize, double_quant=double_quant, **kwargs)
     return from_bnb(module, name, cls, **kwargs)
+
+
+def _refuse_sharded(model: nn.Module, label: str) -> None:
+    """The wrong order (fully_shard, then convert) gets one clear error: the 16-bit weights are DTensor
+    shards by then, which cannot be quantized in place, and FSDP2 would not see the new layers."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded or any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError(
+            f"{label}: the model is already sharded with FSDP2's fully_shard (DTensor parameters, e.g. "
+            f"{sharded[:1]}); convert first, then shard: {label}(model, ...), then "
+            "nf4.lora.distributed.shard_model(model, mesh=...) (or fully_shard each layer, then the model)"
+        )
 
 
 def _params(x) -> list[nn.Parameter]:
@@ -138,6 +170,7 @@ def _targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
 def _replace(model: nn.Module, target_modules, cls, label: str, progress, blocksize, double_quant, **kwargs):
     """Convert the targets of `model` in place: plain and bitsandbytes layers into `cls(**kwargs)`, PEFT's
     LoRA layers into nf4's PEFT layer over a LinearNF4."""
+    _refuse_sharded(model, label)
     targets = _targets(model, target_modules)
     adapters = {  # adapters already there (PEFT's, or a previous apply_lora's) stay as trainable as they were
         id(p)

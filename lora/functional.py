@@ -38,8 +38,9 @@ from nf4.tensor import NF4Tensor
 
 
 def weight_kwargs(q: NF4Tensor) -> dict:
-    """The NF4Tensor `q` as keyword arguments of the `nf4::` ops: its pieces by name, then its metadata."""
-    pieces, meta = q.flatten()
+    """The NF4Tensor `q` as keyword arguments of the `nf4::` ops: its pieces by name, then its metadata
+    (a bfloat16 / float16 nested absmax decode, which the ops' arguments cannot say, done here first)."""
+    pieces, meta = q.decodable().flatten()
     return dict(
         pieces, shape=list(meta.shape), dtype=meta.dtype, blocksize=meta.blocksize, double_quant=meta.double_quant
     )
@@ -143,7 +144,7 @@ def _forward(x, q, lora_A, lora_B, bias, scaling, mask, keep_scale) -> tuple[Ten
     else:
         xa = _dropped(x2, mask, keep_scale) @ lora_A.to(x.dtype).t()
         y = dispatch.matmul(x2, q, False, xa, lora_B.t(), bias, None, scaling)  # B cast where needed
-    return y.reshape(*x.shape[:-1], q.shape[0]), xa
+    return _unviewed(y, x), xa
 
 
 def _inference(x, q, lora_A, lora_B, bias, scaling) -> Tensor:
@@ -153,7 +154,15 @@ def _inference(x, q, lora_A, lora_B, bias, scaling) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     v = None if lora_A is None else lora_B.t()
     y = dispatch.matmul(x2, q, False, None, v, bias, None, scaling, a=lora_A)
-    return y.reshape(*x.shape[:-1], q.shape[0])
+    return _unviewed(y, x)
+
+
+def _unviewed(y2: Tensor, x: Tensor) -> Tensor:
+    """The matmul's [M, N] result as [..., N], x's leading dims, and not a view: autograd refuses an
+    in-place op on a view returned by a custom Function (`y += 1`, `relu_`, which nn.Linear's output
+    allows), and the reshape (even to the same shape) is a view of the result. `detach` makes a new
+    tensor on the same storage that is no view, without a copy; nothing else holds the [M, N] result."""
+    return y2.reshape(*x.shape[:-1], y2.shape[-1]).detach()
 
 
 def eager(x: Tensor) -> bool:

@@ -207,7 +207,9 @@ class LinearNF4(nn.Module):
             missing_keys.append(key)
             return
         try:
-            q = NF4Tensor.from_bnb_state_dict(mine, prefix=key)
+            q = self._quantize_arrival(mine[key]) if mine.keys() == {key} else None
+            if q is None:
+                q = NF4Tensor.from_bnb_state_dict(mine, prefix=key)
         except (ValueError, TypeError) as e:
             error_msgs.append(f"{key}: {e}")
             return
@@ -227,6 +229,22 @@ class LinearNF4(nn.Module):
                 if piece is not None and piece is not mine[name]:
                     mine[name].copy_(piece)
         self._weight_meta = q.meta
+
+    def _quantize_arrival(self, weight) -> NF4Tensor | None:
+        """A 16-bit weight [out_features, in_features] arriving alone (the entry a meta module's state dict
+        lists, e.g. a layer converted on the meta device, loaded from the original checkpoint), quantized
+        with this module's blocksize and double quantization where it is, as bitsandbytes does; None for
+        anything else (bitsandbytes' packed codes)."""
+        if not (isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2):
+            return None
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"the checkpoint's weight has shape {list(weight.shape)}, this module expects "
+                f"[{self.out_features}, {self.in_features}]"
+            )
+        meta = self._weight_meta
+        device = weight.device if self.weight.device.type == "meta" else self.weight.device
+        return quantize(weight.detach().to(device, meta.dtype), meta.blocksize, meta.double_quant)
 
     def _same_layout(self, q: NF4Tensor) -> bool:
         """True when `q`'s pieces have the shapes and dtypes of this module's (a copy in place can load it)."""

@@ -66,6 +66,7 @@ def double_quantize(absmax: torch.Tensor, offset: torch.Tensor) -> tuple[torch.T
 
 def dequantize(q, dtype: torch.dtype) -> torch.Tensor:
     """`q` (an NF4Tensor) as a `dtype` tensor of its shape."""
+    q = q.decodable()
     if use_kernels(q.device):
         from nf4.kernels import dequantize_nf4
 
@@ -84,6 +85,7 @@ def matmul(x2, q, trans=False, u=None, v=None, bias=None, mask=None, lora_scale:
     """`x2 @ W^T` (`x2 @ W` with `trans`) + `(u @ v) * lora_scale [* mask]` + `bias`, W = dequant(q) [N, K];
     see `nf4.kernels.matmul.nf4_matmul` for the shapes. `a` [r, IN] instead of u means u = x2 @ a^T
     (computed inside the decode kernel where that runs, else first, with torch in x2's dtype)."""
+    q = q.decodable()
     if use_kernels(x2.device) and x2.dtype in KERNEL_DTYPES:
         from nf4.kernels.matmul import nf4_matmul
 

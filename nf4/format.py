@@ -11,6 +11,10 @@ A quantized weight is a set of named pieces (`PIECES`, always in this order) plu
     nested_absmax  float32 [ceil(nblocks / 256)]    } double quantization only (None without): absmax is
     nested_offset  float32 []                       }   nested_code[q] * nested_absmax[b // 256]
     nested_code    float32 [256]                    }   + nested_offset
+
+`NF4Meta.nested_dtype` is the dtype that decode rounds through (bitsandbytes' `nested_dtype`): float32 for
+everything nf4 writes; bitsandbytes writes bfloat16 or float16 (the weight's dtype) when it repacks a layer
+for its CPU kernel and undoes it, and then decodes `d(d(map[q] * absmax2) + offset)`, rounded to d twice.
 """
 
 from __future__ import annotations
@@ -37,12 +41,15 @@ NESTED_PIECES = PIECES[3:]
 
 class NF4Meta(NamedTuple):
     """What a quantized weight is, besides its tensors: the original shape and dtype, the blocksize,
-    and whether the absmax constants are double-quantized (the nested pieces are present)."""
+    whether the absmax constants are double-quantized (the nested pieces are present), and the dtype
+    their decode rounds to (see the module docstring; float32 unless a bitsandbytes checkpoint says
+    otherwise)."""
 
     shape: torch.Size
     dtype: torch.dtype
     blocksize: int
     double_quant: bool
+    nested_dtype: torch.dtype = torch.float32
 
 
 def check_blocksize(blocksize) -> int:

@@ -159,18 +159,28 @@ def double_quantize_ref(
 
 
 def dequantize_absmax_ref(
-    codes: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, nested_code: torch.Tensor
+    codes: torch.Tensor,
+    absmax2: torch.Tensor,
+    offset: torch.Tensor,
+    nested_code: torch.Tensor,
+    nested_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Decode double-quantized absmax: `float32(float32(map[q] * absmax2[b // 256]) + offset)`."""
+    """Decode double-quantized absmax: `float32(float32(map[q] * absmax2[b // 256]) + offset)`, with each
+    of the two results rounded to `nested_dtype` instead where that is bfloat16 or float16 (what
+    bitsandbytes computes for such a checkpoint: the product in float32, the sum in float32 from the
+    rounded product, each rounded once, to nearest even)."""
     scale = absmax2.repeat_interleave(NESTED_BLOCKSIZE)[: codes.numel()]
-    return nested_code[codes.long()] * scale + offset
+    if nested_dtype == torch.float32:
+        return nested_code[codes.long()] * scale + offset
+    product = (nested_code[codes.long()] * scale).to(nested_dtype).float()
+    return (product + offset).to(nested_dtype).float()
 
 
 def decoded_absmax(q) -> torch.Tensor:
     """The float32 [nblocks] absmax of `q` (an NF4Tensor), decoding double quantization where present."""
     if not q.double_quant:
         return q.absmax
-    return dequantize_absmax_ref(q.absmax, q.nested_absmax, q.nested_offset, q.nested_code)
+    return dequantize_absmax_ref(q.absmax, q.nested_absmax, q.nested_offset, q.nested_code, q.meta.nested_dtype)
 
 
 def matmul_ref(

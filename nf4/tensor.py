@@ -26,11 +26,14 @@ from nf4.format import (
     NF4Meta,
     check_blocksize,
 )
+from nf4.reference import decoded_absmax
 
 __all__ = ["BLOCKSIZES", "FLOAT_DTYPES", "NF4Tensor", "check_blocksize"]
 
 _DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
 _QS_KEY = "quant_state.bitsandbytes__nf4"
+_OFFSET_WIDTH = len(repr(-2.2250738585072014e-308))
+"""The most characters a float's JSON form takes (`repr`: 17 significant digits, sign, 3-digit exponent)."""
 _SERIALIZED = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", _QS_KEY)
 
 
@@ -105,6 +108,22 @@ class NF4Tensor:
         """True when the absmax constants are double-quantized (8-bit codes + nested float32)."""
         return self.meta.double_quant
 
+    @property
+    def nested_dtype(self) -> torch.dtype:
+        """The dtype the double-quantized absmax decode rounds to: float32, or the bfloat16 / float16 of a
+        bitsandbytes checkpoint that says so (`nf4.format`). Kept as stored and written back."""
+        return self.meta.nested_dtype
+
+    def decodable(self) -> NF4Tensor:
+        """This weight as the kernels decode it: itself, or, where the nested absmax decode rounds to
+        bfloat16 / float16 (which the kernels do not do), the same codes with the float32 absmax that
+        decode gives (bitsandbytes' values exactly; nblocks * 4 bytes, made on each call, not stored)."""
+        if not self.double_quant or self.meta.nested_dtype == torch.float32:
+            return self
+        pieces = dict.fromkeys(PIECES)
+        pieces.update(packed=self.packed, absmax=decoded_absmax(self), code=self.code)
+        return NF4Tensor.unflatten(pieces, self.meta._replace(double_quant=False, nested_dtype=torch.float32))
+
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -158,7 +177,11 @@ class NF4Tensor:
         Keys: `prefix`, `prefix.absmax`, `prefix.quant_map`, `prefix.quant_state.bitsandbytes__nf4`
         (UTF-8 JSON as uint8) and, with double quantization, `prefix.nested_absmax` and
         `prefix.nested_quant_map`. Tables are copies, so no two entries share memory (safetensors
-        refuses shared tensors).
+        refuses shared tensors). With double quantization the JSON ends in spaces, up to a length fixed
+        by the layout (shape, dtypes, blocksize) and not by the offset's digits: a checkpoint of
+        `torch.distributed.checkpoint`, which needs every entry to have the size the loading model
+        expects, loads into any model of the same architecture. JSON parsers (bitsandbytes' too) skip
+        the spaces.
         """
         state = {"quant_type": "nf4", "blocksize": self.blocksize}
         state.update(dtype=_DTYPE_NAMES[self.dtype], shape=list(self.shape))
@@ -172,10 +195,13 @@ class NF4Tensor:
             out[f"{prefix}.nested_quant_map"] = self.nested_code.clone()
             state.update(
                 nested_blocksize=NESTED_BLOCKSIZE,
-                nested_dtype="float32",
+                nested_dtype=_DTYPE_NAMES[self.nested_dtype],
                 nested_offset=float(self.nested_offset),
             )
         blob = json.dumps(state).encode("utf-8")
+        if self.double_quant:  # padded with spaces to a length the offset's digits do not change
+            width = len(json.dumps({**state, "nested_offset": 0.0})) - len("0.0") + _OFFSET_WIDTH
+            blob = blob.ljust(width)
         out[f"{prefix}.{_QS_KEY}"] = torch.tensor(list(blob), dtype=torch.uint8)
         return out
 
@@ -232,6 +258,8 @@ class NF4Tensor:
             )
         pieces = dict(packed=packed, absmax=mine["absmax"], code=mine["quant_map"], **kwargs)
         meta = NF4Meta(torch.Size(state["shape"]), state["dtype"], state["blocksize"], nested)
+        if nested:
+            meta = meta._replace(nested_dtype=FLOAT_DTYPES[state["nested_dtype"]])
         q = cls.unflatten({name: pieces.get(name) for name in PIECES}, meta)
         q._validate(prefix)
         return q
@@ -342,8 +370,8 @@ def _parse_quant_state(blob: torch.Tensor, key: str) -> dict:
             raise ValueError(f"{key}: double-quant fields {nested_fields} must all be present, got {present}")
         if state["nested_blocksize"] != NESTED_BLOCKSIZE:
             raise ValueError(f"{key}: nested_blocksize must be {NESTED_BLOCKSIZE}, got {state['nested_blocksize']!r}")
-        if state["nested_dtype"] != "float32":
-            raise ValueError(f"{key}: nested_dtype must be 'float32', got {state['nested_dtype']!r}")
+        if state["nested_dtype"] not in FLOAT_DTYPES:
+            raise ValueError(f"{key}: nested_dtype must be one of {list(FLOAT_DTYPES)}, got {state['nested_dtype']!r}")
         offset = state["nested_offset"]
         if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
             raise ValueError(f"{key}: nested_offset must be a finite number, got {offset!r}")

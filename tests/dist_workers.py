@@ -16,11 +16,13 @@ TIMEOUT = timedelta(seconds=120)  # a collective that waits longer fails the wor
 IN, HIDDEN, MID, OUT = 256, 1030, 518, 72  # rows: 1030, 518 divide by no world size; blocks straddle edges
 
 
-def build(seed: int = 0) -> nn.Module:
+def build(seed: int = 0, device: str | None = None) -> nn.Module:
+    """The test model; with device="meta" a skeleton (no values: they come from a checkpoint)."""
     from nf4.lora import LoRALinearNF4, apply_lora
 
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, MID), nn.GELU(), nn.Linear(MID, OUT))
+    with torch.device(device or "cpu"):
+        model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, MID), nn.GELU(), nn.Linear(MID, OUT))
     apply_lora(model, r=4, lora_alpha=8, target_modules=["0", "2"])
     apply_lora(model, r=2, lora_alpha=4, target_modules=["4"], double_quant=False)  # float32 absmax too
     for m in model.modules():
@@ -234,3 +236,47 @@ def demo(rank: int, world: int, port: int, out: str) -> None:
         torch.save({"result": fields, "lines": lines}, os.path.join(out, "demo.pt"))
     else:
         assert result is None
+
+
+def peft_sharded(rank: int, world: int, port: int, out: str) -> None:
+    """Converting an already sharded model (the wrong order) is refused; a PEFT model on nf4 layers,
+    sharded and trained a step, saves its adapter in PEFT's format (`nf4.lora.save_adapter`, which hands
+    a PEFT model to `nf4.hf.fsdp.save_pretrained`); rank 0 keeps the gathered full state dict to compare."""
+    import peft
+    from hf_helpers import TARGETS, tiny_config
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaForCausalLM
+
+    import nf4.hf
+    from nf4.lora import apply_lora, quantize_model, save_adapter
+    from nf4.lora.distributed import shard_model
+
+    mesh = init(rank, world, port)
+    result = {}
+    plain = nn.Sequential(nn.Linear(IN, MID), nn.GELU(), nn.Linear(MID, OUT))
+    fully_shard(plain[0], mesh=mesh)
+    fully_shard(plain, mesh=mesh)
+    for convert in (apply_lora, quantize_model):
+        try:
+            convert(plain)
+        except ValueError as e:
+            result[convert.__name__] = str(e)
+
+    torch.manual_seed(0)
+    model = quantize_model(LlamaForCausalLM(tiny_config()), target_modules=TARGETS, progress=False)
+    model = peft.get_peft_model(model, nf4.hf.lora_config(r=4, lora_alpha=8, target_modules=TARGETS))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.1)
+    shard_model(model, mesh=mesh)
+    ids = torch.randint(1, 128, (2 * world, 8), generator=torch.Generator().manual_seed(1)).chunk(world)[rank]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    save_adapter(model, os.path.join(out, "adapter"))
+    if rank == 0:
+        result["adapter"] = {k: v for k, v in full.items() if "lora_" in k}
+        torch.save(result, os.path.join(out, "peft.pt"))
+    finish()

@@ -208,3 +208,36 @@ def threshold_probes():
     dist = np.abs(y.astype(np.float64)[:, None] - code[None, :])
     expect = dist.argmin(axis=1)  # the first (lower) index on a tie
     return torch.from_numpy(y), torch.from_numpy(expect).long()
+
+
+def bnb_cpu_inference(model: torch.nn.Module, *args) -> None:
+    """One no-grad, eval-mode CPU call of `model`, a model with bitsandbytes' Linear4bit layers, as on a
+    CPU with AVX512-BF16: there `Linear4bit.forward` repacks its weight for its CPU kernel
+    (`_convert_weight_packed_for_cpu`: the absmax decoded to bfloat16), and its `state_dict` undoes that,
+    re-double-quantizing the absmax in the weight's dtype (`nested_dtype` "bfloat16" for a bf16 weight).
+    On a CPU without AVX512-BF16 the layers are told they have it, and bitsandbytes' matmul, whose kernel
+    for the repacked layout needs it, returns zeros (the output is not what is tested)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True
+    real = bnb.matmul_4bit
+    if not bnbf.has_avx512bf16():
+        bnb.matmul_4bit = lambda x, w, bias=None, quant_state=None: x.new_zeros(*x.shape[:-1], quant_state.shape[0])
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    finally:
+        bnb.matmul_4bit = real
+    assert all(layer.weight.quant_state.packing_format_for_cpu for layer in layers)
+
+
+def same_bnb_entry(key: str, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two state-dict entries hold the same: equal tensors, or for a bitsandbytes quant state the same JSON
+    text (nf4 pads it with spaces to a fixed length per layout: `NF4Tensor.to_bnb_state_dict`)."""
+    if key.endswith("quant_state.bitsandbytes__nf4"):
+        return bytes(a.tolist()).rstrip(b" ") == bytes(b.tolist()).rstrip(b" ")
+    return torch.equal(a, b)

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_workers import build, demo, load_checkpoint, logged, mixed_precision, one_gpu, train_and_check
+from dist_workers import (
+    build,
+    demo,
+    load_checkpoint,
+    logged,
+    mixed_precision,
+    one_gpu,
+    peft_sharded,
+    train_and_check,
+)
 from safetensors.torch import load_file
 
 TIMEOUT = 180
@@ -159,3 +168,60 @@ def test_fully_shard_on_one_gpu_runs_the_fused_kernels_with_and_without_cpu_offl
     result = torch.load(tmp_path / "gpu.pt", weights_only=True)
     for name in ("plain", "offload"):
         assert result[name]["forward_error"] <= 1e-5 and result[name]["grad_error"] <= 1e-4, (name, result)
+
+
+def quant_state_lengths(model) -> dict:
+    return {k: v.numel() for k, v in model.state_dict().items() if k.endswith("bitsandbytes__nf4")}
+
+
+@pytest.mark.parametrize("skeleton", ["other-base", "meta"])
+def test_dcp_checkpoint_loads_into_a_skeleton_whose_offsets_differ(tmp_path, skeleton, reference_path):
+    """A DCP checkpoint loads into any model of the same architecture: another base model, whose nested
+    offsets have other digits (one forced to 0.5, the shortest), or a skeleton converted on the meta
+    device and materialized with `to_empty` (uninitialised offsets). The quant-state JSON has one
+    length per layout (padded), where DCP refused an entry of another length ("Size mismatch").
+    One process, no process group (DCP's single-process mode); the torch path (whole layers)."""
+    import torch.distributed.checkpoint as dcp
+
+    src = build()
+    dcp.save(src.state_dict(), checkpoint_id=tmp_path / "dcp", no_dist=True)
+    if skeleton == "meta":
+        dst = build(seed=1, device="meta")
+        assert dst[0].weight.device.type == "meta"
+        dst.to_empty(device="cpu")
+    else:
+        dst = build(seed=1)
+        dst[2].weight_nested_offset.fill_(0.5)
+        assert float(src[2].weight_nested_offset) != 0.5
+    state = dst.state_dict()
+    dcp.load(state, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    dst.load_state_dict(state)
+    assert equal_state(dst.state_dict(), src.state_dict())
+    assert quant_state_lengths(build(seed=2)) == quant_state_lengths(src)  # one length per layout
+
+
+def test_sharded_peft_model_saves_its_adapter_in_peft_format_and_the_wrong_order_is_refused(tmp_path):
+    """Two gloo ranks: `fully_shard` then `apply_lora` / `quantize_model` gets one clear error; a PEFT model
+    on nf4 layers, sharded with FSDP2 and trained a step, saves its adapter with `nf4.lora.save_adapter`
+    (every rank calls it: gathering the shards is a collective). PEFT reloads the
+    files on one process, onto the 16-bit base: the values are the gathered full state dict's."""
+    import peft
+    from hf_helpers import TARGETS, tiny_config
+    from transformers import LlamaForCausalLM
+
+    launch(peft_sharded, 2, tmp_path)
+    result = torch.load(tmp_path / "peft.pt", weights_only=True)
+    for name in ("apply_lora", "quantize_model"):
+        assert f"{name}: the model is already sharded with FSDP2's fully_shard" in result[name]
+        assert f"convert first, then shard: {name}(model, ...), then nf4.lora.distributed.shard_model" in result[name]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == sorted(TARGETS) and config["inference_mode"]
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == 2 * len(TARGETS) * 2  # lora_A and lora_B of 7 layers in each of 2 decoder layers
+    loaded = peft.PeftModel.from_pretrained(LlamaForCausalLM(tiny_config()), tmp_path / "adapter")
+    mine = {n: p.detach() for n, p in loaded.named_parameters() if "lora_" in n}
+    gathered = result["adapter"]
+    assert mine.keys() == gathered.keys()
+    assert all(torch.equal(mine[k], gathered[k]) for k in gathered)
+    assert not any(torch.equal(v, torch.zeros_like(v)) for k, v in gathered.items() if "lora_B" in k)

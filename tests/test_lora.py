@@ -1,5 +1,7 @@
 """The LoRA op's forward and gradients, and the LinearNF4 / LoRALinearNF4 modules."""
 
+import copy
+import importlib
 import math
 
 import bitsandbytes as bnb
@@ -11,8 +13,16 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nf4
-from helpers import nf4_error_bound
-from nf4.lora import LinearNF4, LoRALinearNF4, lora_linear, merge_and_unload, merged_weight
+from helpers import bnb_cpu_inference, nf4_error_bound, same_bnb_entry
+from nf4.lora import (
+    LinearNF4,
+    LoRALinearNF4,
+    apply_lora,
+    lora_linear,
+    merge_and_unload,
+    merged_weight,
+    quantize_model,
+)
 from nf4.lora.functional import weight_kwargs
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -580,3 +590,151 @@ def test_dropout_applies_in_training_mode_without_a_gradient(kernel_device):
         layer.train()
         dropped = [layer(x) for _ in range(2)]
     assert not torch.equal(dropped[0], clean) and not torch.equal(dropped[0], dropped[1])
+
+
+def _in_place(y):
+    y += 1
+    return nn.functional.relu(y, inplace=True)
+
+
+def _out_of_place(y):
+    return nn.functional.relu(y + 1)
+
+
+@pytest.mark.parametrize("path", ["eager", "op", "compiled"])
+@pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=["2d", "3d"])
+@pytest.mark.parametrize("cls", [LinearNF4, LoRALinearNF4], ids=["base", "lora"])
+def test_output_can_be_modified_in_place_like_nn_linear(kernel_device, cls, lead, path):
+    """`y = layer(x); y += 1; relu_(y)` gives nn.Linear's semantics: the same values and gradients as the
+    out-of-place version (the output was a view of the matmul's result, which autograd refuses to modify
+    in place under a custom Function). "op" calls `nf4::lora_linear` itself, "compiled" runs the in-place
+    ops inside `torch.compile`."""
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(64, 32)).to(kernel_device)
+    if cls is LoRALinearNF4:
+        nn.init.normal_(layer.lora_B, std=0.1)
+    lora = (layer.lora_A, layer.lora_B) if cls is LoRALinearNF4 else (None, None)
+
+    def forward(x):
+        if path == "op":
+            return run_op(x, layer.nf4_weight, *lora, layer.bias, 1.0, None, 1.0)
+        return layer(x)
+
+    weights = torch.arange(32.0, device=kernel_device)  # a gradient that differs per output
+    x0 = torch.randn(*lead, 64, device=kernel_device)
+    results = []
+    for then in (_out_of_place, _in_place):
+        fn = lambda x, then=then: then(forward(x))  # noqa: E731
+        if path == "compiled":
+            torch._dynamo.reset()
+            fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        layer.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        y = fn(x)
+        (y * weights).sum().backward()
+        grads = [x.grad] + ([layer.lora_A.grad, layer.lora_B.grad] if cls is LoRALinearNF4 else [])
+        results.append([y.detach(), *grads])
+    assert (results[0][0] == 0).any() and (results[0][0] > 0).any()  # relu clips some outputs
+    for expected, got in zip(*results, strict=True):
+        assert torch.equal(got, expected)
+    with torch.no_grad():  # without autograd too
+        y = forward(x0)
+        expected = _out_of_place(y.clone())
+        assert torch.equal(_in_place(y), expected)
+
+
+def _bnb_bf16_model():
+    """Two bitsandbytes NF4 layers holding bf16 weights (as transformers loads a bf16 4-bit model), after
+    a CPU inference pass: their state has nested_dtype "bfloat16" (`helpers.bnb_cpu_inference`)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).to(torch.bfloat16)
+    for i in (0, 2):
+        linear = model[i]
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(linear.weight.data, False, quant_type="nf4", module=layer)
+        layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        model[i] = layer
+    model = model.to("cpu")  # bitsandbytes quantizes here
+    bnb_cpu_inference(model, torch.randn(2, 128, dtype=torch.bfloat16))
+    return model
+
+
+@pytest.mark.parametrize("convert", ["apply_lora", "quantize_model", "peft"])
+def test_converts_a_bitsandbytes_model_after_cpu_inference(convert):
+    """apply_lora / quantize_model take a bitsandbytes model (plain or under PEFT) whose layers ran a CPU
+    inference pass: each layer keeps bitsandbytes' bytes as stored (nested_dtype "bfloat16") and computes
+    with bitsandbytes' dequantized weight."""
+    model = _bnb_bf16_model()
+    expected = {}
+    for name, layer in model.named_children():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            sd = layer.state_dict()  # undoes the repacking, in the layer too
+            assert b'"nested_dtype": "bfloat16"' in bytes(sd["weight.quant_state.bitsandbytes__nf4"].tolist())
+            state = layer.weight.quant_state
+            w = bnb.functional.dequantize_4bit(layer.weight.data, state, quant_type="nf4")
+            state.dtype = torch.float32  # the same absmax; what nf4's matmul multiplies by (float32 products)
+            w32 = bnb.functional.dequantize_4bit(layer.weight.data, state, quant_type="nf4")
+            state.dtype = torch.bfloat16
+            expected[name] = sd, w, w32
+    if convert == "peft":
+        import peft
+
+        importlib.import_module("nf4.hf")  # nf4's PEFT layers
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["0", "2"]))
+        bnb_cpu_inference(model, torch.randn(2, 128, dtype=torch.bfloat16))  # PEFT's forward repacks too
+        apply_lora(model)
+        layers = {name: model.base_model.model.get_submodule(name).base_layer for name in expected}
+    else:
+        {"apply_lora": apply_lora, "quantize_model": quantize_model}[convert](model)
+        layers = {name: model.get_submodule(name) for name in expected}
+    for name, layer in layers.items():
+        assert type(layer) is (LoRALinearNF4 if convert == "apply_lora" else LinearNF4)
+        sd, w, w32 = expected[name]
+        assert layer.nf4_weight.nested_dtype == torch.bfloat16
+        assert torch.equal(layer.dequantize_weight(), w)
+        assert torch.equal(layer.dequantize_weight(torch.float32), w32)
+        mine = layer.state_dict()
+        assert all(same_bnb_entry(k, mine[k], v) for k, v in sd.items())
+        x = torch.randn(3, layer.in_features)
+        assert_linear_within_float32(layer(x), x, w32.double(), layer.bias)
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32, bias=False))
+
+
+@pytest.mark.parametrize("load", ["assign", "to_empty"])
+@pytest.mark.parametrize("convert", ["apply_lora", "quantize_model"])
+def test_converts_a_meta_model_and_quantizes_the_weights_when_they_arrive(reference_path, convert, load):
+    """A model built on the meta device (how FSDP2 recipes build big models) converts without values; the
+    16-bit checkpoint's weights are quantized as they load (into the meta layers with `assign=True`, or
+    into the layers `to_empty` materialized): the same bytes as converting the loaded model."""
+    torch.manual_seed(0)
+    src = _mlp()
+    kwargs = dict(r=4, lora_alpha=8) if convert == "apply_lora" else {}
+    fn = {"apply_lora": apply_lora, "quantize_model": quantize_model}[convert]
+    expected = fn(copy.deepcopy(src), **kwargs)
+    with torch.device("meta"):
+        model = _mlp()
+    fn(model, **kwargs)
+    assert type(model[0]) is type(expected[0]) and model[0].weight.device.type == "meta"
+    assert model.state_dict()["0.weight"].shape == (48, 64)  # what a loader should bring: the 16-bit weight
+    if load == "to_empty":
+        model.to_empty(device="cpu")
+    missing = model.load_state_dict(src.state_dict(), strict=False, assign=load == "assign").missing_keys
+    assert sorted(missing) == ([] if convert == "quantize_model" else ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"])
+    got, want = model.state_dict(), expected.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want if "lora_" not in k)
+    if convert == "apply_lora":
+        assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+
+
+def test_a_weight_of_another_shape_is_refused_on_arrival():
+    with torch.device("meta"):
+        model = quantize_model(_mlp())
+    sd = {**_mlp().state_dict(), "0.weight": torch.zeros(48, 63)}
+    with pytest.raises(
+        RuntimeError, match=r"0.weight: the checkpoint's weight has shape \[48, 63\], this module expects \[48, 64\]"
+    ):
+        model.load_state_dict(sd, assign=True)

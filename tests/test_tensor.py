@@ -9,7 +9,7 @@ import torch
 from bitsandbytes.functional import QuantState
 
 import nf4
-from helpers import absmax_decode_bound, make_data
+from helpers import absmax_decode_bound, bnb_cpu_inference, make_data, same_bnb_entry
 from nf4 import NF4Tensor, reference
 from nf4.api import decode_absmax
 
@@ -64,8 +64,9 @@ def test_bnb_state_dict_keys_and_json(double_quant):
     blob = bytes(sd["layer.weight.quant_state.bitsandbytes__nf4"].tolist()).decode()
     state = json.loads(blob)
     assert state["quant_type"] == "nf4" and state["blocksize"] == 64 and state["dtype"] == "bfloat16"
-    assert state["shape"] == [48, 64] and json.dumps(state) == blob  # Python's default separators
-    if double_quant:
+    assert state["shape"] == [48, 64] and json.dumps(state) == blob.rstrip(" ")  # Python's default separators
+    if double_quant:  # padded with spaces to a length the offset does not change
+        assert len(blob) == len(json.dumps({**state, "nested_offset": 0.0})) - 3 + 24 > len(json.dumps(state))
         assert state["nested_blocksize"] == 256 and state["nested_dtype"] == "float32"
         assert state["nested_offset"] == q.nested_offset.item()
     assert sd["layer.weight"].dtype == torch.uint8 and sd["layer.weight"].shape == (48 * 64 // 2, 1)
@@ -232,3 +233,49 @@ def test_decoded_absmax_matches_reference():
         decoded, reference.dequantize_absmax_ref(q.absmax, q.nested_absmax, q.nested_offset, q.nested_code)
     )
     assert torch.all((decoded - plain.absmax).abs().double() <= absmax_decode_bound(plain.absmax))
+
+
+def bnb_layer(k, n, dtype, seed=0):
+    """bitsandbytes' NF4 Linear4bit (double quant) holding nn.Linear(k, n)'s weight in `dtype`, on the CPU."""
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(k, n).to(dtype)
+    layer = bnb.nn.Linear4bit(k, n, quant_type="nf4", compress_statistics=True, compute_dtype=dtype)
+    # as transformers loads a `dtype` model: the weight arrives in `dtype` and is quantized by the move
+    layer.weight = bnb.nn.Params4bit(linear.weight.data, False, quant_type="nf4", module=layer)  # double quant
+    layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer.to("cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_bitsandbytes_nested_dtype_of_a_repacked_layer_loads_as_stored(dtype):
+    """After a CPU inference pass bitsandbytes saves the nested absmax re-quantized in the weight's dtype
+    (`nested_dtype` "bfloat16" / "float16") and decodes it with two roundings to that dtype: the
+    checkpoint loads as it is, dequantizes to bitsandbytes' values bit for bit, and saves back unchanged."""
+    layer = bnb_layer(256, 64, dtype)
+    bnb_cpu_inference(layer, torch.randn(3, 256, dtype=dtype))
+    sd = layer.state_dict()
+    name = str(dtype).removeprefix("torch.")
+    assert json.loads(bytes(sd["weight.quant_state.bitsandbytes__nf4"].tolist()))["nested_dtype"] == name
+
+    q = NF4Tensor.from_bnb_state_dict(sd)
+    assert q.nested_dtype == dtype and q.double_quant and q.dtype == dtype
+    # bitsandbytes' own load of the same checkpoint (what transformers does), and its own dequantize
+    pieces = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
+    state = QuantState.from_dict(pieces, "cpu")
+    theirs = bnbf.dequantize_4bit(sd["weight"], state, quant_type="nf4")
+    assert torch.equal(nf4.dequantize(q), theirs)
+    state.dtype = torch.float32  # the same decoded absmax, in float32
+    assert torch.equal(nf4.dequantize(q, torch.float32), bnbf.dequantize_4bit(sd["weight"], state, quant_type="nf4"))
+    # ...which the float32 decode of the same pieces does not give: the rounding is what is tested
+    as_float32 = NF4Tensor.unflatten(q.flatten()[0], q.meta._replace(nested_dtype=torch.float32))
+    assert not torch.equal(nf4.dequantize(as_float32), theirs)
+    # kept as stored: the same bytes back
+    back = q.to_bnb_state_dict()
+    assert back.keys() == {k for k in sd if k != "bias"}
+    assert all(same_bnb_entry(k, back[k], sd[k]) for k in back)
+
+
+def test_unknown_nested_dtype_is_refused():
+    sd = nf4.quantize(torch.randn(16, 64), 64).to_bnb_state_dict()
+    with pytest.raises(ValueError, match=r"nested_dtype must be one of \['float32', 'float16', 'bfloat16'\]"):
+        NF4Tensor.from_bnb_state_dict(corrupt(sd, QS, json_blob(**{**GOOD, "nested_dtype": "float64"})))
