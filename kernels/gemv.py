@@ -19,8 +19,8 @@ operand, in registers: wgmma on sm_90, mma.sync on sm_80) scaled by its block's 
 
 - No table in memory. The 16 NF4 values in the activation dtype live in registers (their high and low
   bytes, four per word), and `nf4.kernels.lut.pair_lookup` maps 4 bytes of W to their 4 pair words (both
-  codes of a byte, the even one in the low half: what the dot operand holds) with 16 PRMT and 5 other
-  instructions.
+  codes of a byte, the even one in the low half: what the dot operand holds) with 16 PRMT and 2 LOP3 on
+  the ALU pipe and 3 IMAD.HI on the FMA pipe.
 - No layout conversion of W. A thread loads, as 8-byte words, exactly the bytes its part of the
   tensor-core A fragment needs ("fragment order": rows 64i + 16w + 8h + g for warp w, lane 4g + t, the
   8 bytes [8t, 8t + 8) of each block), and the reduction order inside a block is permuted to match
