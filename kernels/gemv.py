@@ -212,7 +212,7 @@ def _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, j0, k_start, k_end, M
     stored as float32 [M, r] after the split slices of W's partial sums (`partial[split, M, N]`).
 
     A step takes A_BK columns: its two loads ([16, A_BK] of A and of x) are in flight together, so the
-    program waits for ceil(slice / A_BK) round trips in a row (4 for a 1024-column slice), not one per 16
+    program waits for ceil(slice / A_BK) round trips in a row (8 for a 1024-column slice), not one per 16
     columns. The product is a batched dot over A_BK / 16 groups of 16 columns, summed over the groups: each
     thread holds 16-column operands (a [16, A_BK] x [A_BK, 16] dot on FMA units holds whole rows)."""
     xa_ptr = partial_ptr + tl.num_programs(0).to(tl.int64) * M * N
@@ -739,7 +739,8 @@ def epilogue_round_trips(split: int, r: int, fused_u: bool = True) -> int:
 
 LUT_RESIDENT = 2
 """Programs of the register-table path an H200 SM holds at once: 173-177 registers per thread x 128
-threads (sm_90, triton 3.6 and 3.9) -> 2 of 65536 registers' worth."""
+threads (sm_90, triton 3.6 and 3.9; 216 with the low-rank program compiled in, triton 3.9) -> 2 of 65536
+registers' worth."""
 
 
 def in_flight_bytes(bn: int, bk: int, stages: int) -> int:
