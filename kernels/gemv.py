@@ -97,7 +97,9 @@ sm_80, triton 3.9)."""
 LUT_BK = 256  # codes per row per loop step there: 4 blocks of 64, 128 bytes
 LUT_CHUNKS = 4  # steps per program at most there (its absmax is decoded before the loop: 4 x [BN, 4])
 EPILOGUE_BN = 64
-A_BK = tl.constexpr(128)  # columns of A per step of the low-rank program (`_lora_a_slice`)
+A_BK = tl.constexpr(128)
+"""Columns of A per step of the low-rank program (`_lora_a_slice`) on the register-table path; half that on
+the others (128 took an 8-byte stack frame with 32-column W steps, no double quant, sm_80, triton 3.9)."""
 SPLITS_PER_STEP = tl.constexpr(8)  # split-K slices the epilogue sums per loop step (loads in flight)
 
 
@@ -194,7 +196,7 @@ def _nf4_gemv_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     if is_a:
         _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, 16 * pid_n, k_start, k_end, M, N, r, stride_ar,
-                      stride_ak, SOFT_BF16)  # fmt: skip
+                      stride_ak, A_BK if LUT else A_BK // 2, SOFT_BF16)  # fmt: skip
     elif LUT:
         _w_slice_lut(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
                      pairs_ptr, partial_ptr, pid_n.to(tl.int64), pid_k, M, N, KB, KB // 128, kb_per_split // 128,
@@ -207,23 +209,24 @@ def _nf4_gemv_kernel(
 
 @triton.jit
 def _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, j0, k_start, k_end, M, N, r, stride_ar, stride_ak,
-                  SOFT_BF16: tl.constexpr):  # fmt: skip
+                  STEP: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
     """xa[pid_k][:, j0 : j0 + 16] = x[:, slice] @ A[j0 : j0 + 16, slice]^T in exact fp32 (A in its own dtype),
     stored as float32 [M, r] after the split slices of W's partial sums (`partial[split, M, N]`).
 
-    A step takes A_BK columns: its two loads ([16, A_BK] of A and of x) are in flight together, so the
-    program waits for ceil(slice / A_BK) round trips in a row (8 for a 1024-column slice), not one per 16
-    columns. The product is a batched dot over A_BK / 16 groups of 16 columns, summed over the groups: each
-    thread holds 16-column operands (a [16, A_BK] x [A_BK, 16] dot on FMA units holds whole rows)."""
+    A step takes STEP columns: its two loads ([16, STEP] of A and of x) are in flight together, so the
+    program waits for ceil(slice / STEP) round trips in a row (8 for a 1024-column slice of the register-
+    table path), not one per 16 columns. The product is a batched dot over STEP / 16 groups of 16 columns,
+    summed over the groups: each thread holds 16-column operands (a [16, STEP] x [STEP, 16] dot on FMA
+    units holds whole rows)."""
     xa_ptr = partial_ptr + tl.num_programs(0).to(tl.int64) * M * N
     offs_m = tl.arange(0, 16)
     rank = j0 + tl.arange(0, 16)
     in_j = rank < r
     a_rows = a_ptr + rank.to(tl.int64)[:, None] * stride_ar
-    G: tl.constexpr = A_BK // 16
+    G: tl.constexpr = STEP // 16
     acc = tl.zeros((16, 16), dtype=tl.float32)  # [ranks, rows of x]
-    for k0 in tl.range(k_start, k_end, A_BK, num_stages=1):  # loads in flight together, no pipeliner
-        offs_k = k0 + tl.arange(0, A_BK)
+    for k0 in tl.range(k_start, k_end, STEP, num_stages=1):  # loads in flight together, no pipeliner
+        offs_k = k0 + tl.arange(0, STEP)
         in_k = offs_k < k_end
         a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=in_j[:, None] & in_k[None, :], other=0.0)
         x = tl.load(x_rows + offs_k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
