@@ -5,7 +5,9 @@
 #     bash benchmarks/gpu_check.sh            # tests, benchmarks, lookups, model step, static report: < 9 min
 #     bash benchmarks/gpu_check.sh --dry-run  # on any machine: every step, tiny, without a GPU
 #
-# Time budget (one device call of at most 9 minutes, setup included): tests 140 s, benchmarks 140 s, the
+# Time budget (one device call of at most 9 minutes, setup included): tests 140 s, benchmarks 140 s,
+# per-kernel GPU times 40 s and Nsight Compute's pipe / bank-conflict / clock metrics 60 s where ncu exists
+# (bench_kernels.py: the times a static speed model is scored on), the
 # table-lookup microbenchmark with the decode kernel of 2d550bfb5869 beside the current one 60 s
 # (bench_lookup.py: checks the L1 model of nf4.kernels.sass), a whole Llama-3-8B-shaped model's QLoRA step
 # at 2048 tokens 120 s (bench_model.py: nf4, bitsandbytes + PEFT and 16-bit LoRA at batch 1, then nf4 and
@@ -17,7 +19,7 @@
 # where pytest-xdist imports (the GPU machine has 16 cores), else serially.
 # PYTHON selects the interpreter (default python3; the dry run here: PYTHON=.venv/bin/python).
 # Everything it produces goes to $OUT (default ./gpu-check-out), flat, at most 8 files:
-# env.txt, pytest.txt, table.txt, results.jsonl, profile.txt (top kernels of the fused paths),
+# env.txt, pytest.txt, table.txt, results.jsonl, profile.txt (top kernels of the fused paths, then ncu's CSV),
 # speedup.png (where matplotlib exists), static_report.txt, log.txt. Steps that fail are reported and
 # the next ones still run.
 set -uo pipefail
@@ -91,6 +93,23 @@ step "benchmarks"
 QUICK=""
 [ $DRY = 1 ] && QUICK="--quick"
 limit 140 "$PY" "$REPO/benchmarks/run_all.py" $QUICK --out-dir "$OUT" || { echo "benchmarks failed or timed out"; status=1; }
+
+step "per-kernel GPU times, L2 flushed (bench_kernels.py: dequantize, quantize, decode at r = 0 and 16)"
+limit 40 "$PY" "$REPO/benchmarks/bench_kernels.py" $QUICK --out "$OUT/results.jsonl" || { echo "kernel timing failed or timed out"; status=1; }
+if command -v ncu >/dev/null 2>&1; then
+  # ALU / FMA pipe use, shared-memory bank conflicts and wavefronts, the real SM clock, per kernel launch
+  step "Nsight Compute metrics of the same kernels (appended to profile.txt)"
+  METRICS=gpu__time_duration.sum,smsp__cycles_elapsed.avg.per_second,sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active
+  METRICS=$METRICS,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active
+  METRICS=$METRICS,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum
+  METRICS=$METRICS,dram__throughput.avg.pct_of_peak_sustained_elapsed
+  { echo; echo "# Nsight Compute (ncu --csv), bench_kernels.py --ncu: 2 calls per case"
+    limit 60 ncu --csv --metrics "$METRICS" -k "regex:_(nf4_gemv|quantize|dequantize)" \
+      "$PY" "$REPO/benchmarks/bench_kernels.py" --ncu $QUICK; } >> "$OUT/profile.txt" 2>&1 \
+    || echo "ncu failed or timed out (see profile.txt; e.g. no access to the performance counters): not fatal"
+else
+  step "Nsight Compute: ncu not found, skipped"
+fi
 
 step "table lookups (global / shared / registers) and the decode kernel of 2d550bfb5869 beside the current one"
 limit 60 "$PY" "$REPO/benchmarks/bench_lookup.py" $QUICK --out "$OUT/results.jsonl" || { echo "lookup benchmark failed or timed out"; status=1; }

@@ -19,8 +19,8 @@ operand, in registers: wgmma on sm_90, mma.sync on sm_80) scaled by its block's 
 
 - No table in memory. The 16 NF4 values in the activation dtype live in registers (their high and low
   bytes, four per word), and `nf4.kernels.lut.pair_lookup` maps 4 bytes of W to their 4 pair words (both
-  codes of a byte, the even one in the low half: what the dot operand holds) with 16 PRMT and 5 other
-  instructions.
+  codes of a byte, the even one in the low half: what the dot operand holds) with 16 PRMT and 2 LOP3 on
+  the ALU pipe and 3 IMAD.HI on the FMA pipe.
 - No layout conversion of W. A thread loads, as 8-byte words, exactly the bytes its part of the
   tensor-core A fragment needs ("fragment order": rows 64i + 16w + 8h + g for warp w, lane 4g + t, the
   8 bytes [8t, 8t + 8) of each block), and the reduction order inside a block is permuted to match
@@ -97,7 +97,9 @@ sm_80, triton 3.9)."""
 LUT_BK = 256  # codes per row per loop step there: 4 blocks of 64, 128 bytes
 LUT_CHUNKS = 4  # steps per program at most there (its absmax is decoded before the loop: 4 x [BN, 4])
 EPILOGUE_BN = 64
-A_BK = tl.constexpr(16)  # columns of A per step of the low-rank program (64 took 8 B of stack, triton 3.6)
+A_BK = tl.constexpr(128)
+"""Columns of A per step of the low-rank program (`_lora_a_slice`) on the register-table path; half that on
+the others (128 took an 8-byte stack frame with 32-column W steps, no double quant, sm_80, triton 3.9)."""
 SPLITS_PER_STEP = tl.constexpr(8)  # split-K slices the epilogue sums per loop step (loads in flight)
 
 
@@ -176,55 +178,73 @@ def _nf4_gemv_kernel(
     ASM: tl.constexpr,
     MMA_V2: tl.constexpr,
 ):
-    pid_k = tl.program_id(1).to(tl.int64)
     offs_m = tl.arange(0, 16)
     in_m = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    # The grid is (split, row tiles): programs start in launch order, x fastest, so with HAS_A the
+    # low-rank programs (the first ceil(r / 16) "row tiles": ranks 16 j .., every slice) start in the first
+    # wave and their short chain of loads runs under W's stream.
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if HAS_A:
+        is_a = pid_n < (r + 15) // 16
+        pid_n = tl.where(is_a, pid_n, pid_n - (r + 15) // 16)
+    else:
+        is_a = False
+    pid_k = pid_k.to(tl.int64)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    if HAS_A and tl.program_id(0) * BN >= N:  # the extra row tile (launched with HAS_A): x @ A^T of this slice
-        _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, k_start, k_end, M, N, r, stride_ar, stride_ak, SOFT_BF16)
+    if is_a:
+        _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, 16 * pid_n, k_start, k_end, M, N, r, stride_ar,
+                      stride_ak, A_BK if LUT else A_BK // 2, SOFT_BF16)  # fmt: skip
     elif LUT:
         _w_slice_lut(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
-                     pairs_ptr, partial_ptr, pid_k, M, N, KB, KB // 128, kb_per_split // 128, DOUBLE_QUANT, BN,
-                     ASM, MMA_V2, DOT_F32, SOFT_BF16)  # fmt: skip
+                     pairs_ptr, partial_ptr, pid_n.to(tl.int64), pid_k, M, N, KB, KB // 128, kb_per_split // 128,
+                     DOUBLE_QUANT, BN, ASM, MMA_V2, DOT_F32, SOFT_BF16)  # fmt: skip
     else:
         _w_slice(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
-                 pairs_ptr, code_ptr, partial_ptr, pid_k, k_start, k_end, M, N, K, KB, log2_bs, n_blocks,
-                 kb_per_split, ALIGNED, DOUBLE_QUANT, BN, BK, CODE_F32, DOT_F32, SOFT_BF16)  # fmt: skip
+                 pairs_ptr, code_ptr, partial_ptr, pid_n.to(tl.int64), pid_k, k_start, k_end, M, N, K, KB, log2_bs,
+                 n_blocks, kb_per_split, ALIGNED, DOUBLE_QUANT, BN, BK, CODE_F32, DOT_F32, SOFT_BF16)  # fmt: skip
 
 
 @triton.jit
-def _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, k_start, k_end, M, N, r, stride_ar, stride_ak,
-                  SOFT_BF16: tl.constexpr):  # fmt: skip
-    """xa[pid_k] = x[:, slice] @ A[:, slice]^T in exact fp32 (A in its own dtype), 16 ranks at a time,
-    stored as float32 [M, r] after the split slices of W's partial sums (`partial[split, M, N]`)."""
-    xa_ptr = partial_ptr + tl.num_programs(1).to(tl.int64) * M * N
+def _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, j0, k_start, k_end, M, N, r, stride_ar, stride_ak,
+                  STEP: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
+    """xa[pid_k][:, j0 : j0 + 16] = x[:, slice] @ A[j0 : j0 + 16, slice]^T in exact fp32 (A in its own dtype),
+    stored as float32 [M, r] after the split slices of W's partial sums (`partial[split, M, N]`).
+
+    A step takes STEP columns: its two loads ([16, STEP] of A and of x) are in flight together, so the
+    program waits for ceil(slice / STEP) round trips in a row (8 for a 1024-column slice of the register-
+    table path), not one per 16 columns. The product is a batched dot over STEP / 16 groups of 16 columns,
+    summed over the groups: each thread holds 16-column operands (a [16, STEP] x [STEP, 16] dot on FMA
+    units holds whole rows)."""
+    xa_ptr = partial_ptr + tl.num_programs(0).to(tl.int64) * M * N
     offs_m = tl.arange(0, 16)
-    offs_j = tl.arange(0, 16)
-    for j0 in range(0, r, 16):
-        rank = j0 + offs_j
-        in_j = rank < r
-        a_rows = a_ptr + rank.to(tl.int64)[:, None] * stride_ar
-        acc = tl.zeros((16, 16), dtype=tl.float32)  # [ranks, rows of x]
-        for k0 in range(k_start, k_end, A_BK):
-            offs_k = k0 + tl.arange(0, A_BK)
-            in_k = offs_k < k_end
-            a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=in_j[:, None] & in_k[None, :], other=0.0)
-            x = tl.load(x_rows + offs_k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
-            acc += tl.dot(to_f32(a, SOFT_BF16), tl.trans(to_f32(x, SOFT_BF16)), input_precision="ieee")
-        offs = (pid_k * M + offs_m[None, :]) * r + rank[:, None]
-        tl.store(xa_ptr + offs, acc, mask=in_m[None, :] & in_j[:, None])
+    rank = j0 + tl.arange(0, 16)
+    in_j = rank < r
+    a_rows = a_ptr + rank.to(tl.int64)[:, None] * stride_ar
+    G: tl.constexpr = STEP // 16
+    acc = tl.zeros((16, 16), dtype=tl.float32)  # [ranks, rows of x]
+    for k0 in tl.range(k_start, k_end, STEP, num_stages=1):  # loads in flight together, no pipeliner
+        offs_k = k0 + tl.arange(0, STEP)
+        in_k = offs_k < k_end
+        a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=in_j[:, None] & in_k[None, :], other=0.0)
+        x = tl.load(x_rows + offs_k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
+        a3 = tl.permute(tl.reshape(to_f32(a, SOFT_BF16), (16, G, 16)), (1, 0, 2))  # [group, rank, column]
+        x3 = tl.permute(tl.reshape(to_f32(x, SOFT_BF16), (16, G, 16)), (1, 2, 0))  # [group, column, row]
+        acc += tl.sum(tl.dot(a3, x3, input_precision="ieee"), axis=0)
+    offs = (pid_k * M + offs_m[None, :]) * r + rank[:, None]
+    tl.store(xa_ptr + offs, acc, mask=in_m[None, :] & in_j[:, None])
 
 
 @triton.jit
 def _w_slice(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
-             pairs_ptr, code_ptr, partial_ptr, pid_k, k_start, k_end, M, N, K, KB, log2_bs, n_blocks,
+             pairs_ptr, code_ptr, partial_ptr, pid_n, pid_k, k_start, k_end, M, N, K, KB, log2_bs, n_blocks,
              kb_per_split, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
              CODE_F32: tl.constexpr, DOT_F32: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
     """partial[pid_k] = x[:, slice] @ dequant(W)[rows, slice]^T for this program's BN rows of W."""
     offs_m = tl.arange(0, 16)
-    offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    offs_n = pid_n * BN + tl.arange(0, BN)
     in_n = offs_n < N
     act = x_rows.dtype.element_ty
     acc = tl.zeros((BN, 16), dtype=tl.float32)  # transposed: W is the dot's A operand
@@ -280,13 +300,12 @@ def _w_slice(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_off
 
 @triton.jit
 def _w_slice_lut(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
-                 pairs_ptr, partial_ptr, pid_k, M, N, KB, KC, chunks_per_split, DOUBLE_QUANT: tl.constexpr,
+                 pairs_ptr, partial_ptr, pid_n, pid_k, M, N, KB, KC, chunks_per_split, DOUBLE_QUANT: tl.constexpr,
                  BN: tl.constexpr, ASM: tl.constexpr, MMA_V2: tl.constexpr, DOT_F32: tl.constexpr,
                  SOFT_BF16: tl.constexpr):  # fmt: skip
     """partial[pid_k] = x[:, slice] @ dequant(W)[rows, slice]^T, fp16/bf16, blocksize 64, K % 256 == 0
     (KC = K / 256 chunks per row): the register-table path (module docstring, "Register table")."""
     act = x_rows.dtype.element_ty
-    pid_n = tl.program_id(0).to(tl.int64)
     # Fragment order: flat f = (((i*2 + h)*4 + w)*8 + g)*4 + t covers dot row 64i + 16w + 8h + g and the
     # 8 bytes [8t, 8t + 8) of its 32-byte block, the bytes thread (w, g, t) of the tensor-core operand
     # holds (wgmma / mma.sync A fragment; `_lut_dot` permutes the reduction order to match).
@@ -723,7 +742,8 @@ def epilogue_round_trips(split: int, r: int, fused_u: bool = True) -> int:
 
 LUT_RESIDENT = 2
 """Programs of the register-table path an H200 SM holds at once: 173-177 registers per thread x 128
-threads (sm_90, triton 3.6 and 3.9) -> 2 of 65536 registers' worth."""
+threads (sm_90, triton 3.6 and 3.9; 216 with the low-rank program compiled in, triton 3.9) -> 2 of 65536
+registers' worth."""
 
 
 def in_flight_bytes(bn: int, bk: int, stages: int) -> int:
@@ -877,7 +897,7 @@ class _Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(m, n, k, dtype, device, blocksize, double_quant, split, has_a) -> _Plan:
+def _plan(m, n, k, dtype, device, blocksize, double_quant, split, a_tiles) -> _Plan:
     interpret = INTERPRET or device.type != "cuda"
     aligned = k % BK == 0
     bk = step_k(k, blocksize, dtype) if aligned else BK
@@ -889,12 +909,12 @@ def _plan(m, n, k, dtype, device, blocksize, double_quant, split, has_a) -> _Pla
     k_per_split = cdiv(cdiv(k, split), bk) * bk
     split = cdiv(k, k_per_split)
     return _Plan(
-        grid=(cdiv(n, bn) + has_a, split),  # with A: one more row tile, the low-rank program
+        grid=(split, a_tiles + cdiv(n, bn)),  # with A: ceil(r / 16) more row tiles first, the low-rank programs
         epilogue_grid=(cdiv(n, EPILOGUE_BN),),
         split=split,
         scalars=(blocksize.bit_length() - 1, cdiv(n * k, blocksize), k_per_split, k_per_split // 2),
         meta={
-            **_main_constexprs(dtype, aligned, double_quant, interpret, bk, bool(has_a), mma_v2(device)),
+            **_main_constexprs(dtype, aligned, double_quant, interpret, bk, bool(a_tiles), mma_v2(device)),
             **_options(aligned, dtype, bk),
         },
         epilogue_meta=dict(BN=EPILOGUE_BN, SOFT_BF16=interpret, num_warps=NUM_WARPS, enable_fp_fusion=True),
@@ -916,9 +936,10 @@ def launch(x, weight, u, v, bias, lora_scale, split=None, a=None) -> torch.Tenso
     fused = a is not None and a.shape[0] > 0 and fuses_a(x.dtype, k % BK == 0)
     if a is not None and not fused:
         u = x @ a.to(x.dtype).t()
-    plan = _plan(m, n, k, x.dtype, x.device, weight.blocksize, weight.double_quant, split, int(fused))
-    constants = _constants(x.device, x.dtype)
     r = a.shape[0] if fused else u.shape[1] if u is not None else 0
+    a_tiles = cdiv(r, 16) if fused else 0  # low-rank programs per slice (16 ranks each)
+    plan = _plan(m, n, k, x.dtype, x.device, weight.blocksize, weight.double_quant, split, a_tiles)
+    constants = _constants(x.device, x.dtype)
     # W's partial sums [split, M, N], then (fused) x @ A^T's [split, M, r]: one allocation
     partial = torch.empty(plan.split * m * (n + r * fused), dtype=torch.float32, device=x.device)
     nested = nested_pointers(weight)

@@ -12,6 +12,9 @@ plane's entries 0..7 from its word pair (w0, w1) and 8..15 from (w2, w3), one PR
 T = byte index + 4 * bit 3 of the code picks between the two per byte (a third PRMT). PRMTs then
 interleave the planes into the outputs. PRMT takes its first source from a register and its second as an
 immediate, so words 0 and 2 of every plane come in registers (`lut_words`) and 1 and 3 are immediates.
+The selectors' shifts right are written as `mul.hi.u32` by a power of two: ptxas keeps them as IMAD.HI,
+which issues on the FMA pipe (128 lanes per clock on sm_90, mostly idle here) instead of the ALU pipe
+(64 lanes per clock) that PRMT and LOP3 already fill.
 NOTE: the register words are read from memory at an address that differs between lanes (`LUT_COPIES`
 copies, the copy indexed along a dimension that maps to lanes): given as immediates, or as values every
 lane loads from one address, ptxas keeps them in uniform registers and copies one back before every
@@ -68,10 +71,10 @@ def registers(dtype: torch.dtype) -> int:
 def _selectors(src: str, mask: str) -> list[str]:
     return [
         f"and.b32 S, {src}, 0x77777777;",
-        f"shr.b32 T, {src}, 1;",
+        f"mul.hi.u32 T, {src}, 0x80000000;",
         f"lop3.b32 T, T, {mask}, 0x32103210, 0xEA;",  # (T & 0x44444444) | 0x32103210
-        "shr.b32 s1, S, 16;",
-        "shr.b32 t1, T, 16;",
+        "mul.hi.u32 s1, S, 0x10000;",
+        "mul.hi.u32 t1, T, 0x10000;",
     ]
 
 
@@ -87,7 +90,7 @@ def _plane(out: str, plane: tuple[int, ...], reg0: str, reg2: str, s: str, t: st
 def pair_lookup_asm(dtype: torch.dtype) -> str:
     """PTX for `tl.inline_asm_elementwise(..., pack=1)`: a word of 4 bytes ($4) -> 4 pair words ($0..$3),
     word i = value[byte_i >> 4] | value[byte_i & 15] << 16 in `dtype` (fp16 / bf16) bits; $5.. hold
-    `lut_words(dtype)`. Per 4 bytes: 16 PRMT, 2 LOP3, 3 SHF."""
+    `lut_words(dtype)`. Per 4 bytes: 16 PRMT and 2 LOP3 (ALU pipe), 3 IMAD.HI (FMA pipe)."""
     lo, hi = byte_planes(nf4_values(dtype))
     out = ["{", ".reg .b32 S, T, s1, t1, a, b, hs, ls;", *_selectors("$4", "$9")]
     for half, (s, t) in enumerate((("S", "T"), ("s1", "t1"))):
@@ -100,7 +103,7 @@ def pair_lookup_asm(dtype: torch.dtype) -> str:
 def value_lookup_asm() -> str:
     """PTX for `tl.inline_asm_elementwise(..., pack=1)`: a word of 4 bytes ($8) -> 8 float32 values
     ($0..$7: byte 0's high code, byte 0's low code, byte 1's high code, ...), the NF4 values;
-    $9.. hold `lut_words(torch.float32)`. Per 4 bytes: 40 PRMT, 2 LOP3, 3 SHF."""
+    $9.. hold `lut_words(torch.float32)`. Per 4 bytes: 40 PRMT and 2 LOP3 (ALU pipe), 3 IMAD.HI (FMA pipe)."""
     planes = byte_planes(nf4_values(torch.float32))
     out = ["{", ".reg .b32 S, T, s1, t1, a, b, x0, x1, x2, x3, y, z;", *_selectors("$8", "$17")]
     for half, (s, t) in enumerate((("S", "T"), ("s1", "t1"))):

@@ -113,7 +113,11 @@ def _nf4_codes(xs, table_ptr):
     v = tl.fma(xs, 16.0, BUCKET_MAGIC)
     entry = tl.load(table_ptr + (v.to(tl.int32, bitcast=True) & (BUCKETS - 1)))
     mid = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-    return (entry >> 32).to(tl.int32) + (xs > mid).to(tl.int32)
+    # xs > mid as the sign bit of mid - xs (its sign is exact; equal values give +0: a tie goes to the lower
+    # code; mid = +inf gives +inf), moved down by a multiply-high: FADD and IMAD.HI issue on the FMA pipe,
+    # where a compare and a select would take two ALU-pipe slots
+    above = tl.umulhi((mid - xs).to(tl.uint32, bitcast=True), 2).to(tl.int32)
+    return (entry >> 32).to(tl.int32) + above
 
 
 @triton.jit

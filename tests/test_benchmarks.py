@@ -28,7 +28,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert expected <= files
     assert len(files) <= 8  # what the GPU machine sends back
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert {r["bench"] for r in records} == {"quantize", "matmul", "train_step", "lookup", "decode", "model_step"}
+    benches = {"quantize", "matmul", "train_step", "lookup", "decode", "model_step", "kernels"}
+    assert {r["bench"] for r in records} == benches
+    kernels = {r["case"]: r for r in records if r["bench"] == "kernels"}  # bench_kernels.py: no GPU, not timed
+    assert set(kernels) == {"dequantize", "quantize", "decode_r0", "decode_r16"}
+    assert all(kernels[c]["error_over_bound"] <= 1.0 for c in ("decode_r0", "decode_r16"))
     steps = {(r["stack"], r["batch"]) for r in records if r["bench"] == "model_step" and "step_s" in r}
     assert {("nf4", 1), ("bnb+peft", 1), ("lora16", 1)} <= steps and ("nf4", 8) in steps  # tiny fits batch 8
     lookups = {r["case"]: r for r in records if r["bench"] == "lookup"}
@@ -36,7 +40,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(r["checksum_agrees"] for case, r in lookups.items() if case != "read")
     decode = {r["impl"]: r for r in records if r["bench"] == "decode"}
     assert set(decode) == {"2d550bfb5869", "current"} and decode["current"]["max_diff_vs_old"] is not None
-    for r in (r for r in records if r["bench"] != "model_step"):
+    for r in (r for r in records if r["bench"] not in ("model_step", "kernels")):
         assert r["median_ms"] > 0 and {"device", "torch", "triton", "commit", "date"} <= set(r["env"])
     for r in (r for r in records if r["bench"] in ("matmul", "train_step")):
         # graph and eager times in every record; on the CPU both are the one perf_counter time, no graph

@@ -66,6 +66,8 @@ def emulate(asm: str, word: np.ndarray, registers: list[int], outputs: int = 4) 
             env[d] = value(src[0]) & value(src[1])
         elif op == "shr.b32":
             env[d] = value(src[0]) >> np.uint64(int(src[1]))
+        elif op == "mul.hi.u32":  # the high word of the 64-bit product (a shift right, on the FMA pipe)
+            env[d] = (value(src[0]) * value(src[1])) >> np.uint64(32)
         elif op == "lop3.b32":
             env[d] = lop3(value(src[0]), value(src[1]), value(src[2]), int(src[3], 16))
         elif op == "prmt.b32":
