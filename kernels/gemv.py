@@ -30,7 +30,7 @@ operand, in registers: wgmma on sm_90, mma.sync on sm_80) scaled by its block's 
   prefetch: no pipeliner, no shared memory for W).
 - absmax once per program: the slice's 4 x [BN, 4] block scales (double quantization decoded: the
   nested map's gathers) before the loop; a step selects its [BN, 4] with three selects per element.
-`nf4.kernels.sass` counts this loop: no lookup in memory, ~7.5 lane-instructions and ~0.03 L1 wavefronts
+`benchmarks/static/sass.py` counts this loop: no lookup in memory, ~7.5 lane-instructions and ~0.03 L1 wavefronts
 per byte of W on sm_90 (budgets ~8.2 and ~0.064). Under the interpreter (inline assembly does not run
 there) it gathers the same words from `pair_table` instead; tests compare the two bit for bit
 and check the assembly's selector arithmetic over all 256 bytes (tests/test_lookup.py).
@@ -45,7 +45,7 @@ padded to 16), and one `tl.dot` [BN, BK] x [BK, 16]. Every byte is looked up in 
 a row contributes to a step lie in one absmax block, so the scale factors out as above, decoded once
 per row and step. NOTE: this was the fp16/bf16 path of 2d550bfb5869 (blocksize 64 included); its
 SASS (sm_90, triton 3.9) gathers the table with 4-byte cp.async copies into shared memory and reads
-them back with ldmatrix, ~3.4x the L1 budget (`nf4.kernels.sass`, tests/test_gemv.py).
+them back with ldmatrix, ~3.4x the L1 budget (`benchmarks/static/sass.py`, tests/test_gemv.py).
 
 General path (K % 32 != 0, odd K included): rows do not start on byte or 32-code boundaries, so each
 element is located on its own (byte = f >> 1, nibble by the parity of f = n*K + k, block = f >> log2_bs),
@@ -708,7 +708,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# cost model: chooses split-K here, predicts GPU time in `nf4.kernels.sass` (H200 figures)
+# cost model: chooses split-K here, predicts GPU time in `benchmarks/static/sass.py` (H200 figures)
 
 BANDWIDTH = 4.1e12
 """bytes/s: the H200's measured copy bandwidth (gpu-findings.md)."""
@@ -759,7 +759,7 @@ def model_us(n, k, m=1, r=MODEL_RANK, split=1, sms=H200_SMS, blocksize=64, doubl
 
         time = max(memory, issue_us) + fixed        (memory, fixed: `memory_us`)
 
-    `issue_us`: the streaming loop's instruction issue time; `nf4.kernels.sass.decode_terms` adds the L1
+    `issue_us`: the streaming loop's instruction issue time; `decode_terms` (benchmarks/static/sass.py) adds the L1
     term of its SASS."""
     t_mem, fixed = memory_us(n, k, m, r, split, sms, blocksize, double_quant, bk)
     return max(t_mem, issue_us) + fixed

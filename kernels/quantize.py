@@ -102,7 +102,7 @@ def _nf4_codes(xs, table_ptr):
     code): one FFMA to the bucket index, one 8-byte gather from the 512-byte `bucket_table` (L1), one
     compare and one add.
 
-    NOTE: sm_90 SASS of quantize_nf4[bs=64,bf16] (`kernels/sass.quantize_report`): 29.5 instructions per
+    NOTE: sm_90 SASS of quantize_nf4[bs=64,bf16] (`quantize_report`, benchmarks/static/sass.py): 29.5 instructions per
     element with this table; 47.0 with the previous binary search over the midpoints as immediates (4
     compares, 11 selects and the bits' assembly per element, predicates stashed in registers as bit
     masks); 75.5 with 15 compare-and-adds before it. The H200 issues ~20.9 per element in the time 4.1
@@ -147,7 +147,7 @@ def _quantize_nf4_kernel(
     # NOTE: contiguity capped at 4 bytes, the codes a thread computes from its 8 loaded elements: with 16-byte
     # stores Triton moved x (2 or 4 bytes per element) through shared memory to regroup it (8 STSM.x4 and 8
     # LDS.128 per thread, 64 L1 wavefronts per warp: 0.39 of the L1 budget, sm_90 bf16); 4-byte stores cost
-    # the same wavefronts and no conversion (`nf4.kernels.sass.quantize_report`).
+    # the same wavefronts and no conversion (`benchmarks/static/sass.py`'s `quantize_report`).
     pair = tl.max_contiguous(block[:, None] * HALF + tl.arange(0, HALF)[None, :], (1, 4))
     tl.store(packed_ptr + pair, byte.to(tl.uint8), mask=pair < n_bytes)  # byte indices
     tl.store(absmax_ptr + block, absmax, mask=block * BLOCKSIZE < n_elements)

@@ -259,9 +259,7 @@ def test_epilogue_keeps_the_split_loads_in_flight():
     """sm_90: the epilogue's split-K loop issues its SPLITS_PER_STEP slices' loads together, 128 bits
     wide, with no barrier or shared-memory store between them (the first version waited for every
     slice: 32-bit loads, each followed by its add; ~15 us at 8192x8192 M = 1, benchmarks/static/sass.py)."""
-    out = without_interpreter(
-        "import json\nfrom sass import epilogue_report\nprint(json.dumps(epilogue_report()))\n"
-    )
+    out = without_interpreter("import json\nfrom sass import epilogue_report\nprint(json.dumps(epilogue_report()))\n")
     report = json.loads(out.strip().splitlines()[-1])
     from nf4.kernels.gemv import SPLITS_PER_STEP
 

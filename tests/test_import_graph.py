@@ -130,8 +130,8 @@ def test_repository_root_steps_aside_for_the_real_kernels_package(tmp_path):
     (fake / "__init__.py").write_text("get_kernel = 'the real one'\n")
     proc = _run_in_root("import kernels, nf4.kernels; print(kernels.get_kernel, nf4.kernels.__name__)", str(tmp_path))
     assert proc.returncode == 0 and proc.stdout.split() == ["the", "real", "one", "nf4.kernels"], proc.stderr
-    code = HIDE_REAL_KERNELS + "import kernels; print(hasattr(kernels, 'dequantize_nf4'), hasattr(kernels, 'get_kernel'))"
-    proc = _run_in_root(code)
+    probe = "import kernels; print(hasattr(kernels, 'dequantize_nf4'), hasattr(kernels, 'get_kernel'))"
+    proc = _run_in_root(HIDE_REAL_KERNELS + probe)
     assert proc.returncode == 0 and proc.stdout.split() == ["False", "False"], proc.stderr
 
 
@@ -144,7 +144,8 @@ def _installed_kernels_package():
 @pytest.mark.skipif(_installed_kernels_package() is None, reason="Hugging Face's kernels package is not installed")
 def test_repository_root_loads_the_installed_kernels_package():
     """Where Hugging Face's `kernels` is installed, `import kernels` from the root is that package."""
-    proc = _run_in_root("import os, kernels; print(os.path.dirname(kernels.__file__), hasattr(kernels, 'dequantize_nf4'))")
+    probe = "import os, kernels; print(os.path.dirname(kernels.__file__), hasattr(kernels, 'dequantize_nf4'))"
+    proc = _run_in_root(probe)
     assert proc.returncode == 0, proc.stderr
     where, ours = proc.stdout.split()
     assert Path(where).resolve() == Path(_installed_kernels_package().origin).parent.resolve() and ours == "False"
