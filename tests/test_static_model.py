@@ -16,7 +16,7 @@ import functools
 
 import pytest
 
-from helpers import static_module
+from helpers import static_module, without_interpreter
 
 model = static_module("model")
 backtest = static_module("backtest")
@@ -148,3 +148,32 @@ def test_the_walk_follows_a_branch_on_the_program_id():
     assert set(model.program_cost(w_program).cycles) == {"fp32", "fma", "alu"}
     assert model.program_cost(w_program).cycles["alu"] == 32 / 64  # the ISETP
     assert model.program_cost(a_program).cycles == {"alu": 3 * 32 / 64}
+
+
+@pytest.mark.slow  # compiles the decode kernel for sm_90 (~20 s on the CPU machine)
+def test_todays_low_rank_programs_chain_no_longer_binds_the_decode_call():
+    """The rebuilt decode (kernels/gemv.py): x @ A^T runs in its own programs (the first ceil(r / 16) row
+    tiles of the grid, one per slice), each step loading A_BK columns of A and x together, so a program
+    waits for ceil(k_per_split / A_BK) round trips in a row, not one per 16 columns (64 at 8192^2, 25.6 µs:
+    what bound the old call). Under the model (installed triton, sm_90, 8192^2 M = 1 r = 16): the branch on
+    the program id puts each kind in its own loop, and the low-rank programs' chain term stays below the
+    W stream's DRAM term and its own chain, so the combined launch's chain is W's."""
+    import json
+
+    out = without_interpreter(
+        "import json, math, model, today\n"
+        "from nf4.kernels import gemv\n"
+        "w, others, split = today._stream_launches(8192, 8192, 1, 16)\n"
+        "(a, count), = others\n"
+        "wt, at, both = model.analyze(w), model.analyze(a), model.analyze(w, others)\n"
+        "kps = w.values['k_per_split']\n"
+        "print(json.dumps(dict(split=split, count=count, a_y=a.values['_ctaid_y'], w_y=w.values['_ctaid_y'],\n"
+        "    a_steps=math.ceil(kps / gemv.A_BK.value), a_rts=at.round_trips, a_chain=at.chain_us,\n"
+        "    w_dram=wt.dram_us, w_chain=wt.chain_us, both_chain=both.chain_us, w_loop_trips=max(w.trips.values()),\n"
+        "    a_loop_trips=max(a.trips.values()), chunks=kps // gemv.LUT_BK)))\n"
+    )
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["count"] == got["split"] and (got["a_y"], got["w_y"]) == (0, 1), got  # one rank tile per slice
+    assert got["a_loop_trips"] == got["a_steps"] and got["w_loop_trips"] == got["chunks"], got
+    assert got["a_rts"] <= got["a_steps"] + 2, got  # one round trip per A_BK-column step, not per 16 columns
+    assert got["a_chain"] < got["w_dram"] and got["a_chain"] < got["w_chain"] == got["both_chain"], got

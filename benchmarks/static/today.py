@@ -4,11 +4,14 @@
 
 Rows (issue 22): a LoRALinearNF4 decode call (bf16 x, double-quantized W, blocksize 64, float32 adapter
 of rank r, no bias, L2 flushed) at 8192 x 8192 M = 1 r = 16 and r = 0, M = 16 r = 16, 4096 x 4096 M = 1
-r = 16: the streaming kernel (W programs, and with r > 0 the extra row of x @ A^T programs, each kind
-walked along its own branch) then the epilogue, plus `model.LAUNCH_US` per kernel; dequantize and
-quantize at 8192 x 8192. Each kernel is compiled with the installed triton as the runtime specialises
-it at those arguments (`record.compile_launch`), with the launcher's own split-K choice
-(`nf4.kernels.gemv.choose_split` on 132 SMs).
+r = 16: the streaming kernel then the epilogue, plus `model.LAUNCH_US` per kernel; dequantize and
+quantize at 8192 x 8192. The streaming kernel's grid is (split, ceil(r / 16) + N / 128): the first
+ceil(r / 16) row tiles are low-rank programs (x @ A^T of one slice and 16 ranks, `gemv.A_BK` columns a
+step), the rest W programs (one 256-code chunk a step); each kind is walked along its own branch (its
+program id in `Launch.values`) with its own loop's trip count, and `model.analyze` adds both kinds up
+on one SM. A second table gives each kind alone. Each kernel is compiled with the installed triton as
+the runtime specialises it at those arguments (`record.compile_launch`), with the launcher's own
+split-K choice (`nf4.kernels.gemv.choose_split` on 132 SMs).
 """
 
 from __future__ import annotations
@@ -47,36 +50,70 @@ def _roles(loops: list[tuple[int, int]]) -> tuple[int, int, int]:
     return ({0, 1, 2} - {outer, inner}).pop(), outer, inner
 
 
-def decode_call(n: int, k: int, m: int, r: int) -> list[tuple[str, model.Terms, None]]:
-    """The two launches of a decode call, each with its terms (launch cost included)."""
+def _stream_launches(n: int, k: int, m: int, r: int) -> tuple[model.Launch, list[tuple[model.Launch, int]], int]:
+    """The streaming kernel of a decode call as the model sees it: the W programs' Launch (its `dram_bytes`
+    the whole kernel's), the low-rank programs as `others` [(Launch, how many)] (empty at r = 0), and
+    the split. Grid (split, ceil(r / 16) + N / BN): program (s, j) with j < ceil(r / 16) computes x @ A^T
+    for ranks 16 j .. of slice s, A_BK columns a step; the rest stream W, one 256-code chunk a step."""
     from nf4.kernels import gemv
 
     bk, bn = gemv.LUT_BK, gemv.LUT_BN
     split = max(gemv.choose_split(n, k, m, bk, model.SMS), cdiv(k, gemv.LUT_CHUNKS * bk))
     kps = cdiv(cdiv(k, split), bk) * bk
     split = cdiv(k, kps)
+    a_tiles = cdiv(r, 16)
     values = dict(M=m, N=n, K=k, KB=k // 2, stride_xm=k, log2_bs=6, n_blocks=n * k // 64, k_per_split=kps,
                   kb_per_split=kps // 2, r=r, stride_ar=k, stride_ak=1)  # fmt: skip
-    w_bytes = n * k / 2 + n * k / 64 * (1 + 4 / 256)
-    moved = w_bytes + 2 * m * k + 4 * r * k + 4 * split * m * (n + r)  # W, absmax, x, A, partial sums written
+    w_bytes = n * k / 2 + n * k / 64 * (1 + 4 / 256)  # packed codes, absmax codes, nested absmax
+    a_bytes = 4 * r * k + 4 * split * m * r  # float32 A read once, x @ A^T's slices written
+    moved = w_bytes + 2 * m * k + 4 * split * m * n + a_bytes  # + x, W's partial sums written
     a_name = ",A=fp32" if r else ""
     name = f"nf4_gemv[bf16,aligned=1,dq=1,BN={bn},BK={bk},mma=v3{a_name}]"
-    label = f"{n}x{k} M={m} r={r}: stream"
-    w = _launch(label, name, values, cdiv(n, bn) * split, moved, {0: kps // bk})
+    call = f"{n}x{k} M={m} r={r}"
+    w = _launch(f"{call}: stream", name, {**values, "_ctaid_x": 0, "_ctaid_y": a_tiles}, cdiv(n, bn) * split, moved, 1)
     loops = _loops(w)
-    others = []
-    if r:  # the W loop, and x @ A^T's rank loop holding its K loop (A_BK columns a step)
-        lone, outer, inner = _roles(loops)
-        w.trips = {lone: kps // bk}
-        a_trips = {outer: cdiv(r, 16), inner: kps // gemv.A_BK.value}
-        a = model.Launch(label, w.sass_text, w.params, {**values, "_ctaid_x": cdiv(n, bn)}, split, w.num_warps,
-                         w.registers, w.shared_bytes, 0, a_trips)  # fmt: skip
-        others.append((a, split))
-    else:
+    a_step = gemv.A_BK.value
+    w_trips, a_trips = kps // bk, cdiv(kps, a_step)
+    if not r:
         assert len(loops) == 1, loops
+        w.trips = {0: w_trips}
+        return w, [], split
+    # two loops, the W chunk loop and x @ A^T's column loop, in either address order: each kind's walk
+    # reaches only its own, so the loop its walk enters is its own
+    assert len(loops) == 2, loops
+    a = model.Launch(f"{call}: x@A^T only", w.sass_text, w.params, {**values, "_ctaid_x": 0, "_ctaid_y": 0},
+                     a_tiles * split, w.num_warps, w.registers, w.shared_bytes, 2 * m * k + a_bytes)  # fmt: skip
+    w_loop, a_loop = (_entered(lc, loops) for lc in (w, a))
+    assert {w_loop, a_loop} == {0, 1}, (loops, w_loop, a_loop)
+    w.trips, a.trips = {w_loop: w_trips, a_loop: 1}, {a_loop: a_trips, w_loop: 1}
+    return w, [(a, a_tiles * split)], split
+
+
+def _entered(launch: model.Launch, loops: list[tuple[int, int]]) -> int:
+    """Index of the one loop whose body the walk of `launch`'s program executes."""
+    instructions = model.sass_instructions(launch.sass_text)
+    warp, seen = model.Warp(launch.params, launch.values), set()
+    for a, ins in model.walk(instructions, warp):  # the walk reads the predicates the warp's steps set
+        seen.add(a)
+        warp.step(ins)
+    entered = [i for i, (lo, hi) in enumerate(loops) if lo in seen and hi in seen]
+    assert len(entered) == 1, (launch.name, loops, entered)
+    return entered[0]
+
+
+def decode_call(n: int, k: int, m: int, r: int) -> tuple[list, list]:
+    """The two launches of a decode call, each with its terms (launch cost included); and, with r > 0, the
+    streaming kernel's two kinds of program each alone (its W programs, its low-rank programs: their own
+    terms, which the stream row adds up on one SM, launch cost not included)."""
+    from nf4.kernels import gemv
+
+    w, others, split = _stream_launches(n, k, m, r)
+    label = w.name
     stream = model.analyze(w, others)
-    w_loop = loops[lone] if r else loops[0]
-    assert stream.instructions_per_warp >= (kps // bk) * (w_loop[1] - w_loop[0]) / 16, "the walk missed the W loop"
+    kinds = [(f"{label[: -len('stream')]}W only", model.analyze(w), None)] if others else []
+    kinds += [(lc.name, model.analyze(lc), None) for lc, _ in others]  # its grid: that kind's count
+    lo, hi = _loops(w)[max(w.trips, key=w.trips.get)]
+    assert stream.instructions_per_warp >= max(w.trips.values()) * (hi - lo) / 16, "the walk missed the W loop"
     stream.launch_us = model.LAUNCH_US
     fused = bool(r)
     ep_name = f"nf4_gemv[epilogue,bf16,v={'fp32' if r else 'bf16'},bias=bf16,BN={gemv.EPILOGUE_BN}"
@@ -95,7 +132,7 @@ def decode_call(n: int, k: int, m: int, r: int) -> list[tuple[str, model.Terms, 
         ep.trips = {0: steps, 1: steps}
     epilogue = model.analyze(ep)
     epilogue.launch_us = model.LAUNCH_US
-    return [(label, stream, None), (ep.name, epilogue, None)]
+    return [(label, stream, None), (ep.name, epilogue, None)], kinds
 
 
 def elementwise(n: int) -> list[tuple[str, model.Terms, None]]:
@@ -121,13 +158,17 @@ def main() -> None:
     import triton
 
     print(f"# per-pipe model (benchmarks/static/model.py), sm_90, triton {triton.__version__}, H200 constants")
-    rows, calls = [], []
+    rows, calls, kinds = [], [], []
     for n, k, m, r in CALLS:
-        parts = decode_call(n, k, m, r)
+        parts, alone = decode_call(n, k, m, r)
         rows += parts
+        kinds += alone
         calls.append((f"{n}x{k} M={m} r={r}", sum(t.predicted_us for _, t, _ in parts)))
     rows += elementwise(8192 * 8192)
     print(model.format_rows(rows))
+    print()
+    print("# the streaming kernel's kinds of program, each alone (DRAM of `W only`: the whole kernel's bytes)")
+    print(model.format_rows(kinds))
     print()
     for label, us in calls:
         print(f"decode call {label}: {us:.1f} µs (stream + epilogue, each with its launch)")
