@@ -52,10 +52,11 @@ element is located on its own (byte = f >> 1, nibble by the parity of f = n*K + 
 decoded as `nf4.dequantize` does (float32 product, one rounding to the activation dtype) and fed to the
 same dot. Correct for every shape; not tuned (such shapes are rare in models).
 
-The adapter's A (inference: `a` instead of u, fp16/bf16 on the aligned path). One more row tile of
-programs, i = cdiv(N, BN), computes u = x @ A^T of its K-slice (exact fp32, A read in its own dtype,
-16 columns and 16 ranks per step, cp.async-pipelined: its own loop, so the W loop's code is the same)
-and stores it after W's partial sums; a LoRALinearNF4 decode call is then these two kernels and nothing
+The adapter's A (inference: `a` instead of u, fp16/bf16 on the aligned path). The grid is (split,
+ceil(r/16) + cdiv(N, BN)): its first ceil(r/16) row tiles, launched first, compute u = x @ A^T of their
+K-slice and 16 ranks (exact fp32, A read in its own dtype; A_BK = 128 columns of A and x in flight per
+step on the register-table path, 64 elsewhere: 8 dependent steps per 1024-column slice, not 64) and
+store it after W's partial sums; a LoRALinearNF4 decode call is then these two kernels and nothing
 else (no GEMV for x @ A^T, no cast of a float32 A).
 
 Split-K and epilogue. Each program writes its fp32 partial sums to `partial[s, M, N]` (no atomics: the
