@@ -101,7 +101,8 @@ def from_bnb(module: nn.Module, name: str = "", cls: type[LinearNF4] = LinearNF4
 def _nf4(module: nn.Module, name: str, cls: type[LinearNF4], blocksize: int, double_quant: bool, **kwargs):
     """`module` (nn.Linear or bitsandbytes' Linear4bit) as a `cls`."""
     if type(module) is nn.Linear:
-        return cls.from_linear(module, blocksize=blocksize, double_quant=double_quant, **kwargs)
+        layer = cls.from_linear(module, blocksize=blocksize, double_quant=double_quant, **kwargs)
+        return layer.train(module.training)  # an eval model stays in eval: no LoRA dropout
     return from_bnb(module, name, cls, **kwargs)
 
 
