@@ -111,8 +111,10 @@ def test_conversion_keeps_each_layers_training_mode(mode):
 
 def bnb_model(quant_type="nf4", head=True):
     torch.manual_seed(0)
-    model = nn.Sequential(bnb.nn.Linear4bit(K, K, quant_type=quant_type, compute_dtype=torch.float32),
-                          bnb.nn.Linear4bit(K, K, bias=False, quant_type=quant_type, compress_statistics=False))
+    model = nn.Sequential(
+        bnb.nn.Linear4bit(K, K, quant_type=quant_type, compute_dtype=torch.float32),
+        bnb.nn.Linear4bit(K, K, bias=False, quant_type=quant_type, compress_statistics=False),
+    )
     if head:
         model.append(nn.Linear(K, 16))
     return model
