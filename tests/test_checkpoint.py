@@ -173,3 +173,58 @@ def test_cli_passes_blocksize_double_quant_and_pattern_and_reports_them(tmp_path
     assert "3 tensors copied unchanged" in lines
     assert any("(NF4, blocksize 128, double quantization off)" in line for line in lines)
     assert lines[-1] == f"written to {tmp_path / 'o.safetensors'} in bitsandbytes' serialized form"
+
+
+def test_outputs_in_new_nested_folders_carry_safetensors_pt_metadata(tmp_path, tiny_dir):
+    from safetensors import safe_open
+
+    mixed_file(tmp_path / "in.safetensors")
+    file_out, dir_out = tmp_path / "a" / "b" / "o.safetensors", tmp_path / "c" / "d"
+    quantize_checkpoint(tmp_path / "in.safetensors", file_out, progress=False)
+    quantize_checkpoint(tiny_dir, dir_out, pattern="v_proj", progress=False)
+    for path in (file_out, dir_out / "model.safetensors"):
+        with safe_open(str(path), framework="pt") as f:  # transformers refuses files without format "pt"
+            assert f.metadata() == {"format": "pt"}
+
+
+def test_overwriting_a_directory_output_replaces_its_subfolders(tmp_path, tiny_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    for item in tiny_dir.iterdir():
+        (src / item.name).write_bytes(item.read_bytes())
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text("first")
+    quantize_checkpoint(src, tmp_path / "out", progress=False)
+    (src / "1_Pooling" / "config.json").write_text("second")
+    s = quantize_checkpoint(src, tmp_path / "out", overwrite=True, progress=False)
+    assert "1_Pooling/" in s.copied and (tmp_path / "out" / "1_Pooling" / "config.json").read_text() == "second"
+
+
+def test_a_one_element_2d_weight_is_a_weight(tmp_path):
+    save_file({"w": torch.full((1, 1), 3.0), "v": torch.zeros(0, 4)}, tmp_path / "in.safetensors")
+    s = quantize_checkpoint(tmp_path / "in.safetensors", tmp_path / "o.safetensors", progress=False)
+    assert s.quantized == ["w"] and s.kept == ["v"] and s.kept_weights == []
+
+
+@pytest.mark.parametrize("why", ["not-installed", "unknown-architecture"])
+def test_selection_falls_back_to_every_2d_weight_when_the_config_cannot_be_read(tmp_path, monkeypatch, why):
+    import sys
+
+    mixed_file(tmp_path / "in.safetensors")
+    if why == "not-installed":
+        (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+        monkeypatch.setitem(sys.modules, "transformers", None)
+        says = f"transformers, needed to read {tmp_path / 'config.json'}, is not installed"
+    else:
+        (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+        says = f"transformers cannot build the model in {tmp_path / 'config.json'} (ValueError)"
+    s = quantize_checkpoint(tmp_path / "in.safetensors", tmp_path / "o.safetensors", progress=False)
+    assert s.selection == f"every 2-D floating point weight, embeddings included: {says}"
+    assert s.quantized == ["emb.weight", "head.weight", "proj.weight"]
+
+
+def test_progress_bar_counts_every_tensor(tmp_path, capsys):
+    mixed_file(tmp_path / "in.safetensors")
+    quantize_checkpoint(tmp_path / "in.safetensors", tmp_path / "o.safetensors", progress=True)
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert last.startswith("nf4 quantize [" + "#" * 30 + "] 6/6 ")
