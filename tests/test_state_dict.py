@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import nf4
 from nf4.lora import LinearNF4, LoRALinearNF4
 
 OUT, IN = 48, 128
