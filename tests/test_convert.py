@@ -128,6 +128,11 @@ def test_bitsandbytes_layers_keep_their_bytes_and_the_head_stays_unless_named():
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert model[0].nf4_meta.double_quant and not model[1].nf4_meta.double_quant and model[1].bias is None
+    assert torch.equal(model[0].bias, before["0.bias"]) and not any(p.requires_grad for p in model.parameters())
+    adapted = apply_lora(bnb_model().to("cpu"), r=2)
+    assert sorted(n for n, p in adapted.named_parameters() if p.requires_grad) == [
+        "0.lora_A", "0.lora_B", "1.lora_A", "1.lora_B"
+    ]  # fmt: skip
     named = bnb_model().to("cpu")
     quantize_model(named, target_modules=["0", "2"])
     assert converted(named) == ["0", "2"] and isinstance(named[1], bnb.nn.Linear4bit)
@@ -135,11 +140,12 @@ def test_bitsandbytes_layers_keep_their_bytes_and_the_head_stays_unless_named():
 
 def test_a_bitsandbytes_layer_not_yet_quantized_is_quantized_as_bitsandbytes_would():
     model = bnb_model(head=False)  # on no device yet: 16-bit weights, no quant state
+    model[1].weight.blocksize = 128  # Params4bit's own setting, read before quantizing
     weights = [m.weight.detach().clone() for m in model]
     mine = [bnb_weight(m, str(i)) for i, m in enumerate(model)]
     theirs = [bnb_weight(m, str(i)) for i, m in enumerate(model.to("cpu"))]  # quantized by bitsandbytes
-    for w, a, b, dq in zip(weights, mine, theirs, (True, False), strict=True):
-        assert same_bytes(a, nf4.quantize(w, 64, dq))
+    for w, a, b, dq, blocksize in zip(weights, mine, theirs, (True, False), (64, 128), strict=True):
+        assert same_bytes(a, nf4.quantize(w, blocksize, dq))
         # bitsandbytes' codes and absmax; its nested offset (a mean) may differ in the last float32 bit
         a, b = a.to_bnb_state_dict(), b.to_bnb_state_dict()
         assert all(torch.equal(a[k], b[k]) for k in ("weight", "weight.absmax"))
@@ -182,3 +188,17 @@ def test_replace_module_top_level_and_nested():
     replace_module(model, "0.0", new)
     replace_module(model, "1", top)
     assert model[0][0] is new and model[1] is top
+
+
+def test_a_wrapper_with_a_base_layer_but_no_adapter_is_not_a_peft_layer():
+    class Wrapper(nn.Module):  # e.g. a custom hook module around a Linear, not PEFT's LoRA layer
+        def __init__(self):
+            super().__init__()
+            self.base_layer = nn.Linear(K, K)
+
+        def forward(self, x):
+            return self.base_layer(x)
+
+    model = nn.Sequential(Wrapper(), nn.Linear(K, K))
+    apply_lora(model, r=2)
+    assert converted(model, LoRALinearNF4) == ["0.base_layer", "1"] and type(model[0]) is Wrapper
