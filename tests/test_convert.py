@@ -202,3 +202,10 @@ def test_a_wrapper_with_a_base_layer_but_no_adapter_is_not_a_peft_layer():
     model = nn.Sequential(Wrapper(), nn.Linear(K, K))
     apply_lora(model, r=2)
     assert converted(model, LoRALinearNF4) == ["0.base_layer", "1"] and type(model[0]) is Wrapper
+
+
+def test_a_peft_models_linear_layers_stay_even_when_named():
+    pm = peft.get_peft_model(stack(3), peft.LoraConfig(r=2, target_modules=["0"]))
+    quantize_model(pm, target_modules=["0", "2"])
+    inner = pm.base_model.model
+    assert isinstance(inner[0], LoraLinearNF4) and type(inner[1]) is nn.Linear and type(inner[2]) is nn.Linear
