@@ -209,3 +209,23 @@ def test_a_peft_models_linear_layers_stay_even_when_named():
     quantize_model(pm, target_modules=["0", "2"])
     inner = pm.base_model.model
     assert isinstance(inner[0], LoraLinearNF4) and type(inner[1]) is nn.Linear and type(inner[2]) is nn.Linear
+
+
+def test_defaults_return_value_and_progress(capsys):
+    model = stack(2)
+    assert apply_lora(model, target_modules=["0"], progress=True) is model
+    layer = model[0]
+    assert (layer.r, layer.scaling, layer.lora_dropout, layer.use_rslora) == (16, 1.0, 0.0, False)
+    assert (layer.nf4_meta.blocksize, layer.nf4_meta.double_quant) == (64, True)
+    assert quantize_model(model, progress=True) is model
+    assert (model[1].nf4_meta.blocksize, model[1].nf4_meta.double_quant) == (64, True)
+    err = capsys.readouterr().err
+    assert "apply_lora [" + "#" * 30 + "] 1/1" in err and "quantize_model [" + "#" * 30 + "] 1/1" in err
+
+
+def test_a_peft_model_on_bitsandbytes_gets_adapters_from_peft_only():
+    pm = peft.get_peft_model(bnb_model().to("cpu"), peft.LoraConfig(r=2, target_modules=["0"]))
+    apply_lora(pm, r=8)
+    inner = pm.base_model.model
+    assert isinstance(inner[0], LoraLinearNF4) and inner[0].r["default"] == 2
+    assert type(inner[1]) is LinearNF4 and type(inner[2]) is nn.Linear  # no adapter of apply_lora's own
