@@ -126,14 +126,18 @@ def test_hooks_and_flags():
 
 @pytest.mark.parametrize("blocksize,double_quant", [(128, False), (None, True)])
 def test_a_16_bit_load_quantizes_at_the_configs_blocksize(tiny16, blocksize, double_quant):
-    model = load_nf4(tiny16, dtype=torch.bfloat16, blocksize=blocksize, double_quant=double_quant)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        tiny16, quantization_config=NF4Config(blocksize, double_quant), dtype=torch.bfloat16, output_loading_info=True
+    )
+    assert info["missing_keys"] == set() or info["missing_keys"] == []  # each layer's weight was stored by nf4
     original = load_file(tiny16 / "model.safetensors")
     found = nf4_layers(model)
     assert len(found) == 14 and type(model.lm_head) is nn.Linear
     for name, layer in found.items():
         want = nf4.quantize(original[name + ".weight"], blocksize or 64, double_quant)
         assert same_bytes(layer.nf4_weight, want), name
-        assert layer.nf4_meta.dtype == torch.bfloat16 and not layer.weight.requires_grad
+        assert layer.nf4_meta.dtype == torch.bfloat16
+        assert not any(p.requires_grad for p in layer.parameters())  # the bias too
     assert torch.equal(model.model.embed_tokens.weight, original["model.embed_tokens.weight"])
     assert model.is_loaded_in_4bit
     recorded = model.config.quantization_config
@@ -158,6 +162,8 @@ def test_a_partly_quantized_checkpoint_keeps_its_bytes_and_quantizes_the_rest(tm
     stored, original = load_file(tmp_path / "q" / "model.safetensors"), load_file(tiny32 / "model.safetensors")
     found = nf4_layers(model)
     assert len(found) == 14
+    assert torch.equal(model.model.norm.weight, stored["model.norm.weight"])  # other weights: not ours, loaded
+    assert torch.equal(model.lm_head.weight, stored["lm_head.weight"])
     for name, layer in found.items():
         if name.endswith("q_proj"):
             want = nf4.NF4Tensor.from_bnb_state_dict(stored, prefix=name + ".weight")
@@ -199,3 +205,55 @@ def test_dequantize_gives_the_dequantized_weights_exactly(tiny32):
         assert type(modules[name]) is nn.Linear and torch.equal(modules[name].weight, w), name
     assert sorted(weights) == sorted(f"model.layers.{i}.{p}.{t}" for i in range(2) for t in TARGETS
                                      for p in ("self_attn" if t in TARGETS[:4] else "mlp",))  # fmt: skip
+
+
+def copy_dir(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_pre_quantized_layer_problems_name_the_layer(tmp_path, tiny32):
+    quantize_checkpoint(tiny32, tmp_path / "q", progress=False)
+    layer = "model.layers.0.self_attn.k_proj"
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    tensors[f"{layer}.weight.quant_state.bitsandbytes__fp4"] = tensors.pop(
+        f"{layer}.weight.quant_state.bitsandbytes__nf4"
+    )
+    save_file(tensors, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"could not load 1 layer\(s\):\n  {layer}: expected NF4, the checkpoint's "
+                                         r"quant state is bitsandbytes' FP4"):  # fmt: skip
+        nf4.hf.from_pretrained(AutoModelForCausalLM, tmp_path / "q")
+    quantize_checkpoint(tiny32, tmp_path / "q128", blocksize=128, progress=False)
+    with pytest.raises(ValueError, match=r"could not load 14 layer\(s\).*expected blocksize 64 \(the quantization_"
+                                         r"config's\), the checkpoint's quant state has 128; load it with "
+                                         r"NF4Config\(blocksize=128\) or blocksize=None"):  # fmt: skip
+        nf4.hf.from_pretrained(AutoModelForCausalLM, tmp_path / "q128", quantization_config=NF4Config(blocksize=64))
+
+
+def test_a_16_bit_weight_of_another_shape_is_refused_by_name(tmp_path, tiny32):
+    out = copy_dir(tiny32, tmp_path / "bad")
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.1.mlp.gate_proj.weight"
+    tensors[name] = tensors[name][:, :32].contiguous()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.gate_proj: expected a weight of shape \[128, 64\], "
+                                         r"the checkpoint has \[128, 32\]"):  # fmt: skip
+        load_nf4(out)
+
+
+def test_gpt2_conv1d_weights_are_transposed_before_quantizing(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=64, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4Config(), dtype=torch.float32)
+    original = load_file(tmp_path / "model.safetensors")
+    found = nf4_layers(model)
+    assert sorted(found) == [f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    for name, layer in found.items():
+        w = original[name + ".weight"]  # Conv1D: [in, out]
+        assert layer.transposed_checkpoint and (layer.out_features, layer.in_features) == (w.shape[1], w.shape[0])
+        assert same_bytes(layer.nf4_weight, nf4.quantize(w.t(), 64, True)), name
