@@ -7,6 +7,7 @@ test_hf_peft.py; merged bytes are compared exactly with `nf4.quantize` of PEFT's
 """
 
 import copy
+import warnings
 
 import peft
 import pytest
@@ -294,3 +295,77 @@ def test_convert_peft_layer_refuses_merged_and_variant_layers_and_keeps_the_rest
     dora = peft.get_peft_model(Net(nn.Linear(K, N)), LoraConfig(r=2, use_dora=True, target_modules=["proj"]))
     with pytest.raises(ValueError, match="plain LoRA only"):
         convert_peft_layer(dora.base_model.model.block.proj, LinearNF4.from_linear(nn.Linear(K, N)))
+
+
+def with_third(ours):
+    """A third adapter on `block.other` only: `block.proj` has no such adapter."""
+    ours.add_adapter("third", nf4.hf.lora_config(r=2, target_modules=["other"]))
+    with torch.no_grad():
+        ours.base_model.model.block.other.lora_B["third"].weight.normal_()
+    return ours
+
+
+def test_an_adapter_this_layer_lacks_leaves_its_output_alone(x):
+    ours = with_third(models()[0])
+    ours.eval()
+    mine = ours.base_model.model.block.proj
+    base = mine.base_layer(x)
+    ours.set_adapter("third")
+    assert torch.equal(mine(x), base)
+    names = ["third", "default", "__base__", "third", "other"]
+    mixed = mine(x, adapter_names=names)
+    assert torch.equal(mixed[[0, 2, 3]], base[[0, 2, 3]]) and not torch.equal(mixed[1], base[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to merge here: no requantization warning
+        mine.merge(adapter_names=["third"])
+    assert not mine.merged
+
+
+def test_one_adapter_runs_one_fused_call_and_checks_its_input(monkeypatch, x):
+    import nf4.hf.peft as layer_module
+
+    calls = []
+    real = layer_module._lora_linear
+    monkeypatch.setattr(layer_module, "_lora_linear", lambda *a: calls.append(a) or real(*a))
+    ours, _ = models()
+    mine = ours.base_model.model.block.proj
+    mine(x)
+    assert len(calls) == 1 and calls[0][5] == mine.scaling["default"]
+    with pytest.raises(ValueError, match="LoraLinearNF4"):
+        mine(torch.randn(2, K + 1))
+
+
+def test_mixed_batch_backward_equals_peft(x):
+    ours, theirs = models()
+    grads = []
+    for model in (ours, theirs):
+        model.eval()  # PEFT refuses adapter_names in training mode; gradients still flow
+        xi = x.clone().requires_grad_()
+        model(xi, adapter_names=["other", "__base__", "default", "other", "__base__"]).square().sum().backward()
+        grads.append(xi.grad)
+    assert close(*grads)
+
+
+def test_adapter_names_with_merged_adapters_are_refused(x):
+    ours, _ = models()
+    mine = ours.base_model.model.block.proj
+    ours.eval()
+    with pytest.warns(UserWarning):
+        mine.merge()
+    with pytest.raises(ValueError, match="merged"):
+        ours(x, adapter_names=["default"] * 5)
+
+
+def test_lora_config_with_a_model_and_no_targets_is_peft_default():
+    model = Net(LinearNF4.from_linear(nn.Linear(K, N)))
+    assert nf4.hf.lora_config(model=model, r=2).target_modules is None
+
+
+def test_exact_merge_keeps_the_weights_dtype_and_a_missing_bias():
+    q = LinearNF4.from_linear(nn.Linear(K, N, bias=False).bfloat16())
+    pm = peft.get_peft_model(Net(q), nf4.hf.lora_config(r=2, target_modules=["proj"]))
+    want = q.dequantize_weight(torch.float32) + pm.base_model.model.block.proj.get_delta_weight("default")
+    base = nf4.hf.merge_and_unload(pm)
+    proj = base.block.proj
+    assert proj.weight.dtype == torch.bfloat16 and proj.bias is None
+    assert torch.equal(proj.weight, want.bfloat16())
