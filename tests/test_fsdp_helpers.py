@@ -121,3 +121,22 @@ def test_main_process_outside_torch_distributed():
 
 def test_local_bytes_of_a_plain_module():
     assert local_bytes(nn.Linear(3, 2)) == (6 + 2) * 4 and nf4_local_bytes(nn.Linear(3, 2)) == 0
+
+
+def test_nf4_layers_leaves_out_adapted_16_bit_layers_and_bare_wrappers():
+    import peft
+
+    import nf4.hf
+
+    model = nn.Sequential(LinearNF4.from_linear(nn.Linear(64, 64)), nn.Linear(64, 64))
+    pm = peft.get_peft_model(model, nf4.hf.lora_config(r=2, target_modules=["0", "1"]))
+    found = nf4_layers(pm)
+    assert len(found) == 1 and isinstance(found[0], LoraLinearNF4)  # PEFT's layer on nn.Linear is not NF4
+
+    class Wrapper(nn.Module):  # a base_layer without adapters: its NF4 layer is the group
+        def __init__(self):
+            super().__init__()
+            self.base_layer = LinearNF4.from_linear(nn.Linear(64, 64))
+
+    wrapped = Wrapper()
+    assert nf4_layers(wrapped) == [wrapped.base_layer]
