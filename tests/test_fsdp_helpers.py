@@ -69,6 +69,9 @@ def test_groups_and_main_rank(ranks):
     assert [r["main"] for r in ranks] == [True, False]
     assert ranks[0]["peft"]["groups"] == ["base_model.model.up", "base_model.model.down"]
     assert ranks[0]["root"]["groups"] == ["up", "down"]
+    assert all(
+        all(r[kind]["own_groups"]) and len(r[kind]["own_groups"]) == 3 for r in ranks for kind in ("peft", "root")
+    )
 
 
 def test_nf4_layers_takes_the_peft_wrapper_not_its_base():
