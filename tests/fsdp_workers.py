@@ -91,7 +91,7 @@ def helpers(rank: int, world: int, port: int, out: str) -> None:
         whole = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         groups = [n for layer in nf4_layers(model) for n, m in model.named_modules() if m is layer]
         layers = nf4_layers(model)
-        shard_model(model, mesh=mesh)
+        returned = shard_model(model, mesh=mesh)
         from torch.distributed.fsdp import FSDPModule
 
         own_groups = [isinstance(m, FSDPModule) for m in (model, *layers)]  # each layer its own group, and the root
@@ -101,6 +101,7 @@ def helpers(rank: int, world: int, port: int, out: str) -> None:
         result[kind] = {
             "groups": groups,
             "own_groups": own_groups,
+            "returned_model": returned is model,
             "local_bytes": stored[0],
             "expect_local": sum(share.values()),
             "nf4_local_bytes": stored[1],

@@ -69,6 +69,7 @@ def test_groups_and_main_rank(ranks):
     assert [r["main"] for r in ranks] == [True, False]
     assert ranks[0]["peft"]["groups"] == ["base_model.model.up", "base_model.model.down"]
     assert ranks[0]["root"]["groups"] == ["up", "down"]
+    assert all(r[kind]["returned_model"] for r in ranks for kind in ("peft", "root"))
     assert all(
         all(r[kind]["own_groups"]) and len(r[kind]["own_groups"]) == 3 for r in ranks for kind in ("peft", "root")
     )
