@@ -252,7 +252,7 @@ def earlier_survivors(path: str, source: Path) -> set[tuple[int, str, str]] | No
     return {(m["line"], m["old"], m["new"]) for m in found if m["outcome"] == "SURVIVED"}
 
 
-def mutate_module(path: str, tests: list[str], dest: Path, out=print, only=None) -> list[Mutant]:
+def mutate_module(path: str, tests: list[str], dest: Path, out=print, only=None, save=None) -> list[Mutant]:
     targets = _targets(dest, path)
     original = targets[0].read_text()
     mutants = generate(original)
@@ -285,6 +285,8 @@ def mutate_module(path: str, tests: list[str], dest: Path, out=print, only=None)
         m.detail = _first_failure(log) if status == "failed" else ("timeout" if status == "timeout" else "")
         if m.outcome == "SURVIVED":
             out(f"  {path}:{m.line}: SURVIVED  {m.old!r} -> {m.new!r}")
+        if save is not None:  # the results so far: an interrupted run keeps them
+            save(mutants)
     return mutants
 
 
@@ -333,7 +335,14 @@ def main(argv=None) -> int:
         os.environ["HYPOTHESIS_PROFILE"] = "mutation"
         for path, tests in jobs:
             start = time.monotonic()
-            mutants = mutate_module(path, tests, dest, only=earlier_survivors(path, args.survivors_of))
+
+            def save(mutants, path=path):
+                if args.json:
+                    results[path] = [asdict(m) for m in mutants]
+                    args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+            only = earlier_survivors(path, args.survivors_of)
+            mutants = mutate_module(path, tests, dest, only=only, save=save)
             results[path] = [asdict(m) for m in mutants]
             lines.append(summary(path, mutants, time.monotonic() - start))
             print(lines[-1], flush=True)
