@@ -226,7 +226,7 @@ def test_pre_quantized_layer_problems_name_the_layer(tmp_path, tiny32):
                                          r"quant state is bitsandbytes' FP4"):  # fmt: skip
         nf4.hf.from_pretrained(AutoModelForCausalLM, tmp_path / "q")
     quantize_checkpoint(tiny32, tmp_path / "q128", blocksize=128, progress=False)
-    with pytest.raises(ValueError, match=r"could not load 14 layer\(s\).*expected blocksize 64 \(the quantization_"
+    with pytest.raises(ValueError, match=r"(?s)could not load 14 layer\(s\).*expected blocksize 64 \(the quantization_"
                                          r"config's\), the checkpoint's quant state has 128; load it with "
                                          r"NF4Config\(blocksize=128\) or blocksize=None"):  # fmt: skip
         nf4.hf.from_pretrained(AutoModelForCausalLM, tmp_path / "q128", quantization_config=NF4Config(blocksize=64))
