@@ -369,3 +369,13 @@ def test_exact_merge_keeps_the_weights_dtype_and_a_missing_bias():
     proj = base.block.proj
     assert proj.weight.dtype == torch.bfloat16 and proj.bias is None
     assert torch.equal(proj.weight, want.bfloat16())
+
+
+def test_activated_lora_and_arrow_are_refused_by_name():
+    q = LinearNF4.from_linear(nn.Linear(K, N))
+    with pytest.raises(ValueError, match=r"do not support alora_invocation_tokens=\[5, 6\]"):
+        peft.get_peft_model(Net(q), nf4.hf.lora_config(r=2, target_modules=["proj"], alora_invocation_tokens=[5, 6]))
+    from peft import ArrowConfig
+
+    with pytest.raises(ValueError, match=r"do not support arrow_config=ArrowConfig"):
+        peft.get_peft_model(Net(q), nf4.hf.lora_config(r=2, target_modules=["proj"], arrow_config=ArrowConfig()))
