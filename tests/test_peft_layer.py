@@ -379,3 +379,13 @@ def test_activated_lora_and_arrow_are_refused_by_name():
 
     with pytest.raises(ValueError, match=r"do not support arrow_config=ArrowConfig"):
         peft.get_peft_model(Net(q), nf4.hf.lora_config(r=2, target_modules=["proj"], arrow_config=ArrowConfig()))
+
+
+def test_merge_flags_safe_merge_and_adapters_the_layer_lacks():
+    ours = with_third(models()[0])
+    mine = ours.base_model.model.block.proj
+    w = mine.base_layer.dequantize_weight(torch.float32)
+    want = nf4.quantize(w + mine.get_delta_weight("default"), 64, True)
+    with pytest.warns(UserWarning):
+        mine.merge(safe_merge=True, adapter_names=["third", "default"])  # finite: merged; "third" skipped
+    assert mine.merged_adapters == ["default"] and same_bytes(mine.base_layer.nf4_weight, want)
