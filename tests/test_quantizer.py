@@ -77,7 +77,13 @@ def test_from_bitsandbytes_reads_nf4_and_refuses_the_rest():
                                "modules_to_not_convert": None}  # fmt: skip
     with pytest.raises(ValueError, match=r"4-bit 'fp4' \(bnb_4bit_quant_type\); nf4 reads only 'nf4'"):
         NF4Config.from_bitsandbytes({"quant_method": "bitsandbytes", "load_in_4bit": True})  # fp4 by default
-    for eight in ({"quant_method": "bitsandbytes", "load_in_8bit": True}, {"quant_method": "bitsandbytes"}):
+    eights = (
+        {"quant_method": "bitsandbytes", "load_in_8bit": True},
+        {"quant_method": "bitsandbytes"},
+        {"load_in_8bit": True},
+        {"load_in_8bit": True, "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    )
+    for eight in eights:
         with pytest.raises(ValueError, match="quantized to 8 bits"):
             NF4Config.from_bitsandbytes(eight)
     with pytest.raises(ValueError, match="not a bitsandbytes quantization_config"):
