@@ -261,7 +261,7 @@ def test_load_adapter_onto_a_base_model_and_onto_a_peft_model(tmp_path, x, train
 
     fresh, _ = models()  # the same base weights; its adapters are unloaded
     base = fresh.unload()
-    loaded = load_adapter(base, tmp_path, is_trainable=trainable)
+    loaded = load_adapter(base, tmp_path, **({"is_trainable": True} if trainable else {}))  # default: frozen
     assert isinstance(loaded, peft.PeftModel)
     params = dict(loaded.named_parameters())
     for name, value in saved.items():
