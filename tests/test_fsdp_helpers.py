@@ -119,6 +119,14 @@ def test_all_gather_bytes_counts_and_restores(monkeypatch):
     assert counted.calls == 2
 
 
+def test_all_gather_bytes_lets_exceptions_through_and_restores(monkeypatch):
+    real = dist.all_gather_into_tensor
+    with pytest.raises(RuntimeError, match="inside the block"), AllGatherBytes():
+        assert dist.all_gather_into_tensor is not real
+        raise RuntimeError("inside the block")
+    assert dist.all_gather_into_tensor is real
+
+
 def test_main_process_outside_torch_distributed():
     assert not dist.is_initialized() and is_main_process()
 
