@@ -389,3 +389,13 @@ def test_merge_flags_safe_merge_and_adapters_the_layer_lacks():
     with pytest.warns(UserWarning):
         mine.merge(safe_merge=True, adapter_names=["third", "default"])  # finite: merged; "third" skipped
     assert mine.merged_adapters == ["default"] and same_bytes(mine.base_layer.nf4_weight, want)
+
+
+def test_exact_merge_dequantizes_the_other_nf4_layers_too():
+    other = LinearNF4.from_linear(nn.Linear(K, K))
+    pm = peft.get_peft_model(
+        Net(LinearNF4.from_linear(nn.Linear(K, N)), other), nf4.hf.lora_config(r=2, target_modules=["proj"])
+    )
+    want = other.dequantize_weight()
+    base = nf4.hf.merge_and_unload(pm)
+    assert type(base.block.other) is nn.Linear and torch.equal(base.block.other.weight, want)
