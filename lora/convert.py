@@ -116,7 +116,8 @@ def _nf4(module: nn.Module, name: str, cls: type[LinearNF4], blocksize: int, dou
         layer.train(module.training)
         return layer
     if type(module) is nn.Linear:
-        return cls.from_linear(module, blocksize=blocksize, double_quant=double_quant, **kwargs)
+        layer = cls.from_linear(module, blocksize=blocksize, double_quant=double_quant, **kwargs)
+        return layer.train(module.training)  # an eval model stays in eval: no LoRA dropout
     return from_bnb(module, name, cls, **kwargs)
 
 

@@ -27,7 +27,7 @@ settings.register_profile(
     print_blob=True,
 )
 settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-# tests/mutants.py: the CI examples, not shrunk (a mutant is killed by any failure; shrinking one under the
+# benchmarks/mutants.py: the CI examples, not shrunk (a mutant is killed by any failure; shrinking one under the
 # interpreter can take a minute)
 settings.register_profile("mutation", parent=settings.get_profile("ci"), phases=[Phase.explicit, Phase.generate])
 settings.register_profile("thorough", max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))

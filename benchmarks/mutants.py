@@ -1,9 +1,9 @@
 """Mutation check: realistic one-line bugs planted in the core modules, each run against the test file(s)
 that guard the module. Run it before a release, not in CI (about 8 minutes on 2 cores):
 
-    .venv/bin/python tests/mutants.py                 # every mutant: a table of killed / survived
-    .venv/bin/python tests/mutants.py -k gemv -k tie  # those whose name contains "gemv" or "tie"
-    .venv/bin/python tests/mutants.py --list          # the mutants, without running anything
+    .venv/bin/python benchmarks/mutants.py                 # every mutant: a table of killed / survived
+    .venv/bin/python benchmarks/mutants.py -k gemv -k tie  # those whose name contains "gemv" or "tie"
+    .venv/bin/python benchmarks/mutants.py --list          # the mutants, without running anything
 
 The checkout is never modified: the script copies the repository's files (tracked and untracked, not
 ignored) to a temporary directory, adds the installed layout there (`nf4/kernels/` from `kernels/`,

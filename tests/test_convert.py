@@ -1,0 +1,231 @@
+"""Model conversion (`nf4.lora.apply_lora`, `quantize_model`, nf4/lora/convert.py): which layers convert
+(PEFT's suffix rule on whole name components), the bytes they get, the flags they keep (training mode,
+requires_grad), and the bitsandbytes and PEFT paths. Outputs are compared with `x @ dequant(W)^T + b`
+computed here in float64: float32 sums over K = 64 at the output's scale."""
+
+import bitsandbytes as bnb
+import peft
+import pytest
+import torch
+from torch import nn
+
+import nf4
+from nf4.hf.peft import LoraLinearNF4
+from nf4.lora import LinearNF4, LoRALinearNF4, apply_lora, quantize_model
+from nf4.lora.convert import bnb_weight, from_bnb, replace_module
+
+K = 64
+
+
+@pytest.fixture(autouse=True)
+def _reference(reference_path):
+    """The torch path on the CPU (the kernels are tested against it elsewhere)."""
+
+
+def stack(n=12, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(*[nn.Linear(K, K) for _ in range(n)])
+
+
+def close(a, b):
+    return (a - b).abs().max() <= 2 * K * torch.finfo(torch.float32).eps * b.abs().max() + 1e-6
+
+
+def same_bytes(q, r):
+    a, b = q.to_bnb_state_dict(), r.to_bnb_state_dict()
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def converted(model, cls=LinearNF4):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, cls))
+
+
+def test_target_names_match_whole_components_only():
+    model = stack()
+    apply_lora(model, target_modules=["0"])
+    assert converted(model) == ["0"] and type(model[10]) is nn.Linear
+    model = stack()
+    quantize_model(model, target_modules="1")  # a string is one name, not its characters
+    assert converted(model) == ["1"] and type(model[11]) is nn.Linear
+    nested = nn.Module()
+    nested.enc = nn.Module()
+    nested.enc.query, nested.enc.xquery, nested.query_proj = nn.Linear(K, K), nn.Linear(K, K), nn.Linear(K, K)
+    apply_lora(nested, target_modules=["query"])
+    assert converted(nested) == ["enc.query"]
+    with pytest.raises(ValueError, match=r"matches target_modules=\['nope'\]; linear layers here: \['0', '1'"):
+        apply_lora(stack(), target_modules=["nope"])
+
+
+@pytest.mark.parametrize("blocksize,double_quant", [(64, True), (128, False)])
+def test_every_linear_converts_to_the_bytes_nf4_quantize_gives(blocksize, double_quant):
+    model = stack(3)
+    weights = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in model]
+    quantize_model(model, blocksize=blocksize, double_quant=double_quant)
+    assert converted(model) == ["0", "1", "2"] and not converted(model, LoRALinearNF4)
+    x = torch.randn(5, K)
+    for layer, (w, b) in zip(model, weights, strict=True):
+        q = nf4.quantize(w, blocksize, double_quant)
+        assert same_bytes(layer.nf4_weight, q) and torch.equal(layer.bias, b)
+        assert layer.nf4_meta.blocksize == blocksize and layer.nf4_meta.double_quant == double_quant
+        want = (x.double() @ nf4.dequantize(q).double().T + b.double()).float()
+        assert close(layer(x), want)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_apply_lora_passes_its_adapter_settings(rslora):
+    model = stack(2)
+    apply_lora(model, r=4, lora_alpha=12, lora_dropout=0.25, use_rslora=rslora, target_modules=["1"])
+    layer = model[1]
+    assert isinstance(layer, LoRALinearNF4) and type(model[0]) is nn.Linear
+    assert layer.r == 4 and layer.lora_A.shape == (4, K) and layer.lora_B.shape == (K, 4)
+    assert layer.scaling == (12 / 2 if rslora else 12 / 4) and layer.lora_dropout == 0.25
+    assert not torch.any(layer.lora_B)  # PEFT's init: the adapter starts as a no-op
+
+
+def test_only_adapters_train_and_earlier_adapters_keep_their_flag():
+    model = nn.Sequential(nn.Linear(K, K), nn.LayerNorm(K), nn.Linear(K, K), nn.Linear(K, K))
+    apply_lora(model, target_modules=["0"])
+    model[0].lora_B.requires_grad_(False)  # the user froze half of the first adapter
+    apply_lora(model, target_modules=["2"])
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["0.lora_A", "2.lora_A", "2.lora_B"]
+    assert type(model[3]) is nn.Linear and not model[3].weight.requires_grad  # frozen, not converted
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_conversion_keeps_each_layers_training_mode(mode):
+    model = stack(2)
+    getattr(model, mode)()
+    apply_lora(model, lora_dropout=0.5, target_modules=["0"])
+    quantize_model(model, target_modules=["1"])
+    assert [m.training for m in model] == [mode == "train"] * 2
+    if mode == "eval":  # dropout off: the output is deterministic
+        torch.nn.init.normal_(model[0].lora_B)
+        x = torch.randn(4, K)
+        assert torch.equal(model(x), model(x))
+    layer = bnb.nn.Linear4bit(K, K, quant_type="nf4").to("cpu")
+    getattr(layer, mode)()
+    assert from_bnb(layer, "x").training == (mode == "train")
+
+
+def bnb_model(quant_type="nf4", head=True):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        bnb.nn.Linear4bit(K, K, quant_type=quant_type, compute_dtype=torch.float32),
+        bnb.nn.Linear4bit(K, K, bias=False, quant_type=quant_type, compress_statistics=False),
+    )
+    if head:
+        model.append(nn.Linear(K, 16))
+    return model
+
+
+def test_bitsandbytes_layers_keep_their_bytes_and_the_head_stays_unless_named():
+    model = bnb_model().to("cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize_model(model)
+    assert converted(model) == ["0", "1"] and type(model[2]) is nn.Linear
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert model[0].nf4_meta.double_quant and not model[1].nf4_meta.double_quant and model[1].bias is None
+    assert torch.equal(model[0].bias, before["0.bias"]) and not any(p.requires_grad for p in model.parameters())
+    adapted = apply_lora(bnb_model().to("cpu"), r=2)
+    assert sorted(n for n, p in adapted.named_parameters() if p.requires_grad) == [
+        "0.lora_A", "0.lora_B", "1.lora_A", "1.lora_B"
+    ]  # fmt: skip
+    named = bnb_model().to("cpu")
+    quantize_model(named, target_modules=["0", "2"])
+    assert converted(named) == ["0", "2"] and isinstance(named[1], bnb.nn.Linear4bit)
+
+
+def test_a_bitsandbytes_layer_not_yet_quantized_is_quantized_as_bitsandbytes_would():
+    model = bnb_model(head=False)  # on no device yet: 16-bit weights, no quant state
+    model[1].weight.blocksize = 128  # Params4bit's own setting, read before quantizing
+    weights = [m.weight.detach().clone() for m in model]
+    mine = [bnb_weight(m, str(i)) for i, m in enumerate(model)]
+    theirs = [bnb_weight(m, str(i)) for i, m in enumerate(model.to("cpu"))]  # quantized by bitsandbytes
+    for w, a, b, dq, blocksize in zip(weights, mine, theirs, (True, False), (64, 128), strict=True):
+        assert same_bytes(a, nf4.quantize(w, blocksize, dq))
+        # bitsandbytes' codes and absmax; its nested offset (a mean) may differ in the last float32 bit
+        a, b = a.to_bnb_state_dict(), b.to_bnb_state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in ("weight", "weight.absmax"))
+
+
+def test_fp4_layers_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"^0: bitsandbytes' Linear4bit with quant_type='fp4'"):
+        quantize_model(bnb_model("fp4"))
+    with pytest.raises(ValueError, match=r"^0: .*"):
+        quantize_model(bnb_model("fp4").to("cpu"))
+
+
+def test_peft_model_converts_its_lora_layers_keeping_the_adapters_and_its_linear_layers():
+    model = stack(3)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "1"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    pm.eval()
+    adapters = {n: p for n, p in pm.named_parameters() if "lora_" in n}
+    x = torch.randn(3, K)
+    expect = pm(x)
+    weights = {i: model[i].base_layer.weight.detach().clone() for i in (0, 1)}
+    quantize_model(pm)
+    inner = pm.base_model.model
+    assert all(isinstance(inner[i], LoraLinearNF4) for i in (0, 1)) and type(inner[2]) is nn.Linear
+    assert {n: p for n, p in pm.named_parameters() if "lora_" in n} == adapters  # the same Parameter objects
+    assert all(p.requires_grad for p in adapters.values()) and not inner[2].weight.requires_grad
+    assert not inner[0].training  # kept from the PEFT layer
+    for i in (0, 1):
+        assert same_bytes(inner[i].base_layer.nf4_weight, nf4.quantize(weights[i]))
+    # the update is small against W: the outputs differ from the 16-bit model's by the NF4 rounding only
+    assert (pm(x) - expect).abs().max() < 0.1 * expect.abs().max()
+
+
+def test_replace_module_top_level_and_nested():
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU())
+    new, top = nn.Linear(2, 3), nn.Tanh()
+    replace_module(model, "0.0", new)
+    replace_module(model, "1", top)
+    assert model[0][0] is new and model[1] is top
+
+
+def test_a_wrapper_with_a_base_layer_but_no_adapter_is_not_a_peft_layer():
+    class Wrapper(nn.Module):  # e.g. a custom hook module around a Linear, not PEFT's LoRA layer
+        def __init__(self):
+            super().__init__()
+            self.base_layer = nn.Linear(K, K)
+
+        def forward(self, x):
+            return self.base_layer(x)
+
+    model = nn.Sequential(Wrapper(), nn.Linear(K, K))
+    apply_lora(model, r=2)
+    assert converted(model, LoRALinearNF4) == ["0.base_layer", "1"] and type(model[0]) is Wrapper
+
+
+def test_a_peft_models_linear_layers_stay_even_when_named():
+    pm = peft.get_peft_model(stack(3), peft.LoraConfig(r=2, target_modules=["0"]))
+    quantize_model(pm, target_modules=["0", "2"])
+    inner = pm.base_model.model
+    assert isinstance(inner[0], LoraLinearNF4) and type(inner[1]) is nn.Linear and type(inner[2]) is nn.Linear
+
+
+def test_defaults_return_value_and_progress(capsys):
+    model = stack(2)
+    assert apply_lora(model, target_modules=["0"], progress=True) is model
+    layer = model[0]
+    assert (layer.r, layer.scaling, layer.lora_dropout, layer.use_rslora) == (16, 1.0, 0.0, False)
+    assert (layer.nf4_meta.blocksize, layer.nf4_meta.double_quant) == (64, True)
+    assert quantize_model(model, progress=True) is model
+    assert (model[1].nf4_meta.blocksize, model[1].nf4_meta.double_quant) == (64, True)
+    err = capsys.readouterr().err
+    assert "apply_lora [" + "#" * 30 + "] 1/1" in err and "quantize_model [" + "#" * 30 + "] 1/1" in err
+
+
+def test_a_peft_model_on_bitsandbytes_gets_adapters_from_peft_only():
+    pm = peft.get_peft_model(bnb_model().to("cpu"), peft.LoraConfig(r=2, target_modules=["0"]))
+    apply_lora(pm, r=8)
+    inner = pm.base_model.model
+    assert isinstance(inner[0], LoraLinearNF4) and inner[0].r["default"] == 2
+    assert type(inner[1]) is LinearNF4 and type(inner[2]) is nn.Linear  # no adapter of apply_lora's own
