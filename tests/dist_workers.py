@@ -4,9 +4,12 @@ Each worker writes what it measured to `out/rank{r}.pt`; the test process assert
 same model from the same seeds, so each can compare its sharded run with the single-process one.
 """
 
+import multiprocessing
 import os
+import socket
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -52,6 +55,32 @@ def logged(fn, rank: int, world: int, port: int, out: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def launch(fn, world: int, out, timeout: float = 180) -> None:
+    """Run `fn(rank, world, port, out)` on `world` spawned processes; fail on a crash or a timeout."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=logged, args=(fn, rank, world, port, str(out))) for rank in range(world)]
+    interpret = os.environ.pop("TRITON_INTERPRET", None)  # whole models: the torch path, not the interpreter
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+    for p in procs:
+        p.join(timeout)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"{fn.__name__}: {len(alive)} of {world} ranks still running after {timeout} s (a hang)"
+    logs = "".join(f"--- rank {r} ---\n{(out / f'{fn.__name__}-{r}.log').read_text()[-2000:]}" for r in range(world))
+    assert all(p.exitcode == 0 for p in procs), f"{fn.__name__}: exit codes {[p.exitcode for p in procs]}\n{logs}"
 
 
 def finish() -> None:

@@ -19,7 +19,11 @@ from helpers import STATIC, static_module, without_interpreter
 
 aot = static_module("aot")
 ARCHS, SHARED_LIMIT, TABLE_ARGS, all_configs, jobs_for = (
-    aot.ARCHS, aot.SHARED_LIMIT, aot.TABLE_ARGS, aot.all_configs, aot.jobs_for
+    aot.ARCHS,
+    aot.SHARED_LIMIT,
+    aot.TABLE_ARGS,
+    aot.all_configs,
+    aot.jobs_for,
 )
 
 SIDE_TRITON = "3.6.0"

@@ -4,18 +4,14 @@ Workers run under a timeout, so a hang fails the test instead of blocking CI.
 """
 
 import json
-import multiprocessing
-import os
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 from dist_workers import (
     build,
     demo,
+    launch,
     load_checkpoint,
-    logged,
     mixed_precision,
     one_gpu,
     peft_sharded,
@@ -24,32 +20,6 @@ from dist_workers import (
 from safetensors.torch import load_file
 
 TIMEOUT = 180
-
-
-def launch(fn, world: int, out) -> None:
-    """Run `fn(rank, world, port, out)` on `world` spawned processes; fail on a crash or a timeout."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=logged, args=(fn, rank, world, port, str(out))) for rank in range(world)]
-    interpret = os.environ.pop("TRITON_INTERPRET", None)  # whole models: the torch path, not the interpreter
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if interpret is not None:
-            os.environ["TRITON_INTERPRET"] = interpret
-    for p in procs:
-        p.join(TIMEOUT)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, f"{fn.__name__}: {len(alive)} of {world} ranks still running after {TIMEOUT} s (a hang)"
-    logs = "".join(f"--- rank {r} ---\n{(out / f'{fn.__name__}-{r}.log').read_text()[-2000:]}" for r in range(world))
-    assert all(p.exitcode == 0 for p in procs), f"{fn.__name__}: exit codes {[p.exitcode for p in procs]}\n{logs}"
 
 
 def equal_state(a: dict, b: dict) -> bool:

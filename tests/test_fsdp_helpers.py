@@ -2,14 +2,10 @@
 the local shards' sizes computed from the unsharded shapes), the all-gather counter and the rank check,
 on a PEFT model and on a model whose root holds parameters (2 gloo ranks on the CPU, tests/fsdp_workers.py)."""
 
-import multiprocessing
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-from dist_workers import logged
+from dist_workers import launch
 from fsdp_workers import build, helpers
 from torch import nn
 
@@ -24,25 +20,7 @@ WORLD = 2
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp-helpers")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=logged, args=(helpers, r, WORLD, port, str(out))) for r in range(WORLD)]
-    interpret = os.environ.pop("TRITON_INTERPRET", None)  # whole models: the torch path
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if interpret is not None:
-            os.environ["TRITON_INTERPRET"] = interpret
-    for p in procs:
-        p.join(TIMEOUT)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    logs = "".join((out / f"helpers-{r}.log").read_text()[-2000:] for r in range(WORLD))
-    assert not alive and all(p.exitcode == 0 for p in procs), logs
+    launch(helpers, WORLD, out, TIMEOUT)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
