@@ -55,9 +55,9 @@ same dot. Correct for every shape; not tuned (such shapes are rare in models).
 The adapter's A (inference: `a` instead of u, fp16/bf16 on the aligned path). The grid is (split,
 ceil(r/16) + cdiv(N, BN)): its first ceil(r/16) row tiles, launched first, compute u = x @ A^T of their
 K-slice and 16 ranks (exact fp32, A read in its own dtype; A_BK = 128 columns of A and x in flight per
-step on the register-table path, 64 elsewhere: 8 dependent steps per 1024-column slice, not 64) and
-store it after W's partial sums; a LoRALinearNF4 decode call is then these two kernels and nothing
-else (no GEMV for x @ A^T, no cast of a float32 A).
+step on sm_90's register-table path, 64 elsewhere: 128 takes a stack frame on sm_80 under triton 3.6;
+8 dependent steps per 1024-column slice, not 64) and store it after W's partial sums; a LoRALinearNF4
+decode call is then these two kernels and nothing else (no GEMV for x @ A^T, no cast of a float32 A).
 
 Split-K and epilogue. Each program writes its fp32 partial sums to `partial[s, M, N]` (no atomics: the
 result is deterministic); a second small kernel sums the `split` slices (8 at a time, their loads in
@@ -197,7 +197,7 @@ def _nf4_gemv_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     if is_a:
         _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, 16 * pid_n, k_start, k_end, M, N, r, stride_ar,
-                      stride_ak, A_BK if LUT else A_BK // 2, SOFT_BF16)  # fmt: skip
+                      stride_ak, A_BK if LUT and not MMA_V2 else A_BK // 2, SOFT_BF16)  # fmt: skip
     elif LUT:
         _w_slice_lut(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
                      pairs_ptr, partial_ptr, pid_n.to(tl.int64), pid_k, M, N, KB, KB // 128, kb_per_split // 128,
