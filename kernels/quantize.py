@@ -102,13 +102,10 @@ def _nf4_codes(xs, table_ptr):
     code): one FFMA to the bucket index, one 8-byte gather from the 512-byte `bucket_table` (L1), one
     compare and one add.
 
-    NOTE: sm_90 SASS of quantize_nf4[bs=64,bf16] (`quantize_report`, benchmarks/static/sass.py): 29.5 instructions per
-    element with this table; 47.0 with the previous binary search over the midpoints as immediates (4
-    compares, 11 selects and the bits' assembly per element, predicates stashed in registers as bit
-    masks); 75.5 with 15 compare-and-adds before it. The H200 issues ~20.9 per element in the time 4.1
-    TB/s moves its 2.56 bytes, so the kernel stays issue-bound: predicted ~71% of the copy bandwidth
-    (was ~45%; measured 8% with the first kernel, gpu-findings.md). fp32 input: 34.0 against a budget
-    of 37.2, memory-bound.
+    NOTE: sm_90 SASS of quantize_nf4[bs=64,bf16], triton 3.9: 27.25 instructions per element (fp32
+    input 32.75; 47.0 with a binary search over the midpoints as immediates). The per-pipe model
+    (benchmarks/results/2026-12-07-static-model-255c09d9a818/) puts it ALU-bound at 81 % of the H200's
+    copy bandwidth (76 % under triton 3.6); tests/test_compile.py pins its loads.
     """
     v = tl.fma(xs, 16.0, BUCKET_MAGIC)
     entry = tl.load(table_ptr + (v.to(tl.int32, bitcast=True) & (BUCKETS - 1)))
