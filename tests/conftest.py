@@ -53,3 +53,19 @@ def reference_path(monkeypatch):
     import nf4.dispatch
 
     monkeypatch.setattr(nf4.dispatch, "INTERPRET", False)
+
+
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory):
+    """A tiny random Llama saved in float32 (tests/hf_helpers.py), one per test module."""
+    from hf_helpers import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny32"))
+
+
+@pytest.fixture(scope="module")
+def tiny16(tmp_path_factory):
+    """The same model saved in bfloat16."""
+    from hf_helpers import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny16"), dtype=torch.bfloat16)

@@ -29,16 +29,6 @@ def _reference(reference_path):
 ATTN_MLP = [("self_attn", t) for t in TARGETS[:4]] + [("mlp", t) for t in TARGETS[4:]]
 
 
-@pytest.fixture(scope="module")
-def tiny32(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny32"))
-
-
-@pytest.fixture(scope="module")
-def tiny16(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny16"), dtype=torch.bfloat16)
-
-
 @pytest.fixture
 def ids():
     return torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))

@@ -14,7 +14,7 @@ import json
 import peft
 import pytest
 import torch
-from hf_helpers import TARGETS, load_bnb, load_nf4, save_tiny, tiny_config, tiny_tokenizer
+from hf_helpers import TARGETS, load_bnb, load_nf4, tiny_config, tiny_tokenizer
 from torch import nn
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
@@ -27,11 +27,6 @@ from nf4.lora import LinearNF4, apply_lora, quantize_model
 @pytest.fixture(autouse=True)
 def _reference(reference_path):
     """Whole models on the CPU: the torch path, not the kernel interpreter."""
-
-
-@pytest.fixture(scope="module")
-def tiny32(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny32"))
 
 
 @pytest.fixture

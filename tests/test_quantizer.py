@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from hf_helpers import TARGETS, load_nf4, save_tiny
+from hf_helpers import TARGETS, load_nf4
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -21,16 +21,6 @@ from nf4.lora import LinearNF4
 @pytest.fixture(autouse=True)
 def _reference(reference_path):
     """Whole models on the CPU: the torch path, not the kernel interpreter."""
-
-
-@pytest.fixture(scope="module")
-def tiny32(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny32"))
-
-
-@pytest.fixture(scope="module")
-def tiny16(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny16"), dtype=torch.bfloat16)
 
 
 def nf4_layers(model):
