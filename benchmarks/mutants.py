@@ -110,7 +110,7 @@ MUTANTS = (
     # -- LoRA ------------------------------------------------------------------------------------------
     Mutant("dropout-missing-from-dA", "lora/functional.py", "(g.t() @ _dropped(x2, mask, ctx.keep_scale))",
            "(g.t() @ x2)", ("tests/test_lora.py",), "lora_A's gradient uses x instead of the dropped-out x"),
-    Mutant("dB-scaling-missing", "lora/functional.py", "(dy2.t() @ xa).mul_(scaling)", "(dy2.t() @ xa)",
+    Mutant("dB-scaling-missing", "lora/functional.py", "(dy2.t() @ xa).mul_(ctx.scaling)", "(dy2.t() @ xa)",
            ("tests/test_lora.py",), "lora_B's gradient without the scaling"),
     Mutant("dropout-keep-scale", "lora/functional.py", ">= p, 1.0 / (1.0 - p)", ">= p, 1.0 - p",
            ("tests/test_lora.py",), "dropout scales kept values by 1 - p instead of 1 / (1 - p)"),
@@ -173,7 +173,7 @@ MUTANTS = (
     Mutant("compat-packed-counted-once", "nf4/hf/compat.py", "out[id(m.weight)] = 2", "out[id(m.weight)] = 1",
            ("tests/test_hf_peft.py",), "the packed codes count one weight per byte, not bitsandbytes' two"),
     Mutant("compat-stock-lora-unregistered", "nf4/hf/compat.py",
-           "peft_config._register_custom_module({LinearNF4: LoraLinearNF4})", "pass", ("tests/test_hf_peft.py",),
+           "peft_config._register_custom_module({LinearNF4: PeftLinearNF4})", "pass", ("tests/test_hf_peft.py",),
            "a stock peft.LoraConfig finds no LoRA layer for nf4's layers"),
     Mutant("merge-keeps-quantizer", "nf4/hf/peft.py", "quantizer.remove_quantization_config(model)", "pass",
            ("tests/test_hf_peft.py",), "the 16-bit merge keeps the 4-bit quantizer on the model"),

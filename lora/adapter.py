@@ -11,7 +11,6 @@ Everything is checked before the model is touched, so a bad file never leaves a 
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from collections import Counter
@@ -20,7 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nf4.lora.convert import replace_module
 from nf4.lora.distributed import is_main_process
 from nf4.lora.modules import LinearNF4, LoRALinearNF4
 
@@ -42,11 +40,11 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     Ranks and alphas that differ between layers go to `rank_pattern` / `alpha_pattern` (full module
     paths), as PEFT does. Layers must agree on `use_rslora` (PEFT has one flag per adapter). On a model
     sharded with FSDP2 every rank calls it (the adapters are gathered) and rank 0 writes the files.
-    A PEFT model (`peft.get_peft_model`, FSDP2-sharded or not) is saved by PEFT itself, its adapter
-    gathered first (`nf4.hf.fsdp.save_pretrained`; `base_model_name_or_path` is then PEFT's).
+    A PEFT model (`peft.get_peft_model`, FSDP2-sharded or not) is written by PEFT's own
+    `save_pretrained`, its adapter gathered first (`base_model_name_or_path` is then PEFT's).
     """
     if hasattr(model, "peft_config"):
-        return importlib.import_module("nf4.hf.fsdp").save_pretrained(model, directory)
+        return _save_peft_model(model, directory)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRALinearNF4 layers: nothing to save (use nf4.lora.apply_lora first)")
@@ -210,7 +208,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
         if layer is not module:
-            replace_module(model, path, layer)
+            model.set_submodule(path, layer)
     return model
 
 
@@ -238,3 +236,25 @@ def _with_adapter(module: nn.Module, r: int, alpha: float, dropout: float, rslor
         layer.bias = module.bias
     layer.train(module.training)
     return layer
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """A PEFT model's adapter parameters (`lora_` in the name, or trainable: PEFT's `modules_to_save`)
+    whole, on the CPU, keyed as `model.state_dict()` keys them. Every rank must call it: a DTensor shard
+    is gathered with a collective, in the same order on every rank."""
+    state = {}
+    for name, param in model.named_parameters():
+        if "lora_" in name or param.requires_grad:
+            t = param.detach()
+            full = getattr(t, "full_tensor", None)
+            state[name] = (full() if full is not None else t).cpu()
+    return state
+
+
+def _save_peft_model(model: nn.Module, directory: str | Path) -> Path:
+    """PEFT's `model.save_pretrained(directory)` that every rank calls: under FSDP2 PEFT's own call gathers
+    the shards too, so calling it on rank 0 alone hangs until the process group times out."""
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise TypeError(f"{type(model).__name__} has a peft_config but no save_pretrained: not a PEFT model")
+    model.save_pretrained(str(directory), state_dict=adapter_state_dict(model), is_main_process=is_main_process())
+    return Path(directory)

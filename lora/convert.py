@@ -5,9 +5,10 @@ What converts:
 - bitsandbytes' `Linear4bit` (nf4): its bytes are reused as they are, nothing is requantized: the new
   layer's state dict holds the same tensors (an FP4 layer is refused).
 - PEFT's LoRA layers (a model from `peft.get_peft_model`, on bitsandbytes' `Linear4bit` or on nn.Linear):
-  the base becomes a `LinearNF4` as above and the LoRA layer nf4's PEFT layer (`nf4.hf.LoraLinearNF4`,
-  needs the `hf` extra), carrying every adapter over (the same parameters, trainable as they were), so a
-  bitsandbytes + PEFT model runs nf4's fused kernels after one call and stays a PEFT model.
+  the base becomes a `LinearNF4` as above and the LoRA layer nf4's PEFT layer, carrying every adapter over
+  (the same parameters, trainable as they were): a bitsandbytes + PEFT model runs nf4's kernels and stays
+  a PEFT model. That layer lives in `nf4.hf` (the `hf` extra), which registers its converter here when
+  imported (`register_peft_converter`): `import nf4.hf` before converting a PEFT model.
 
 `target_modules` selects layers by qualified name: a layer matches when its name equals an entry or ends
 with "." + entry (PEFT's suffix rule: "query" matches "encoder.layer.0.attention.self.query"). None means
@@ -19,9 +20,8 @@ its nn.Linear layers are never converted.
 
 from __future__ import annotations
 
-import importlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -38,10 +38,15 @@ def _matches(name: str, targets: Iterable[str] | None) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` where the submodule called `name` (a dotted path) is."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+_peft_converter: Callable[[nn.Module, LinearNF4], nn.Module] | None = None
+
+
+def register_peft_converter(convert: Callable[[nn.Module, LinearNF4], nn.Module]) -> None:
+    """Install `convert(peft_layer, base)`, which returns the layer that replaces PEFT's LoRA layer
+    `peft_layer` (its adapters carried over) over the already converted `base`. `import nf4.hf` calls it:
+    this module never imports the layer above it."""
+    global _peft_converter
+    _peft_converter = convert
 
 
 def _is_bnb_4bit(module: nn.Module) -> bool:
@@ -153,6 +158,16 @@ def _targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
         if child
     }  # a PEFT layer's base and adapters convert with the PEFT layer, never on their own
     candidates = [(n, m) for n, m in model.named_modules() if n not in inside_peft and _convertible(m)]
+    if candidates and candidates[0][0] == "":
+        raise ValueError(
+            f"the model itself is a {type(model).__name__}, which cannot be replaced in place; convert it with "
+            "LinearNF4.from_linear(layer) or LoRALinearNF4.from_linear(layer), or pass the model that holds it"
+        )
+    if _peft_converter is None and any(_is_peft_lora(m) for _, m in candidates):
+        raise RuntimeError(
+            "this is a PEFT model: its LoRA layers convert to nf4's PEFT layer, which lives in nf4.hf (the hf "
+            "extra); `import nf4.hf` first, then convert"
+        )
     if any(_is_peft_lora(m) or _is_bnb_4bit(m) for _, m in candidates):
         # a model quantized by bitsandbytes (or adapted by PEFT): its 4-bit and PEFT layers convert, and by
         # default its 16-bit nn.Linear layers (the head) stay as they are; in a PEFT model they always do
@@ -188,12 +203,11 @@ def _replace(model: nn.Module, target_modules, cls, label: str, progress, blocks
         if peft_model and not _is_peft_lora(module):  # adapters come from PEFT only
             new = _nf4(module, name, LinearNF4, blocksize, double_quant)
         elif _is_peft_lora(module):
-            peft_layers = importlib.import_module("nf4.hf.peft")  # needs the hf extra; peft is loaded already
             base = _nf4(module.base_layer, name, LinearNF4, blocksize, double_quant)
-            new = peft_layers.convert_peft_layer(module, base)
+            new = _peft_converter(module, base)
         else:
             new = _nf4(module, name, cls, blocksize, double_quant, **kwargs)
-        replace_module(model, name, new)
+        model.set_submodule(name, new)
         bar.step(name)
     return model
 

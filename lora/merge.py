@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from nf4.api import dequantize
-from nf4.lora.convert import replace_module
 from nf4.lora.modules import LinearNF4, LoRALinearNF4
 
 
@@ -44,5 +43,5 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, include
             linear.weight.copy_(weight)
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias.to(weight.dtype))
-        replace_module(model, name, linear)
+        model.set_submodule(name, linear)
     return model

@@ -40,7 +40,7 @@ from torch import nn
 from nf4.api import dequantize, quantize
 from nf4.codebook import dynamic_map
 from nf4.format import FLOAT_DTYPES, NF4Meta
-from nf4.lora.functional import _lora_linear, check_inputs
+from nf4.lora.functional import lora_linear
 from nf4.tensor import NF4Tensor
 
 _PARAMS = {"weight": "packed", "weight_absmax": "absmax"}
@@ -176,9 +176,7 @@ class LinearNF4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x @ dequant(W)^T + bias`: x [..., in_features] (float32, float16 or bfloat16; float64 on the
         CPU) -> [..., out_features] in x's dtype. W stays frozen; x gets a gradient if it requires one."""
-        weight = self.nf4_weight
-        check_inputs(x, weight, bias=self.bias, where=type(self).__name__)
-        return _lora_linear(x, weight, None, None, self.bias, 1.0, 0.0, False)
+        return lora_linear(x, self.nf4_weight, bias=self.bias, where=type(self).__name__)
 
     # -- state dict in bitsandbytes' form ------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -379,11 +377,8 @@ class LoRALinearNF4(LinearNF4):
         active in training mode only; after `merge()` the adapter is inside W and skipped here."""
         if self.merged:
             return super().forward(x)
-        weight = self.nf4_weight
-        check_inputs(x, weight, self.lora_A, self.lora_B, self.bias, where=type(self).__name__)
-        return _lora_linear(
-            x, weight, self.lora_A, self.lora_B, self.bias, self.scaling, self.lora_dropout, self.training
-        )
+        return lora_linear(x, self.nf4_weight, self.lora_A, self.lora_B, self.bias, self.scaling, self.lora_dropout,
+                           self.training, where=type(self).__name__)  # fmt: skip
 
     # -- merging -------------------------------------------------------------------------------
     @property

@@ -269,8 +269,8 @@ def demo(rank: int, world: int, port: int, out: str) -> None:
 
 def peft_sharded(rank: int, world: int, port: int, out: str) -> None:
     """Converting an already sharded model (the wrong order) is refused; a PEFT model on nf4 layers,
-    sharded and trained a step, saves its adapter in PEFT's format (`nf4.lora.save_adapter`, which hands
-    a PEFT model to `nf4.hf.fsdp.save_pretrained`); rank 0 keeps the gathered full state dict to compare."""
+    sharded and trained a step, saves its adapter in PEFT's format (`nf4.lora.save_adapter` gathers it
+    and hands it to PEFT's `save_pretrained`); rank 0 keeps the gathered full state dict to compare."""
     import peft
     from hf_helpers import TARGETS, tiny_config
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -14,7 +14,6 @@ import nf4
 from helpers import nf4_error_bound
 from nf4.lora import LinearNF4, LoRALinearNF4, apply_lora, load_adapter, merge_and_unload, quantize_model, save_adapter
 from nf4.lora.adapter import lora_layers
-from nf4.lora.convert import replace_module
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -146,7 +145,7 @@ def test_every_numeric_config_field_round_trips(tmp_path, ids, use_rslora):
     model = apply_lora(copy.deepcopy(base), r=4, lora_alpha=8, use_rslora=use_rslora, target_modules=TARGETS)
     for name, (r, alpha) in MIXED.items():
         linear = copy.deepcopy(base.get_submodule(name))
-        replace_module(model, name, LoRALinearNF4.from_linear(linear, r=r, lora_alpha=alpha, use_rslora=use_rslora))
+        model.set_submodule(name, LoRALinearNF4.from_linear(linear, r=r, lora_alpha=alpha, use_rslora=use_rslora))
     trained(model, std=0.2)
     save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())

@@ -11,9 +11,9 @@ from torch import nn
 
 import nf4
 from helpers import same_bnb_entry
-from nf4.hf.peft import LoraLinearNF4
+from nf4.hf.peft import PeftLinearNF4
 from nf4.lora import LinearNF4, LoRALinearNF4, apply_lora, quantize_model
-from nf4.lora.convert import bnb_weight, from_bnb, replace_module
+from nf4.lora.convert import bnb_weight, from_bnb
 
 K = 64
 
@@ -173,7 +173,7 @@ def test_peft_model_converts_its_lora_layers_keeping_the_adapters_and_its_linear
     weights = {i: model[i].base_layer.weight.detach().clone() for i in (0, 1)}
     quantize_model(pm)
     inner = pm.base_model.model
-    assert all(isinstance(inner[i], LoraLinearNF4) for i in (0, 1)) and type(inner[2]) is nn.Linear
+    assert all(isinstance(inner[i], PeftLinearNF4) for i in (0, 1)) and type(inner[2]) is nn.Linear
     assert {n: p for n, p in pm.named_parameters() if "lora_" in n} == adapters  # the same Parameter objects
     assert all(p.requires_grad for p in adapters.values()) and not inner[2].weight.requires_grad
     assert not inner[0].training  # kept from the PEFT layer
@@ -183,12 +183,28 @@ def test_peft_model_converts_its_lora_layers_keeping_the_adapters_and_its_linear
     assert (pm(x) - expect).abs().max() < 0.1 * expect.abs().max()
 
 
-def test_replace_module_top_level_and_nested():
-    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU())
-    new, top = nn.Linear(2, 3), nn.Tanh()
-    replace_module(model, "0.0", new)
-    replace_module(model, "1", top)
-    assert model[0][0] is new and model[1] is top
+@pytest.mark.parametrize("convert", [apply_lora, quantize_model])
+def test_a_model_that_is_itself_a_linear_is_refused_untouched(convert):
+    """The root cannot be replaced in place: a clear error, not a child named "" added to the Linear."""
+    model = nn.Linear(K, K)
+    before = dict(model.named_modules())
+    with pytest.raises(ValueError, match=r"the model itself is a Linear.*LinearNF4.from_linear"):
+        convert(model)
+    assert dict(model.named_modules()) == before and model.weight.requires_grad
+
+
+def test_a_peft_model_without_nf4_hf_names_the_import(monkeypatch):
+    """The PEFT layer's converter lives in nf4.hf (registered on import): without it, a PEFT model is
+    refused before anything is frozen or replaced."""
+    import nf4.lora.convert as convert_module
+
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(K, K)), peft.LoraConfig(r=2, target_modules=["0"]))
+    monkeypatch.setattr(convert_module, "_peft_converter", None)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(RuntimeError, match=r"import nf4.hf"):
+        apply_lora(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert type(model.base_model.model[0].base_layer) is nn.Linear
 
 
 def test_a_wrapper_with_a_base_layer_but_no_adapter_is_not_a_peft_layer():
@@ -209,7 +225,7 @@ def test_a_peft_models_linear_layers_stay_even_when_named():
     pm = peft.get_peft_model(stack(3), peft.LoraConfig(r=2, target_modules=["0"]))
     quantize_model(pm, target_modules=["0", "2"])
     inner = pm.base_model.model
-    assert isinstance(inner[0], LoraLinearNF4) and type(inner[1]) is nn.Linear and type(inner[2]) is nn.Linear
+    assert isinstance(inner[0], PeftLinearNF4) and type(inner[1]) is nn.Linear and type(inner[2]) is nn.Linear
 
 
 def test_defaults_return_value_and_progress(capsys):
@@ -228,5 +244,5 @@ def test_a_peft_model_on_bitsandbytes_gets_adapters_from_peft_only():
     pm = peft.get_peft_model(bnb_model().to("cpu"), peft.LoraConfig(r=2, target_modules=["0"]))
     apply_lora(pm, r=8)
     inner = pm.base_model.model
-    assert isinstance(inner[0], LoraLinearNF4) and inner[0].r["default"] == 2
+    assert isinstance(inner[0], PeftLinearNF4) and inner[0].r["default"] == 2
     assert type(inner[1]) is LinearNF4 and type(inner[2]) is nn.Linear  # no adapter of apply_lora's own

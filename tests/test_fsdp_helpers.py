@@ -9,7 +9,7 @@ from dist_workers import launch
 from fsdp_workers import build, helpers
 from torch import nn
 
-from nf4.hf.peft import LoraLinearNF4
+from nf4.hf.peft import PeftLinearNF4
 from nf4.lora import LinearNF4, LoRALinearNF4
 from nf4.lora.distributed import AllGatherBytes, is_main_process, local_bytes, nf4_layers, nf4_local_bytes
 
@@ -56,7 +56,7 @@ def test_groups_and_main_rank(ranks):
 def test_nf4_layers_takes_the_peft_wrapper_not_its_base():
     model = build("peft")
     found = nf4_layers(model)
-    assert [type(m) for m in found] == [LoraLinearNF4, LinearNF4]
+    assert [type(m) for m in found] == [PeftLinearNF4, LinearNF4]
     assert found[0].base_layer not in found
     plain = build("root")
     assert [type(m) for m in nf4_layers(plain)] == [LoRALinearNF4, LinearNF4]
@@ -121,7 +121,7 @@ def test_nf4_layers_leaves_out_adapted_16_bit_layers_and_bare_wrappers():
     model = nn.Sequential(LinearNF4.from_linear(nn.Linear(64, 64)), nn.Linear(64, 64))
     pm = peft.get_peft_model(model, nf4.hf.lora_config(r=2, target_modules=["0", "1"]))
     found = nf4_layers(pm)
-    assert len(found) == 1 and isinstance(found[0], LoraLinearNF4)  # PEFT's layer on nn.Linear is not NF4
+    assert len(found) == 1 and isinstance(found[0], PeftLinearNF4)  # PEFT's layer on nn.Linear is not NF4
 
     class Wrapper(nn.Module):  # a base_layer without adapters: its NF4 layer is the group
         def __init__(self):

@@ -55,7 +55,7 @@ def randomize(model, seed):
 
 
 def lora_layers(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, nf4_peft.LoraLinearNF4)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, nf4_peft.PeftLinearNF4)}
 
 
 @pytest.mark.parametrize("make_config", [peft.LoraConfig, nf4.hf.lora_config], ids=["peft", "nf4"])
@@ -65,8 +65,8 @@ def test_get_peft_model_wraps_nf4_layers_and_runs_one_fused_call(monkeypatch, ti
     assert len(found) == 6 and all(isinstance(m.base_layer, LinearNF4) for m in found.values())
     assert all(m.lora_A["default"].weight.dtype == torch.float32 for m in found.values())
     calls = []
-    real = nf4_peft._lora_linear
-    monkeypatch.setattr(nf4_peft, "_lora_linear", lambda *a: calls.append(a) or real(*a))
+    real = nf4_peft.lora_linear
+    monkeypatch.setattr(nf4_peft, "lora_linear", lambda *a, **k: calls.append(a) or real(*a, **k))
     pm(ids).logits.sum().backward()
     assert len(calls) == 6  # one fused call per adapted layer: NF4 matmul and LoRA term together
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
@@ -133,7 +133,7 @@ def test_merge_is_lossy_unmerge_exact_and_the_16_bit_merge_exact(tiny32, ids):
             base = pm(ids).logits
         assert 0 < (merged - expect).abs().max() < (base - expect).abs().max()
         exact = nf4.hf.merge_and_unload(copy.deepcopy(pm))
-        assert not any(isinstance(m, (LinearNF4, nf4_peft.LoraLinearNF4)) for m in exact.modules())
+        assert not any(isinstance(m, (LinearNF4, nf4_peft.PeftLinearNF4)) for m in exact.modules())
         assert close(exact(ids).logits, expect)
         unloaded = pm.merge_and_unload()
         assert isinstance(unloaded.model.layers[1].mlp.down_proj, LinearNF4)
@@ -445,11 +445,11 @@ sft = trl.SFTTrainer(
     peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
 )
 print(json.dumps({
-    "trl": [sft.train().global_step, sum(type(m).__name__ == "LoraLinearNF4" for m in sft.model.modules())],
+    "trl": [sft.train().global_step, sum(type(m).__name__ == "PeftLinearNF4" for m in sft.model.modules())],
     "counts": counts,
     "peft_counts": list(model.get_nb_trainable_parameters()),
-    "fused": sum(type(m).__name__ == "LoraLinearNF4" for m in model.modules()),
-    "fused_back": sum(type(m).__name__ == "LoraLinearNF4" for m in back.modules()),
+    "fused": sum(type(m).__name__ == "PeftLinearNF4" for m in model.modules()),
+    "fused_back": sum(type(m).__name__ == "PeftLinearNF4" for m in back.modules()),
     "lora_B_trained": all(p.abs().sum().item() > 0 for n, p in model.named_parameters() if "lora_B" in n),
     "same_outputs": same,
     "bitsandbytes": sys.modules["bitsandbytes"] is None,

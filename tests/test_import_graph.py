@@ -44,8 +44,79 @@ def graph() -> dict[str, set[str]]:
                 # `from nf4 import reference` imports the module nf4.reference; `from nf4.x import f`, nf4.x
                 subs = {f"{node.module}.{a.name}" for a in node.names} & mods.keys()
                 targets |= subs or {node.module}
+            elif (dynamic := _dynamic_import(node)) is not None:
+                targets |= set(DYNAMIC_IMPORTS.get(name, {}).get(dynamic, {dynamic}))
         edges[name] = {t for t in targets if t in mods and t != name}
     return edges
+
+
+DYNAMIC_IMPORTS = {
+    "nf4": {"nf4.{}": {"nf4.kernels", "nf4.lora"}},  # the facade's lazy `nf4.lora` / `nf4.kernels`
+    "nf4.lora.demo": {"{}": set()},  # the demo's corpus: standard-library modules' docstrings
+}
+"""Module -> the dynamic imports it may make (the argument's text, "{}" for a computed part) -> what
+they import. Any other `importlib.import_module(...)` or `__import__(...)` counts as an import of its
+literal argument, or fails the graph when the argument is computed."""
+
+
+def _dynamic_import(node: ast.AST) -> str | None:
+    """The target of `importlib.import_module(X)` / `__import__(X)`: X's text with "{}" for computed parts."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    func = node.func
+    called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    if called not in ("import_module", "__import__"):
+        return None
+    arg = node.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    if isinstance(arg, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in arg.values)
+    return "{}"
+
+
+def test_dynamic_imports_are_seen(tmp_path):
+    """`importlib.import_module("nf4.hf.peft")` and `__import__("nf4.hf")` are edges like import
+    statements; a computed module name is an edge to "{}", which no rule below allows."""
+    tree = ast.parse(
+        'import importlib\nimportlib.import_module("nf4.hf.peft")\n__import__("nf4.hf")\n'
+        'importlib.import_module(f"nf4.{name}")\n'
+    )
+    found = [t for n in ast.walk(tree) if (t := _dynamic_import(n)) is not None]
+    assert found == ["nf4.hf.peft", "nf4.hf", "nf4.{}"]
+
+
+LAYERS = (
+    {"nf4.format", "nf4.codebook", "nf4.reference", "nf4.tensor", "nf4.cpu", "nf4.dispatch", "nf4.api",
+     "nf4.progress"},
+    {"nf4.kernels"},
+    {"nf4.lora"},
+    {"nf4.hf"},
+    {"nf4", "nf4.checkpoint", "nf4.cli", "nf4.demo", "nf4.__main__"},
+)  # fmt: skip
+"""The layers, bottom up: a module imports its own layer and the ones below, never one above. The
+format layer's dispatch point imports the kernels (`test_only_the_dispatch_point_imports_the_kernels`)."""
+
+
+def _layer(name: str) -> int:
+    for i, members in enumerate(LAYERS):
+        if name in members or any(name.startswith(m + ".") for m in members if m != "nf4"):
+            return i
+    raise AssertionError(f"{name} is in no layer of LAYERS: place it")
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    edges = graph()
+    for name, targets in edges.items():
+        above = {t for t in targets if _layer(t) > _layer(name)}
+        if name == "nf4.dispatch":
+            above -= {t for t in above if t.startswith("nf4.kernels")}
+        assert not above, f"{name} imports {above}, a layer above its own"
+    for name, path in modules().items():  # a computed name is allowed only where listed
+        for node in ast.walk(ast.parse(path.read_text())):
+            target = _dynamic_import(node)
+            if target is not None and "{}" in target:
+                assert target in DYNAMIC_IMPORTS.get(name, {}), f"{name}: dynamic import of {target!r}"
 
 
 def test_the_package_does_not_ship_or_import_the_development_tools():

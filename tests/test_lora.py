@@ -23,7 +23,7 @@ from nf4.lora import (
     merged_weight,
     quantize_model,
 )
-from nf4.lora.functional import weight_kwargs
+from nf4.lora.functional import LoRALinearFunction
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -41,17 +41,8 @@ def reference_forward(x, q, a, b, bias, scaling, mask, keep):
 
 
 def run_op(x, q, a, b, bias, scaling, mask, keep):
-    y, _ = torch.ops.nf4.lora_linear(
-        x,
-        **weight_kwargs(q),
-        lora_A=a,
-        lora_B=b,
-        bias=bias,
-        scaling=scaling,
-        mask=mask,
-        keep_scale=keep,
-    )
-    return y
+    """The autograd function itself, with a given dropout mask (`lora_linear` draws its own)."""
+    return LoRALinearFunction.apply(x, q, a, b, bias, scaling, mask, keep)
 
 
 def leaf(t, device, dtype=None):
@@ -519,10 +510,9 @@ class _SeenOps(TorchDispatchMode):
 @pytest.mark.parametrize("m", [1, 40], ids=["decode", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_eager_calls_match_the_custom_ops(kernel_device, monkeypatch, m, dtype):
-    """Plain eager calls run the ops' bodies directly (no dispatcher wrapping: `functional.eager`); with a
+    """Plain eager calls run the op's body directly (no dispatcher wrapping: `nf4.lora.ops.eager`); with a
     dispatch mode active (what fake tensors, make_fx and export use) the same calls go through the
-    `nf4::` custom ops (`need_xa=False` for the no-grad call). Both give bit-identical outputs and
-    gradients."""
+    `nf4::matmul` custom op. Both give bit-identical outputs and gradients."""
     torch.manual_seed(0)
     layer = LoRALinearNF4.from_linear(nn.Linear(96, 80, dtype=dtype), r=8).to(kernel_device)
     nn.init.normal_(layer.lora_B, std=0.1)
@@ -541,13 +531,12 @@ def test_eager_calls_match_the_custom_ops(kernel_device, monkeypatch, m, dtype):
         raise AssertionError("a plain eager call went through the custom op")
 
     with monkeypatch.context() as patch:
-        patch.setattr(torch.ops.nf4, "lora_linear", not_called)
         patch.setattr(torch.ops.nf4, "matmul", not_called)
         direct = run()
     mode = _SeenOps()
     with mode:
         through_ops = run()
-    assert {"nf4.lora_linear", "nf4.matmul"} <= mode.ops, mode.ops
+    assert "nf4.matmul" in mode.ops, mode.ops
     for a, b in zip(direct, through_ops, strict=True):
         assert torch.equal(a, b)
 
@@ -607,7 +596,7 @@ def _out_of_place(y):
 def test_output_can_be_modified_in_place_like_nn_linear(kernel_device, cls, lead, path):
     """`y = layer(x); y += 1; relu_(y)` gives nn.Linear's semantics: the same values and gradients as the
     out-of-place version (the output was a view of the matmul's result, which autograd refuses to modify
-    in place under a custom Function). "op" calls `nf4::lora_linear` itself, "compiled" runs the in-place
+    in place under a custom Function). "op" calls `LoRALinearFunction` itself, "compiled" runs the in-place
     ops inside `torch.compile`."""
     torch.manual_seed(0)
     layer = cls.from_linear(nn.Linear(64, 32)).to(kernel_device)

@@ -17,7 +17,7 @@ from torch import nn
 
 import nf4
 import nf4.hf
-from nf4.hf.peft import LoraLinearNF4, convert_peft_layer, load_adapter
+from nf4.hf.peft import PeftLinearNF4, convert_peft_layer, load_adapter
 from nf4.lora import LinearNF4
 
 K, N = 64, 48
@@ -86,7 +86,7 @@ def x():
 def test_one_adapter_equals_peft(x):
     ours, theirs = models()
     mine, ref = layers(ours, theirs)
-    assert isinstance(mine, LoraLinearNF4) and repr(mine).startswith("lora.LoraLinearNF4(")
+    assert isinstance(mine, PeftLinearNF4) and repr(mine).startswith("lora.PeftLinearNF4(")
     for mode in ("train", "eval"):
         getattr(ours, mode)()
         getattr(theirs, mode)()
@@ -230,7 +230,7 @@ def test_lora_config_targets():
     config = nf4.hf.lora_config(model=model, target_modules="all-linear", r=2)
     assert config.target_modules == "all-linear"  # resolved when PEFT injects (nf4.hf.compat), as PEFT does
     pm = peft.get_peft_model(copy.deepcopy(model), config)  # nf4's LoRA layer on nf4, PEFT's on nn.Linear
-    assert type(pm.base_model.model.block.proj) is LoraLinearNF4
+    assert type(pm.base_model.model.block.proj) is PeftLinearNF4
     assert type(pm.base_model.model.block.other) is peft.tuners.lora.Linear
     assert nf4.hf.lora_config(model=model, target_modules=["proj"]).target_modules == {"proj"}
     assert nf4.hf.lora_config(model=model, target_modules=r"block\.p.*").target_modules == r"block\.p.*"
@@ -247,7 +247,7 @@ def test_all_linear_leaves_out_the_output_head():
 
     model = nf4.lora.quantize_model(LlamaForCausalLM(tiny_config(num_hidden_layers=1)))
     pm = peft.get_peft_model(model, nf4.hf.lora_config(target_modules="all-linear"))
-    names = {n.rpartition(".")[2] for n, m in pm.named_modules() if isinstance(m, LoraLinearNF4)}
+    names = {n.rpartition(".")[2] for n, m in pm.named_modules() if isinstance(m, PeftLinearNF4)}
     assert len(names) == 7 and type(pm.base_model.model.lm_head) is LinearNF4  # the head: quantized, not adapted
 
 
@@ -288,7 +288,7 @@ def test_convert_peft_layer_refuses_merged_and_variant_layers_and_keeps_the_rest
     layer = plain.base_model.model.block.proj
     layer.set_adapter("default")
     new = convert_peft_layer(layer, LinearNF4.from_linear(layer.base_layer))
-    assert isinstance(new, LoraLinearNF4) and new.lora_A is layer.lora_A and new.scaling == layer.scaling
+    assert isinstance(new, PeftLinearNF4) and new.lora_A is layer.lora_A and new.scaling == layer.scaling
     assert new.active_adapters == ["default"] and not new.merged and new._nf4_before_merge is None
     layer.merge()
     with pytest.raises(ValueError, match=r"merged into its base weight; unmerge\(\) them first"):
@@ -326,13 +326,13 @@ def test_one_adapter_runs_one_fused_call_and_checks_its_input(monkeypatch, x):
     import nf4.hf.peft as layer_module
 
     calls = []
-    real = layer_module._lora_linear
-    monkeypatch.setattr(layer_module, "_lora_linear", lambda *a: calls.append(a) or real(*a))
+    real = layer_module.lora_linear
+    monkeypatch.setattr(layer_module, "lora_linear", lambda *a, **k: calls.append(a) or real(*a, **k))
     ours, _ = models()
     mine = ours.base_model.model.block.proj
     mine(x)
     assert len(calls) == 1 and calls[0][5] == mine.scaling["default"]
-    with pytest.raises(ValueError, match="LoraLinearNF4"):
+    with pytest.raises(ValueError, match="PeftLinearNF4"):
         mine(torch.randn(2, K + 1))
 
 

@@ -29,11 +29,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from transformers.quantizers import auto as _auto
 
 from nf4.hf import compat
-from nf4.hf.peft import LoraLinearNF4, load_adapter, lora_config, merge_and_unload
+from nf4.hf.peft import PeftLinearNF4, convert_peft_layer, load_adapter, lora_config, merge_and_unload
 from nf4.hf.quantizer import QUANT_METHOD, NF4Config, NF4HfQuantizer, as_nf4_config, nf4_config_for
+from nf4.lora.convert import register_peft_converter
 
 __all__ = [
-    "LoraLinearNF4",
+    "PeftLinearNF4",
     "NF4Config",
     "NF4HfQuantizer",
     "from_pretrained",
@@ -47,6 +48,7 @@ if _auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not NF4Config:
     _auto.register_quantization_config(QUANT_METHOD)(NF4Config)
 if _auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not NF4HfQuantizer:
     _auto.register_quantizer(QUANT_METHOD)(NF4HfQuantizer)
+register_peft_converter(convert_peft_layer)  # nf4.lora.apply_lora / quantize_model on PEFT models
 compat.install()  # PEFT's LoRA injection and the parameter counts know nf4's layers (nf4/hf/compat.py)
 
 _CONFIG_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")

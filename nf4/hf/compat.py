@@ -6,7 +6,7 @@ below adds nf4's layer next to them and leaves every model without nf4 layers to
 - `peft.tuners.lora.LoraModel._prepare_model` (PEFT's hook "modify the model before the adapter is
   applied", run by every LoRA injection: `get_peft_model`, `PeftModel.from_pretrained`,
   `AutoPeftModelFor*.from_pretrained`, `PeftModel.load_adapter`, transformers' `model.load_adapter`, TRL's
-  `peft_config=`): on a model holding `nf4.lora.LinearNF4` layers it registers `LoraLinearNF4` for them
+  `peft_config=`): on a model holding `nf4.lora.LinearNF4` layers it registers `PeftLinearNF4` for them
   through PEFT's custom-layer API (`LoraConfig._register_custom_module`), and resolves
   `target_modules="all-linear"` with nf4's layers counted as linear layers (PEFT's rule otherwise: every
   nn.Linear / Conv1D but the output head).
@@ -106,9 +106,9 @@ def _prepare_model(original, self, peft_config, model):
         return
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
-    from nf4.hf.peft import LoraLinearNF4
+    from nf4.hf.peft import PeftLinearNF4
 
-    peft_config._register_custom_module({LinearNF4: LoraLinearNF4})
+    peft_config._register_custom_module({LinearNF4: PeftLinearNF4})
     targets = peft_config.target_modules
     if isinstance(targets, str) and targets.lower() == "all-linear":
         nf4_names = all_linear_names(model)

@@ -1,5 +1,5 @@
 """PEFT's LoRA on nf4 layers: with `nf4.hf` imported, `peft.get_peft_model` (and every other way PEFT
-injects LoRA, see `nf4.hf.compat`) wraps each targeted `nf4.lora.LinearNF4` in `LoraLinearNF4`, which keeps
+injects LoRA, see `nf4.hf.compat`) wraps each targeted `nf4.lora.LinearNF4` in `PeftLinearNF4`, which keeps
 PEFT's semantics and runs nf4's fused op.
 
 - One active adapter (the training case): one call of `nf4.lora.lora_linear` (the NF4 matmul with the
@@ -33,11 +33,11 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from nf4.api import quantize
-from nf4.lora.functional import _lora_linear, check_inputs
+from nf4.lora.functional import lora_linear
 from nf4.lora.modules import LinearNF4
 
 
-class LoraLinearNF4(nn.Module, LoraLayer):
+class PeftLinearNF4(nn.Module, LoraLayer):
     """PEFT's LoRA layer over an `nf4.lora.LinearNF4` base (see the module docstring)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
@@ -88,9 +88,8 @@ class LoraLinearNF4(nn.Module, LoraLayer):
             lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
             dropout = self.lora_dropout[name]
             p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-            weight = base.nf4_weight
-            check_inputs(x, weight, lora_A, lora_B, base.bias, where=type(self).__name__)
-            return _lora_linear(x, weight, lora_A, lora_B, base.bias, self.scaling[name], p, self.training)
+            return lora_linear(x, base.nf4_weight, lora_A, lora_B, base.bias, self.scaling[name], p, self.training,
+                               where=type(self).__name__)  # fmt: skip
         result = base(x, *args, **kwargs)
         for name in active:
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
@@ -153,7 +152,7 @@ class LoraLinearNF4(nn.Module, LoraLayer):
 
 
 def _dispatch_mapping() -> dict:
-    return {LinearNF4: LoraLinearNF4}
+    return {LinearNF4: PeftLinearNF4}
 
 
 def lora_config(model: nn.Module | None = None, **kwargs) -> LoraConfig:
@@ -204,7 +203,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 
 
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Exact merge into a plain 16-bit model: every `LoraLinearNF4` becomes an nn.Linear holding
+    """Exact merge into a plain 16-bit model: every `PeftLinearNF4` becomes an nn.Linear holding
     `dequant(W) + sum of the active adapters' scaling * B @ A` (float32, rounded once to `dtype`, default
     the weight's original dtype), every other nf4 layer its dequantized nn.Linear (GPT-2's Conv1D layers
     come back as Conv1D), PEFT's other layers are merged and unloaded by PEFT, and the 4-bit markers go
@@ -212,7 +211,7 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     result's `save_pretrained` writes a 16-bit checkpoint that stock transformers loads as one.
     Returns the base model (a PeftModel is unwrapped); works in place."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    for name, layer in [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLinearNF4)]:
+    for name, layer in [(n, m) for n, m in base.named_modules() if isinstance(m, PeftLinearNF4)]:
         inner = layer.get_base_layer()
         if layer.merged:
             layer.unmerge()
@@ -274,8 +273,8 @@ def drop_4bit_markers(model: nn.Module) -> None:
         model.is_quantized = False
 
 
-def convert_peft_layer(layer: nn.Module, base: LinearNF4) -> LoraLinearNF4:
-    """PEFT's LoRA layer `layer` (e.g. over bitsandbytes' Linear4bit) as a `LoraLinearNF4` over `base`: the
+def convert_peft_layer(layer: nn.Module, base: LinearNF4) -> PeftLinearNF4:
+    """PEFT's LoRA layer `layer` (e.g. over bitsandbytes' Linear4bit) as a `PeftLinearNF4` over `base`: the
     same adapters (the same Parameter objects: an optimizer keeps its state), active adapter, scaling."""
     if layer.merged:
         raise ValueError("this PEFT layer has adapters merged into its base weight; unmerge() them first")
@@ -283,7 +282,7 @@ def convert_peft_layer(layer: nn.Module, base: LinearNF4) -> LoraLinearNF4:
     bias = getattr(layer, "lora_bias", {})
     if variants or any(bias.values()):
         raise ValueError("nf4's LoRA layers support plain LoRA only (no DoRA, lora_bias or other variants)")
-    new = LoraLinearNF4.__new__(LoraLinearNF4)
+    new = PeftLinearNF4.__new__(PeftLinearNF4)
     new.__dict__.update(layer.__dict__)
     new._modules = dict(layer._modules)
     new._modules["base_layer"] = base

@@ -1,0 +1,74 @@
+"""The one custom op, `nf4::matmul` (schema and fake), and the switch that decides when calls go through it.
+
+`torch.compile`, `torch.export`, fake tensors and dispatch modes see `nf4::matmul`, never its body. The op
+takes the weight's pieces and metadata (`NF4Tensor.flatten`): a schema cannot name a Python object.
+Plain eager calls skip the dispatcher's wrapping of custom ops and run `nf4.dispatch.matmul` directly;
+the results are bit-identical (tests/test_functional.py, test_eager_calls_match_the_custom_op).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nf4 import dispatch
+from nf4.format import PIECES, NF4Meta
+from nf4.tensor import NF4Tensor
+
+
+@torch.library.custom_op("nf4::matmul", mutates_args=())
+def _matmul_op(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    nested_absmax: Tensor | None,
+    nested_offset: Tensor | None,
+    nested_code: Tensor | None,
+    shape: list[int],
+    dtype: torch.dtype,
+    blocksize: int,
+    double_quant: bool,
+    trans: bool,
+    u: Tensor | None,
+    v: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    lora_scale: float,
+    a: Tensor | None,
+) -> Tensor:
+    """`nf4.dispatch.matmul` on the weight rebuilt from its pieces (trusted: checked when it was built)."""
+    pieces = dict(zip(PIECES, (packed, absmax, code, nested_absmax, nested_offset, nested_code), strict=True))
+    q = NF4Tensor.unflatten(pieces, NF4Meta(torch.Size(shape), dtype, blocksize, double_quant))
+    return dispatch.matmul(x, q, trans, u, v, bias, mask, lora_scale, a=a)
+
+
+@_matmul_op.register_fake
+def _(x, packed, absmax, code, nested_absmax, nested_offset, nested_code, shape, dtype, blocksize, double_quant,
+      trans, u, v, bias, mask, lora_scale, a):  # fmt: skip
+    return x.new_empty((x.shape[0], shape[1] if trans else shape[0]))
+
+
+def matmul(x2, q: NF4Tensor, trans=False, u=None, v=None, bias=None, mask=None, lora_scale=1.0, a=None) -> Tensor:
+    """`nf4.dispatch.matmul(x2, q, ...)`: directly in plain eager mode, else through `nf4::matmul`."""
+    if eager(x2):
+        return dispatch.matmul(x2, q, trans, u, v, bias, mask, lora_scale, a=a)
+    pieces, meta = q.decodable().flatten()  # a 16-bit nested absmax is decoded first: the schema has no flag
+    return torch.ops.nf4.matmul(x2, **pieces, shape=list(meta.shape), dtype=meta.dtype, blocksize=meta.blocksize,
+                                double_quant=meta.double_quant, trans=trans, u=u, v=v, bias=bias, mask=mask,
+                                lora_scale=float(lora_scale), a=a)  # fmt: skip
+
+
+def eager(x: Tensor) -> bool:
+    """True when nothing traces or intercepts a call on `x`: no compile or export, no `jit.trace`, no
+    dispatch mode (fake tensors, make_fx, FlopCounterMode), no functorch transform, no tensor subclass.
+
+    NOTE: the dispatcher's wrapping of a custom op costs more than a kernel launch in eager mode, which is
+    why eager calls skip it (bench_launch.py measures the cost per call)."""
+    return (
+        type(x) is Tensor
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_tracing()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._are_functorch_transforms_active()
+    )
