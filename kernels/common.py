@@ -54,7 +54,7 @@ it the stack, is never used at run time. Any other stack use, or any spill, stil
 """
 
 
-def pair_table(code: torch.Tensor) -> torch.Tensor:
+def float32_pair_table(code: torch.Tensor) -> torch.Tensor:
     """int64 [256]: for byte b, the float32 bits of code[b >> 4] (low word) and code[b & 15] (high word)."""
     bits = code.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     byte = torch.arange(256, device=code.device)
@@ -87,7 +87,13 @@ def nf4_pairs(device: torch.device) -> torch.Tensor:
     checked when the NF4Tensor is built, so kernels never read the per-tensor copy)."""
     from nf4.codebook import NF4_CODE
 
-    return pair_table(NF4_CODE.to(device))
+    return float32_pair_table(NF4_CODE.to(device))
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of the CUDA `device` (cached: the property query costs a driver call)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def cdiv(a: int, b: int) -> int:

@@ -32,7 +32,7 @@ operand, in registers: wgmma on sm_90, mma.sync on sm_80) scaled by its block's 
   nested map's gathers) before the loop; a step selects its [BN, 4] with three selects per element.
 `benchmarks/static/sass.py` counts this loop: no lookup in memory, ~7.5 lane-instructions and ~0.03 L1 wavefronts
 per byte of W on sm_90 (budgets ~8.2 and ~0.064). Under the interpreter (inline assembly does not run
-there) it gathers the same words from `pair_table` instead; tests compare the two bit for bit
+there) it gathers the same words from `activation_pair_table` instead; tests compare the two bit for bit
 and check the assembly's selector arithmetic over all 256 bytes (tests/test_lookup.py).
 
 Pair-table path (other aligned shapes, K % 32 == 0). Program (i, s) owns BN = 256 rows (16 for fp32) and a
@@ -40,7 +40,7 @@ slice of `k_per_split` elements. Each step takes BK = 64 columns (32 bytes) of e
 (16 bytes) where blocksize is 32 or K % 64 == 32 (`step_k`): 16-byte loads of packed bytes (Triton's
 pipeliner copies them with 16-byte cp.async two steps ahead), the matching [16, BK] tile of x (M rows
 padded to 16), and one `tl.dot` [BN, BK] x [BK, 16]. Every byte is looked up in a 256-entry pair table
-(`pair_table`): entry b holds both nibbles' NF4 values, in the activation dtype for fp16/bf16 (two
+(`activation_pair_table`): entry b holds both nibbles' NF4 values, in the activation dtype for fp16/bf16 (two
 16-bit halves of one int32), or as two float32 words (int64 entries) for fp32 activations. The BK codes
 a row contributes to a step lie in one absmax block, so the scale factors out as above, decoded once
 per row and step. NOTE: this was the fp16/bf16 path of 2d550bfb5869 (blocksize 64 included); its
@@ -83,7 +83,17 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, nested_pointers, ptr_type, round_to, to_f32
+from nf4.kernels.common import (
+    INTERPRET,
+    TL_DTYPES,
+    LaunchConfig,
+    cdiv,
+    multiprocessors,
+    nested_pointers,
+    ptr_type,
+    round_to,
+    to_f32,
+)
 from nf4.kernels.dequantize import decode_absmax
 from nf4.kernels.lut import PAIR_ASM, lut_words, pair_lookup
 
@@ -666,7 +676,7 @@ def gemv_configs() -> list[LaunchConfig]:
 # launcher
 
 
-def pair_table(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+def activation_pair_table(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 256-entry table of both nibbles' NF4 values, byte b -> (NF4[b >> 4], NF4[b & 15]).
 
     fp16/bf16: int32 entries, NF4[b >> 4] in `dtype` in the low 16 bits (the even element, first in
@@ -692,7 +702,7 @@ def _constants(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tens
     optional pointers."""
     from nf4.codebook import NF4_CODE
 
-    pairs = pair_table(dtype, device)
+    pairs = activation_pair_table(dtype, device)
     if dtype != torch.float32:  # the register words of `pair_lookup` after the 256 pair entries
         words = torch.tensor(lut_words(dtype), dtype=torch.int64)
         pairs = torch.cat([pairs, torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).to(device)])
@@ -701,11 +711,6 @@ def _constants(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tens
         "code": NF4_CODE.to(device=device, dtype=torch.float32),
         "none_f32": torch.empty(0, device=device),
     }
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # --------------------------------------------------------------------------------------------------
@@ -823,7 +828,7 @@ def split_for(n: int, k: int, m: int, bk: int, device: torch.device) -> int:
     interpreter)."""
     if device.type != "cuda":
         return 1
-    return choose_split(n, k, m, bk, _multiprocessors(device))
+    return choose_split(n, k, m, bk, multiprocessors(device))
 
 
 def nf4_gemv(

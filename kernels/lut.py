@@ -21,7 +21,7 @@ lane loads from one address, ptxas keeps them in uniform registers and copies on
 PRMT, ~2 more instructions per byte (sm_90, triton 3.6 and 3.9).
 
 Inline assembly does not run under Triton's interpreter: there `pair_lookup` / `value_lookup` gather the
-same words from the 256-entry tables (`pair_table`), and tests/test_lookup.py executes the assembly text
+same words from the 256-entry tables (`*_pair_table`), and tests/test_lookup.py executes the assembly text
 in a numpy emulator of its PTX over every byte and compares both bit for bit.
 """
 
@@ -129,8 +129,8 @@ _VALUE_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * (1 + registers(t
 
 @triton.jit
 def pair_lookup(word, table_ptr, ASM: tl.constexpr):
-    """The pair words (`nf4.kernels.gemv.pair_table`, int32 entries) of the 4 bytes of each int32 `word`
-    [R, C, W], C a dimension along lanes: four int32 tensors, byte 0 .. 3. Registers and PRMT where ASM is
+    """The pair words (`nf4.kernels.gemv.activation_pair_table`, int32 entries) of the 4 bytes of each
+    int32 `word` [R, C, W], C a dimension along lanes: four int32 tensors, byte 0 .. 3. Registers and PRMT where ASM is
     `pair_lookup_asm`'s PTX (the register words at table_ptr + 256); else a gather from the table."""
     if ASM == "":
         p0 = tl.load(table_ptr + (word & 0xFF))
@@ -155,7 +155,7 @@ def value_lookup(word, pairs_ptr, lut_ptr, ASM: tl.constexpr):
     """The float32 NF4 values of the 8 codes of each int32 `word` [R, C, W] (C along lanes): eight float32
     tensors, byte 0's high code, byte 0's low code, byte 1's high code, ... Registers and PRMT where ASM is
     `value_lookup_asm`'s PTX (register words at lut_ptr); else a gather from `pairs_ptr` (int64 entries:
-    the high code's bits in the low word, `nf4.kernels.common.pair_table`)."""
+    the high code's bits in the low word, `nf4.kernels.common.float32_pair_table`)."""
     if ASM == "":
         e0 = tl.load(pairs_ptr + (word & 0xFF))
         e1 = tl.load(pairs_ptr + ((word >> 8) & 0xFF))

@@ -50,6 +50,7 @@ from nf4.kernels.common import (
     TL_DTYPES,
     LaunchConfig,
     cdiv,
+    multiprocessors,
     nested_pointers,
     nf4_pairs,
     ptr_type,
@@ -150,7 +151,7 @@ def dequant_pairs(
     the rows (2p < SPAN); the two broadcast to the tile shape. Per-element arithmetic stays in 32 bits.
     A pair never straddles an absmax block (blocks are even), and a row touches blocks b0, b0 + 1 and
     b0 + 2 only: their absmax is decoded once per row, not per element. `pairs_ptr` is the 256-entry
-    table of both nibbles' NF4 values (`pair_table`): one lookup per byte.
+    table of both nibbles' NF4 values (`float32_pair_table`): one lookup per byte.
     """
     byte = tl.load(packed_ptr + (row_start >> 1) + p, mask=mask, other=0x77).to(tl.int32)
     b0 = row_start >> log2_bs
@@ -520,18 +521,13 @@ def matmul_configs() -> list[LaunchConfig]:
 # launcher
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _split_for(m: int, in_dim: int, out_dim: int, cfg: MatmulConfig, device: torch.device) -> int:
     """Split-K factor for the small-M bucket: about two programs per multiprocessor, each walking at
     least 4 BK steps."""
     if device.type != "cuda":
         return 1
     tiles = cdiv(m, cfg.BM) * cdiv(out_dim, cfg.BN)
-    return max(1, min(cdiv(2 * _multiprocessors(device), tiles), in_dim // (4 * cfg.BK)))
+    return max(1, min(cdiv(2 * multiprocessors(device), tiles), in_dim // (4 * cfg.BK)))
 
 
 DEQUANT = "dequantize+matmul"
