@@ -717,7 +717,7 @@ def _constants(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tens
 # cost model: chooses split-K here, predicts GPU time in `benchmarks/static/sass.py` (H200 figures)
 
 BANDWIDTH = 4.1e12
-"""bytes/s: the H200's measured copy bandwidth (gpu-findings.md)."""
+"""bytes/s: the H200's measured copy bandwidth (benchmarks/results/2026-11-29-h200/README.md)."""
 H200_SMS = 132
 LAUNCH_US = 2.0
 """GPU time per kernel of a CUDA-graph replay besides its own work (launch, ramp-up, tail), an assumed
