@@ -3,25 +3,20 @@
     y[M, N] = x[M, K] @ W[N, K]^T + u[M, r] @ v[r, N] + bias[N]
     W[n, k] = NF4[code(n*K + k)] * absmax[(n*K + k) // blocksize]      (bitsandbytes' layout, `nf4.format`)
 
-Program (s, i) owns BN rows of W and K-slice s (split-K) and writes fp32 partial[s, M, N] (no atomics:
-deterministic); the epilogue kernel sums the slices, adds u @ v and bias, rounds once to x's dtype. A step is
-one `tl.dot` [BN, BK] x [BK, 16] (W the A operand, x padded to 16 rows) whose codes lie in one absmax block
-per row, so absmax scales the dot's result (one FMA per output per block). Paths, by shape:
-- register table (`lut_applies`: fp16/bf16, blocksize 64, K % 256 == 0, every transformers checkpoint): W
-  loaded 8 bytes at a time in tensor-core fragment order, 4 bytes -> 4 pair words by PRMT
-  (`nf4.kernels.lut.pair_lookup`), the reduction order permuted to match (`_lut_dot`); no table in memory,
-  no layout conversion; the next step's W prefetched in registers; the slice's absmax decoded before the loop.
-- pair table (other K % 32 == 0): 16-byte loads pipelined by Triton, each byte looked up in the 256-entry
-  `activation_pair_table`. NOTE: on the register-table shapes this path is L1-bound, ~3.4x the budget
-  (benchmarks/results/README.md, issue 17's table).
-- general (K % 32 != 0): each element located and decoded as `nf4.dequantize` does. Correct, not tuned.
-Given the adapter's A (`fuses_a`), the grid's first ceil(r/16) row tiles compute u = x @ A^T of their slice in
-exact fp32 (`_lora_a_slice`): a LoRALinearNF4 decode call is these two kernels and nothing else.
+Program (s, i) owns BN rows of W and K-slice s and writes fp32 partial[s, M, N] (no atomics); the epilogue
+sums the slices, adds u @ v and bias, rounds once. A step is one `tl.dot` [BN, BK] x [BK, 16] (x padded to
+16 rows) within one absmax block per row, so absmax scales the dot's result. Paths:
+- register table (`lut_applies`): W loaded in tensor-core fragment order, 4 bytes -> 4 pair words by PRMT
+  (`nf4.kernels.lut`), the reduction order permuted to match (`_lut_dot`), the next step prefetched in
+  registers, the slice's absmax decoded before the loop;
+- pair table (other K % 32 == 0): pipelined 16-byte loads, a gather from `activation_pair_table` per byte.
+  NOTE: ~3.4x the L1 budget on the register-table shapes (benchmarks/results/README.md, issue 17);
+- general (K % 32 != 0): each element decoded as `nf4.dequantize` does; not tuned.
+Given A (`fuses_a`), the first ceil(r/16) row tiles compute u = x @ A^T in exact fp32 (`_lora_a_slice`).
 
-Numerics: fp32 accumulation, one rounding. fp16/bf16: the NF4 value enters the dot in x's dtype and absmax
-multiplies in fp32 (the relative error of `nf4.dequantize`'s rounded product, 2**-9 for bf16); fp32: exact
-codes, IEEE dot. Under the interpreter (`SOFT_BF16`) dots run on fp32 operands and the PRMT lookup is a gather
-from the pair table (tests/test_lookup.py compares the two bit for bit).
+Numerics: fp32 accumulation, one rounding; fp16/bf16 NF4 values times an fp32 absmax (the error of
+`nf4.dequantize`'s rounding, 2**-9 for bf16); fp32 exact. Under the interpreter (`SOFT_BF16`) dots run on
+fp32 operands and the PRMT lookup is a table gather (tests/test_lookup.py compares them bit for bit).
 """
 
 from __future__ import annotations
@@ -59,15 +54,13 @@ LUT_BK = 256  # codes per row per loop step there: 4 blocks of 64, 128 bytes
 LUT_CHUNKS = 4  # steps per program at most there (its absmax is decoded before the loop: 4 x [BN, 4])
 EPILOGUE_BN = 64
 A_BK = tl.constexpr(128)
-"""Columns of A per step of `_lora_a_slice` on sm_90's register-table path; half elsewhere.
-NOTE: 128 takes a stack frame on sm_80 (tests/test_compile.py)."""
+"""Columns of A per step on sm_90's register-table path; half elsewhere (128: stack on sm_80, tests/test_compile.py)."""
 SPLITS_PER_STEP = tl.constexpr(8)  # split-K slices the epilogue sums per loop step (loads in flight)
 
 
 def block_n(dtype: torch.dtype, aligned: bool = True) -> int:
-    """Rows of W per program: 256 for fp16/bf16 (aligned), 16 for fp32 (its FMA dot holds the operands in
-    registers), 32 on the general path (an int64 index per element). NOTE: larger tiles spill or take stack
-    frames on sm_80 / sm_90 (tests/test_compile.py)."""
+    """Rows of W per program: 256 fp16/bf16, 16 fp32 (FMA dot), 32 on the general path. NOTE: larger
+    ones spill or take stack (tests/test_compile.py)."""
     if not aligned:
         return 32
     return 16 if dtype == torch.float32 else 256
@@ -79,7 +72,7 @@ def block_n(dtype: torch.dtype, aligned: bool = True) -> int:
 
 @triton.jit
 def _absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, block, mask, DOUBLE_QUANT: tl.constexpr):
-    """float32 absmax of blocks `block` (int64), double quantization decoded; `mask` None: all exist."""
+    """float32 absmax of blocks `block`, double quantization decoded; `mask` None: all exist."""
     if mask is None:
         mask = tl.full(block.shape, True, tl.int1)
     return decode_absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, block, mask, DOUBLE_QUANT)
@@ -87,7 +80,7 @@ def _absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, b
 
 @triton.jit
 def _dot(w, x, DOT_F32: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """w [BN, BK] @ x[16, BK]^T in fp32: on tensor cores, or exact fp32 (fp32 data, interpreter)."""
+    """w [BN, BK] @ x[16, BK]^T in fp32: tensor cores, or exact (fp32 data, interpreter)."""
     if DOT_F32:
         return tl.dot(to_f32(w, SOFT_BF16), tl.trans(to_f32(x, SOFT_BF16)), input_precision="ieee")
     else:
@@ -133,8 +126,8 @@ def _nf4_gemv_kernel(
     ASM: tl.constexpr,
     MMA_V2: tl.constexpr,
 ):
-    """partial[s, :, rows] = x[:, slice s] @ dequant(W)[rows, slice s]^T for program (s, i) (s = pid_k);
-    with HAS_A, row tiles i < ceil(r / 16) compute x[:, slice s] @ A[16 i : 16 i + 16, slice s]^T instead."""
+    """partial[s, :, rows] = x[:, slice s] @ dequant(W)[rows, slice s]^T (s = pid_k); with HAS_A, row tiles
+    i < ceil(r / 16) compute x[:, slice s] @ A[16 i : 16 i + 16, slice s]^T instead."""
     offs_m = tl.arange(0, 16)
     in_m = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
@@ -166,9 +159,8 @@ def _nf4_gemv_kernel(
 @triton.jit
 def _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, j0, k_start, k_end, M, N, r, stride_ar, stride_ak,
                   STEP: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
-    """xa[pid_k][:, j0 : j0 + 16] = x[:, slice] @ A[j0 : j0 + 16, slice]^T, exact fp32, stored after W's
-    partial sums. A step's two [16, STEP] loads are in flight together (ceil(slice / STEP) round trips in a
-    row); the product is a batched dot over 16-column groups, so each thread holds 16-column operands."""
+    """xa[pid_k][:, j0 : j0 + 16] = x[:, slice] @ A[j0 : j0 + 16, slice]^T in exact fp32, after W's partials.
+    A step's loads are in flight together; the dot is batched over 16-column groups (16-column operands)."""
     xa_ptr = partial_ptr + tl.num_programs(0).to(tl.int64) * M * N
     offs_m = tl.arange(0, 16)
     rank = j0 + tl.arange(0, 16)
@@ -254,8 +246,7 @@ def _w_slice_lut(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested
                  pairs_ptr, partial_ptr, pid_n, pid_k, M, N, KB, KC, chunks_per_split, DOUBLE_QUANT: tl.constexpr,
                  BN: tl.constexpr, ASM: tl.constexpr, MMA_V2: tl.constexpr, DOT_F32: tl.constexpr,
                  SOFT_BF16: tl.constexpr):  # fmt: skip
-    """partial[pid_k] = x[:, slice] @ dequant(W)[rows, slice]^T on the register-table path (KC = K / 256
-    chunks per row, at most LUT_CHUNKS per slice)."""
+    """partial[pid_k] = x[:, slice] @ dequant(W)[rows, slice]^T on the register-table path."""
     act = x_rows.dtype.element_ty
     # Fragment order: flat f = (((i*2 + h)*4 + w)*8 + g)*4 + t covers dot row 64i + 16w + 8h + g and the
     # 8 bytes [8t, 8t + 8) of its 32-byte block, the bytes thread (w, g, t) of the tensor-core operand
@@ -300,8 +291,8 @@ def _w_slice_lut(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested
 
 @triton.jit
 def _chunk_loads(w_ptrs, c, c_end):
-    """The 4 blocks ([4 BN, 2] int32 words, fragment order) of chunk c of every row; nothing read when
-    c >= c_end. NOTE: the mask is a tensor: the interpreter rejects a scalar one."""
+    """Chunk c's 4 blocks of every row ([4 BN, 2] int32 words), nothing read when c >= c_end (a tensor
+    mask: the interpreter rejects a scalar one)."""
     w_in = tl.full(w_ptrs.shape, c, tl.int32) < c_end
     w0 = tl.load(w_ptrs + 32 * c, mask=w_in, other=0)
     w1 = tl.load(w_ptrs + (32 * c + 8), mask=w_in, other=0)
@@ -313,7 +304,7 @@ def _chunk_loads(w_ptrs, c, c_end):
 @triton.jit
 def _chunk_absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, chunk0, local, chunks,
                   DOUBLE_QUANT: tl.constexpr):  # fmt: skip
-    """float32 absmax [BN, 4] of the blocks of chunk chunk0 + local of each row; 0 where local >= chunks."""
+    """float32 absmax [BN, 4] of chunk chunk0 + local of each row; 0 where local >= chunks."""
     chunk = chunk0 + local
     valid = tl.full(chunk.shape, local, tl.int32) < chunks
     block = (4 * chunk)[:, None] + tl.arange(0, 4)[None, :]
@@ -330,8 +321,7 @@ def _chunk_absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_
 @triton.jit
 def _lut_dot(word, x_ptrs, in_m, pairs_ptr, act: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr,
              MMA_V2: tl.constexpr, DOT_F32: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
-    """One 64-code block of every row: words [4 BN, 2] (fragment order) -> [BN, 64] values in `act`, dotted
-    with x's block permuted the same way; fp32 [BN, 16]."""
+    """One 64-code block: words [4 BN, 2] -> [BN, 64] values in `act`, dotted with x permuted alike."""
     p0, p1, p2, p3 = pair_lookup(tl.reshape(word, (BN, 4, 2)), pairs_ptr, ASM)
     # join appends the new axis last: [..., a, s] holds byte 2a + s of the word, so j = 4 * word + byte
     pair = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BN, 4, 8))
@@ -354,9 +344,8 @@ def _lut_dot(word, x_ptrs, in_m, pairs_ptr, act: tl.constexpr, BN: tl.constexpr,
 
 @triton.jit
 def _sum_slices(ptr, tile, mask, split, stride_split):
-    """sum over s < split of ptr[s * stride_split + tile], SPLITS_PER_STEP independent loads per step (one
-    L2 round trip per step). Offsets in int64: the runtime passes stride_split as i32 when it fits, and
-    as a plain int where it is 1 (no `.to()`)."""
+    """sum over s < split of ptr[s * stride_split + tile], SPLITS_PER_STEP loads in flight per step. int64
+    offsets without `.to()`: stride_split may come as i32, or as a plain int when it is 1."""
     total = tl.zeros(tile.shape, dtype=tl.float32)
     stride64 = tl.zeros((), tl.int64) + stride_split
     slice_off = tl.zeros((), tl.int64)  # a scalar, not a tensor of pointers: no layout change in the loop
@@ -392,13 +381,9 @@ def _nf4_gemv_epilogue_kernel(
     SOFT_BF16: tl.constexpr,
     FUSED_U: tl.constexpr,
 ):
-    """out = sum_s partial[s] + (u @ v) * lora_scale + bias, rounded once; r = 0: no LoRA term. With FUSED_U,
-    u is the sum of the streaming kernel's slices of x @ A^T (after W's in `partial`).
-
-    Latency-bound: slices summed SPLITS_PER_STEP at a time, ranks 16 at a time (one exact fp32 dot), so a
-    call waits for `epilogue_round_trips` L2 round trips
-    (tests/test_gemv.py::test_epilogue_keeps_the_split_loads_in_flight). N stays specialised: divisible
-    by 16, the partial sums load 16 bytes at a time."""
+    """out = sum_s partial[s] + (u @ v) * lora_scale + bias, rounded once (u from partial's tail with FUSED_U).
+    Latency-bound: SPLITS_PER_STEP slices and 16 ranks per step (`epilogue_round_trips`,
+    tests/test_gemv.py::test_epilogue_keeps_the_split_loads_in_flight). N stays specialised: 16-byte loads."""
     offs_m = tl.arange(0, 16)
     offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     in_m = offs_m < M
@@ -460,28 +445,27 @@ def _main_signature(dtype: torch.dtype, double_quant: bool, a_dtype: torch.dtype
 
 
 def lut_applies(dtype: torch.dtype, k: int, blocksize: int) -> bool:
-    """Whether a decode call takes the register-table path: fp16/bf16, blocksize 64, K % 256 == 0."""
+    """The register-table path: fp16/bf16, blocksize 64 (transformers' default), K % 256 == 0."""
     return dtype in (torch.float16, torch.bfloat16) and blocksize == 64 and k % LUT_BK == 0
 
 
 def step_k(k: int, blocksize: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Reduction elements per loop step: LUT_BK on the register-table path; else 64 where blocksize >= 64 and
-    K % 64 == 0 (half the per-byte scale FMAs and loop overhead of 32), else 32."""
+    """Reduction elements per step: LUT_BK (`lut_applies`); 64 where blocksize >= 64 and K % 64 == 0 (half
+    the per-byte overhead of 32); else 32."""
     if lut_applies(dtype, k, blocksize):
         return LUT_BK
     return 64 if blocksize >= 64 and k % 64 == 0 else BK
 
 
 def mma_v2(device: torch.device) -> bool:
-    """Whether Triton builds the decode dot with mma.sync (sm_80 / sm_89: `MMA_V2`) rather than wgmma.
-    NOTE: with 8 rows of x triton 3.6 picks mma.sync on sm_90 too: the register-table path keeps 16 rows."""
+    """Whether the decode dot uses mma.sync (sm_80 / sm_89) rather than wgmma. NOTE: triton 3.6 picks
+    mma.sync on sm_90 for 8 rows: the register-table path keeps 16."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9
 
 
 def fuses_a(dtype: torch.dtype, aligned: bool) -> bool:
-    """Whether the streaming kernel computes x @ A^T itself: fp16/bf16 on the aligned path.
-    NOTE: the low-rank program is compiled in only where used (`HAS_A`): compiled into every variant it gave
-    stack frames (tests/test_compile.py)."""
+    """Whether the streaming kernel computes x @ A^T: fp16/bf16, aligned. NOTE: `HAS_A` compiles it in
+    only there; everywhere it gave stack frames (tests/test_compile.py)."""
     return aligned and dtype != torch.float32
 
 
@@ -517,9 +501,8 @@ _OPTIONS = {"num_warps": NUM_WARPS, "num_stages": 3, "enable_fp_fusion": True}
 
 
 def _options(aligned: bool, dtype: torch.dtype, bk: int) -> dict:
-    """Compile options: 3 stages for the 64-column aligned fp16/bf16 path (16-byte cp.async two steps
-    ahead), 1 where the kernel prefetches itself or fp32 aligned, else 2. NOTE: 3 stages elsewhere took stack
-    frames (tests/test_compile.py)."""
+    """Compile options: 3 stages on the 64-column fp16/bf16 pair-table path, 1 where the kernel prefetches
+    itself or fp32 aligned, else 2. NOTE: other counts took stack frames (tests/test_compile.py)."""
     if bk == LUT_BK or (dtype == torch.float32 and aligned):
         stages = 1  # the register-table path prefetches W into registers itself (no shared memory)
     else:
@@ -550,7 +533,7 @@ def _epilogue_signature(dtype: torch.dtype, v_dtype: torch.dtype, bias_dtype: to
 
 
 def gemv_configs() -> list[LaunchConfig]:
-    """Every compiled variant `nf4_gemv` can launch on a GPU (streaming kernel and epilogue)."""
+    """Every compiled variant `nf4_gemv` can launch on a GPU."""
     out = []
     for dtype in TL_DTYPES:
         dname = ptr_type(dtype)[1:]
@@ -597,8 +580,8 @@ def gemv_configs() -> list[LaunchConfig]:
 
 
 def activation_pair_table(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Byte b -> (NF4[b >> 4], NF4[b & 15]): fp16/bf16 as int32 (the even code, the high nibble, in the
-    low half, as the dot operand holds it); fp32 as int64 (float32 bits, the even code in the low word)."""
+    """Byte b -> (NF4[b >> 4], NF4[b & 15]): int32 of two fp16/bf16 halves (the even code low), or int64
+    of two float32 words for fp32."""
     from nf4.codebook import NF4_CODE
 
     byte = torch.arange(256)
@@ -614,7 +597,7 @@ def activation_pair_table(dtype: torch.dtype, device: torch.device | str = "cpu"
 
 @functools.cache
 def _constants(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Per-(device, dtype) constants: pair table (then the PRMT register words), NF4 table, a stand-in."""
+    """Per-(device, dtype) constants: pair table and PRMT words, NF4 table, a stand-in pointer."""
     from nf4.codebook import NF4_CODE
 
     pairs = activation_pair_table(dtype, device)
@@ -635,32 +618,29 @@ BANDWIDTH = 4.1e12
 """bytes/s: the H200's copy bandwidth (benchmarks/results/2026-11-29-h200/README.md)."""
 H200_SMS = 132
 LAUNCH_US = 2.0
-"""Assumed GPU time per kernel of a CUDA-graph replay besides its work (launch, ramp-up, tail)."""
+"""Assumed GPU time per kernel of a graph replay besides its work."""
 L2_ROUND_TRIP_US = 0.3
-"""Assumed time of a dependent load that hits L2 (~260 cycles and queueing)."""
+"""Assumed time of a dependent load that hits L2."""
 DRAM_LATENCY_US = 1.0
-"""Loaded DRAM latency with margin: by Little's law each SM keeps bandwidth / SMs x this in flight
-(31 KB on the H200), or the stream slows."""
+"""Loaded DRAM latency with margin: per Little's law, in flight per SM = BANDWIDTH / SMs x this."""
 MIN_STEPS = 4
-"""Each program walks at least this many steps (its prologue amortised)."""
+"""Each program walks at least this many steps."""
 MODEL_RANK = 16
 """The adapter rank the split choice assumes."""
 
 
 def epilogue_round_trips(split: int, r: int, fused_u: bool = True) -> int:
-    """Dependent L2 round trips of the epilogue: ceil(split / SPLITS_PER_STEP) per 16 ranks with
-    `fused_u` and once for W, ceil(r / 16) for u @ v, one for bias and the store."""
+    """Dependent L2 round trips of the epilogue (see `_nf4_gemv_epilogue_kernel`)."""
     steps = cdiv(split, SPLITS_PER_STEP.value)
     return steps + cdiv(r, 16) * (1 + steps * fused_u) + 1
 
 
 LUT_RESIDENT = 2
-"""Register-table programs an H200 SM holds at once: ~175 registers x 128 threads (216 with the
-low-rank program) against 65536."""
+"""Register-table programs per H200 SM: ~175 registers x 128 threads each, of 65536."""
 
 
 def in_flight_bytes(bn: int, bk: int, stages: int) -> int:
-    """Bytes of W one program has requested and not received: `stages - 1` steps (at least one)."""
+    """Bytes of W a program has in flight: `stages - 1` steps, at least one."""
     return bn * bk // 2 * max(1, stages - 1)
 
 
@@ -710,8 +690,7 @@ def choose_split(n: int, k: int, m: int, bk: int, sms: int) -> int:
 
 
 def split_candidates(k: int, bk: int) -> list[int]:
-    """Split-K factors of whole-step slices, at least MIN_STEPS steps each; on the register-table path
-    1 .. LUT_CHUNKS steps each."""
+    """Split-K factors of whole-step slices, >= MIN_STEPS steps (register table: 1 .. LUT_CHUNKS)."""
     if bk == LUT_BK:
         return sorted({effective_split(k, s, bk) for s in range(cdiv(k, LUT_CHUNKS * bk), k // bk + 1)})
     return sorted({effective_split(k, s, bk) for s in range(1, max(1, k // (bk * MIN_STEPS)) + 1)})
@@ -737,15 +716,9 @@ def nf4_gemv(
 ) -> torch.Tensor:
     """`x @ dequant(weight)^T + (u @ v) * lora_scale + bias` for M <= 16 rows, in two kernel launches.
 
-    Args:
-        x: [M, K] fp32/fp16/bf16, M <= 16, contiguous along K.
-        weight: the `NF4Tensor` W [N, K] (any K, blocksize, double quantization).
-        u, v: the low-rank term [M, r] and [r, N], any strides and float dtypes (read as they are), or None.
-        a: instead of u, the adapter's A [r, K] (fp32 or x's dtype): u = x @ a^T in the streaming kernel.
-        bias: [N], any float dtype, or None.
-        split: split-K factor (tests); by default `split_for`.
-    Returns:
-        [M, N] in x's dtype. No device-to-host read: CUDA-graph capturable."""
+    x [M, K] fp32/fp16/bf16, contiguous along K; weight the `NF4Tensor` [N, K]; u [M, r] and v [r, N] (or,
+    instead of u, the adapter's A [r, K]: u = x @ a^T in the streaming kernel), bias [N], any strides and float
+    dtypes, or None; split: split-K factor (tests). Returns [M, N] in x's dtype; no host read (graph-capturable)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [M, K], got {getattr(x, 'shape', type(x))}")
     if x.dtype not in TL_DTYPES:
