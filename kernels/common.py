@@ -40,9 +40,9 @@ class LaunchConfig:
 
 
 IEEE_DIV_STACK = 32
-"""Stack bytes allowed to kernels calling `tl.math.div_rn`: triton 3.6's ptxas gives its slow-path
-subroutine (divisors near the exponent range's ends) a 32-byte frame. NOTE: never used at run time: divisors
-are pre-scaled into [2**-64, 2**64] (`nf4.reference.unit_scale`); tests/test_compile.py fails on any other."""
+"""Stack bytes allowed where `tl.math.div_rn` is called: triton 3.6 gives its slow path a 32-byte frame.
+NOTE: never run: divisors are pre-scaled into [2**-64, 2**64] (`nf4.reference.unit_scale`); other stack
+fails tests/test_compile.py."""
 
 
 def float32_pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -106,9 +106,8 @@ def ptr_type(dtype: torch.dtype) -> str:
 
 @triton.jit
 def to_f32(x, SOFT_BF16: tl.constexpr):
-    """Widen x (fp32/fp16/bf16) to fp32 exactly. NOTE: Triton's interpreter converts bf16 subnormals
-    wrongly, so with SOFT_BF16 bf16 is widened by moving its bits to the top half of a word
-    (tests/test_kernels.py is bit-exact)."""
+    """Widen x to fp32 exactly. NOTE: the interpreter widens bf16 subnormals wrongly; SOFT_BF16 moves the
+    bits instead (tests/test_kernels.py is bit-exact)."""
     if SOFT_BF16 and x.dtype == tl.bfloat16:
         return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
@@ -117,8 +116,8 @@ def to_f32(x, SOFT_BF16: tl.constexpr):
 
 @triton.jit
 def round_to(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """Round fp32 `x` to `dtype`, to nearest even. NOTE: Triton's interpreter truncates fp32 -> bf16, so
-    with SOFT_BF16 bf16 is rounded in integer arithmetic (tests/test_kernels.py is bit-exact)."""
+    """Round fp32 `x` to `dtype`, to nearest even. NOTE: the interpreter truncates to bf16; SOFT_BF16
+    rounds in integers (tests/test_kernels.py)."""
     if SOFT_BF16 and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)

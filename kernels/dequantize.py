@@ -1,13 +1,11 @@
-"""NF4 dequantization, the double-quantized absmax decoded in the same kernel; and W + scale * B @ A.
+"""NF4 dequantization with the double-quantized absmax decoded in the same kernel; and W + scale * B @ A.
 
     absmax[b] = float32(float32(nested_code[q[b]] * nested_absmax[b // 256]) + offset)   (double quant)
-    out[2k]   = round(NF4[packed[k] >> 4] * absmax[b])     one float32 product, one rounding to the
-    out[2k+1] = round(NF4[packed[k] & 15] * absmax[b])     output dtype (fp32/fp16/bf16)
+    out[2k]   = round(NF4[packed[k] >> 4] * absmax[b]),  out[2k+1] = round(NF4[packed[k] & 15] * absmax[b])
 
-A program decodes BLOCKS whole blocks: 16-byte loads of the packed bytes, 4 bytes -> 8 float32 NF4 values
-in registers (`nf4.kernels.lut.value_lookup`), one absmax per block, one contiguous [BLOCKS, blocksize]
-store. Built with fp fusion off: the absmax decode must round twice, as the reference does, not once in an
-FMA. Offsets are int64.
+A program decodes BLOCKS whole blocks: 16-byte loads, NF4 values from registers
+(`nf4.kernels.lut.value_lookup`), one absmax per block. Fp fusion is off: the absmax decode rounds twice,
+as the reference does. Offsets are int64.
 """
 
 from __future__ import annotations
@@ -64,9 +62,8 @@ def decode_absmax(
 
 @triton.jit
 def _scaled_values(byte, pairs_ptr, lut_ptr, absmax, ROWS: tl.constexpr, COLS: tl.constexpr, ASM: tl.constexpr):
-    """[ROWS, COLS] float32 weights from their packed bytes [ROWS, COLS / 2], row i scaled by absmax[i]: NF4
-    values from registers (`value_lookup`, a lane's 16 bytes as 4 int32 words), or the pair table under the
-    interpreter."""
+    """[ROWS, COLS] float32 weights from packed bytes [ROWS, COLS / 2], row i times absmax[i]; values from
+    registers (`value_lookup`), or the pair table under the interpreter."""
     GROUPS: tl.constexpr = COLS // 32  # 16-byte groups per row (dimension 1: along lanes)
     b = tl.reshape(byte.to(tl.int32), (ROWS, GROUPS, 4, 2, 2))  # [..., word, byte // 2, byte % 2]
     even_bytes, odd_bytes = tl.split(b)
@@ -190,12 +187,11 @@ def dequantize_nf4(weight, dtype: torch.dtype) -> torch.Tensor:
 
 MERGE_BN = 128  # rows of W per program: with 64 columns and 8 warps, 32 elements per thread
 MERGE_OPTIONS = {"num_warps": 8, "enable_fp_fusion": False}
-"""NOTE: 64 rows with 4 warps (also 32 elements per thread) take a stack frame on sm_80
-(tests/test_compile.py); 64 rows with 8 warps load only 8 bytes of codes per thread."""
+"""NOTE: 64 rows take a stack frame on sm_80 with 4 warps (tests/test_compile.py), 8-byte loads with 8."""
 
 
 def merge_bk(blocksize: int) -> int:
-    """Columns per program: 64, or 32 for blocksize 32; a row's chunk then lies in one absmax block."""
+    """Columns per program: 64, or 32 for blocksize 32 (a row's chunk in one block)."""
     return min(64, blocksize)
 
 
@@ -232,11 +228,8 @@ def _dequantize_lora_kernel(
     SOFT_BF16: tl.constexpr,
     ASM: tl.constexpr,
 ):
-    """out[n, k] = round(NF4[code(n, k)] * absmax[block(n, k)] + scale * sum_j B[n, j] * A[j, k]).
-
-    A program writes a [BN, BK] tile: one absmax per row (BK divides the blocksize), the low-rank product 16
-    ranks at a time in tf32 (its 2**-11 relative error on a term small next to W is far below the output's
-    rounding), one rounding, 16-byte loads and stores."""
+    """out[n, k] = round(NF4[code(n, k)] * absmax[block(n, k)] + scale * sum_j B[n, j] * A[j, k]) for a
+    [BN, BK] tile; the low-rank product in tf32 (its error on a small term is far below the rounding)."""
     HALF: tl.constexpr = BK // 2
     rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     k0 = tl.program_id(1).to(tl.int64) * BK
@@ -272,8 +265,7 @@ def _dequantize_lora_kernel(
 
 
 def dequantize_lora_configs() -> list[LaunchConfig]:
-    """Every configuration `dequantize_lora` can launch: fp16/bf16 out x adapter in that dtype or fp32 x
-    double quant x BK 64 / 32."""
+    """Every configuration `dequantize_lora` can launch."""
     out = []
     for dtype in (torch.float16, torch.bfloat16):
         for adapter, double_quant, bk in itertools.product((dtype, torch.float32), (False, True), (64, 32)):
@@ -315,11 +307,8 @@ def dequantize_lora_configs() -> list[LaunchConfig]:
 
 
 def dequantize_lora(weight, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """dequant(weight) + scale * b @ a as `dtype` [N, K], rounded once per element (like a 16-bit
-    checkpoint with the adapter merged, PEFT's `merge_and_unload`).
-
-    weight [N, K] with K % merge_bk(blocksize) == 0 (`merge_applies`); a [r, K], b [N, r], any strides, one
-    float dtype (float32 or `dtype`). For `nf4.kernels.matmul.dequantize_then_matmul`."""
+    """dequant(weight) + scale * b @ a as `dtype` [N, K], rounded once per element (as PEFT's
+    `merge_and_unload` of a 16-bit checkpoint). Needs `merge_applies`; a [r, K], b [N, r] in one float dtype."""
     n, k = weight.shape
     assert merge_applies(weight) and dtype in (torch.float16, torch.bfloat16) and a.dtype == b.dtype
     out = torch.empty((n, k), dtype=dtype, device=weight.device)

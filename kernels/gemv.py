@@ -6,17 +6,16 @@
 Program (s, i) owns BN rows of W and K-slice s and writes fp32 partial[s, M, N] (no atomics); the epilogue
 sums the slices, adds u @ v and bias, rounds once. A step is one `tl.dot` [BN, BK] x [BK, 16] (x padded to
 16 rows) within one absmax block per row, so absmax scales the dot's result. Paths:
-- register table (`lut_applies`): W loaded in tensor-core fragment order, 4 bytes -> 4 pair words by PRMT
-  (`nf4.kernels.lut`), the reduction order permuted to match (`_lut_dot`), the next step prefetched in
-  registers, the slice's absmax decoded before the loop;
-- pair table (other K % 32 == 0): pipelined 16-byte loads, a gather from `activation_pair_table` per byte.
-  NOTE: ~3.4x the L1 budget on the register-table shapes (benchmarks/results/README.md, issue 17);
+- register table (`lut_applies`): W in tensor-core fragment order, PRMT lookups (`nf4.kernels.lut`), the
+  reduction permuted to match (`_lut_dot`), the next step prefetched in registers;
+- pair table (other K % 32 == 0): a gather from `activation_pair_table` per byte. NOTE: ~3.4x the L1
+  budget on the register-table shapes (benchmarks/results/README.md, issue 17);
 - general (K % 32 != 0): each element decoded as `nf4.dequantize` does; not tuned.
 Given A (`fuses_a`), the first ceil(r/16) row tiles compute u = x @ A^T in exact fp32 (`_lora_a_slice`).
 
 Numerics: fp32 accumulation, one rounding; fp16/bf16 NF4 values times an fp32 absmax (the error of
-`nf4.dequantize`'s rounding, 2**-9 for bf16); fp32 exact. Under the interpreter (`SOFT_BF16`) dots run on
-fp32 operands and the PRMT lookup is a table gather (tests/test_lookup.py compares them bit for bit).
+`nf4.dequantize`'s rounding). Under the interpreter (`SOFT_BF16`) dots run on fp32 operands and PRMT is
+a table gather (tests/test_lookup.py compares them).
 """
 
 from __future__ import annotations
@@ -126,8 +125,8 @@ def _nf4_gemv_kernel(
     ASM: tl.constexpr,
     MMA_V2: tl.constexpr,
 ):
-    """partial[s, :, rows] = x[:, slice s] @ dequant(W)[rows, slice s]^T (s = pid_k); with HAS_A, row tiles
-    i < ceil(r / 16) compute x[:, slice s] @ A[16 i : 16 i + 16, slice s]^T instead."""
+    """partial[s, :, rows] = x[:, slice s] @ dequant(W)[rows, slice s]^T; with HAS_A, row tiles
+    i < ceil(r / 16) compute x[:, slice s] @ A[16 i .. 16 i + 16, slice s]^T."""
     offs_m = tl.arange(0, 16)
     in_m = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
@@ -159,8 +158,8 @@ def _nf4_gemv_kernel(
 @triton.jit
 def _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, j0, k_start, k_end, M, N, r, stride_ar, stride_ak,
                   STEP: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
-    """xa[pid_k][:, j0 : j0 + 16] = x[:, slice] @ A[j0 : j0 + 16, slice]^T in exact fp32, after W's partials.
-    A step's loads are in flight together; the dot is batched over 16-column groups (16-column operands)."""
+    """xa[pid_k][:, j0 .. j0 + 16] = x[:, slice] @ A[j0 .. j0 + 16, slice]^T, exact fp32; a step's loads
+    in flight together, the dot batched over 16-column groups."""
     xa_ptr = partial_ptr + tl.num_programs(0).to(tl.int64) * M * N
     offs_m = tl.arange(0, 16)
     rank = j0 + tl.arange(0, 16)
@@ -291,8 +290,7 @@ def _w_slice_lut(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested
 
 @triton.jit
 def _chunk_loads(w_ptrs, c, c_end):
-    """Chunk c's 4 blocks of every row ([4 BN, 2] int32 words), nothing read when c >= c_end (a tensor
-    mask: the interpreter rejects a scalar one)."""
+    """Chunk c's 4 blocks of every row; nothing read past c_end (a tensor mask, for the interpreter)."""
     w_in = tl.full(w_ptrs.shape, c, tl.int32) < c_end
     w0 = tl.load(w_ptrs + 32 * c, mask=w_in, other=0)
     w1 = tl.load(w_ptrs + (32 * c + 8), mask=w_in, other=0)
@@ -344,8 +342,8 @@ def _lut_dot(word, x_ptrs, in_m, pairs_ptr, act: tl.constexpr, BN: tl.constexpr,
 
 @triton.jit
 def _sum_slices(ptr, tile, mask, split, stride_split):
-    """sum over s < split of ptr[s * stride_split + tile], SPLITS_PER_STEP loads in flight per step. int64
-    offsets without `.to()`: stride_split may come as i32, or as a plain int when it is 1."""
+    """sum over s < split of ptr[s * stride_split + tile], SPLITS_PER_STEP loads per step; int64 offsets
+    without `.to()` (stride_split is i32, or a plain int if 1)."""
     total = tl.zeros(tile.shape, dtype=tl.float32)
     stride64 = tl.zeros((), tl.int64) + stride_split
     slice_off = tl.zeros((), tl.int64)  # a scalar, not a tensor of pointers: no layout change in the loop
@@ -458,8 +456,8 @@ def step_k(k: int, blocksize: int, dtype: torch.dtype = torch.bfloat16) -> int:
 
 
 def mma_v2(device: torch.device) -> bool:
-    """Whether the decode dot uses mma.sync (sm_80 / sm_89) rather than wgmma. NOTE: triton 3.6 picks
-    mma.sync on sm_90 for 8 rows: the register-table path keeps 16."""
+    """Whether the dot uses mma.sync (sm_80 / sm_89), not wgmma. NOTE: triton 3.6 picks mma.sync on
+    sm_90 for 8 rows: keep 16."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9
 
 
@@ -501,8 +499,8 @@ _OPTIONS = {"num_warps": NUM_WARPS, "num_stages": 3, "enable_fp_fusion": True}
 
 
 def _options(aligned: bool, dtype: torch.dtype, bk: int) -> dict:
-    """Compile options: 3 stages on the 64-column fp16/bf16 pair-table path, 1 where the kernel prefetches
-    itself or fp32 aligned, else 2. NOTE: other counts took stack frames (tests/test_compile.py)."""
+    """Compile options: 3 stages on the 64-column pair-table path, 1 where the kernel prefetches itself
+    or fp32, else 2. NOTE: others took stack (tests/test_compile.py)."""
     if bk == LUT_BK or (dtype == torch.float32 and aligned):
         stages = 1  # the register-table path prefetches W into registers itself (no shared memory)
     else:
@@ -660,7 +658,7 @@ def memory_us(n, k, m=1, r=MODEL_RANK, split=1, sms=H200_SMS, blocksize=64, doub
         memory = bytes / (BANDWIDTH * eff)
         fixed  = epilogue_round_trips(split, r) * L2_ROUND_TRIP_US + 2 * LAUNCH_US
 
-    Pessimistic on the partial sums (mostly L2 hits); the tail of an uneven wave is not modelled."""
+    Not modelled: the tail of an uneven wave."""
     bk = bk or step_k(k, blocksize)
     lut = bk == LUT_BK
     bn = LUT_BN if lut else block_n(torch.bfloat16)
@@ -714,11 +712,10 @@ def nf4_gemv(
     split: int | None = None,
     a: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`x @ dequant(weight)^T + (u @ v) * lora_scale + bias` for M <= 16 rows, in two kernel launches.
+    """`x @ dequant(weight)^T + (u @ v) * lora_scale + bias` for M <= 16, in two launches, no host read.
 
-    x [M, K] fp32/fp16/bf16, contiguous along K; weight the `NF4Tensor` [N, K]; u [M, r] and v [r, N] (or,
-    instead of u, the adapter's A [r, K]: u = x @ a^T in the streaming kernel), bias [N], any strides and float
-    dtypes, or None; split: split-K factor (tests). Returns [M, N] in x's dtype; no host read (graph-capturable)."""
+    x [M, K] fp32/fp16/bf16; weight [N, K]; u [M, r] and v [r, N] (or A [r, K] as `a`: u = x @ a^T in the
+    kernel), bias [N]: any strides and float dtypes, or None. split: split-K (tests). Returns [M, N], x's dtype."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [M, K], got {getattr(x, 'shape', type(x))}")
     if x.dtype not in TL_DTYPES:

@@ -3,22 +3,15 @@
     forward  (trans=False): y[M, N] = x[M, K] @ W^T + (U[M, r] @ V[r, N]) * s + bias[N]
     backward (trans=True):  y[M, K] = x[M, N] @ W   + (U[M, r] @ V[r, K]) * s [* mask]
 
-W [N, K] is an `NF4Tensor` in bitsandbytes' layout (blocks may cross rows). The tiles need an even K (rows
-start on a byte); an odd K takes `GEMV` or `DEQUANT`. nf4.lora passes U = dropout(x) @ A^T, V = B^T,
-s = scaling (forward), or U = scaling * dy @ B, V = A, s = 1 / (1 - p) and the dropout mask (input gradient).
-The LoRA term joins the fp32 accumulator before the single rounding.
+W [N, K] is an `NF4Tensor`; the tiles need an even K (rows start on a byte). A program owns a [BM, BN]
+output tile and walks the reduction in BK steps, decoding W in registers (`dequant_pairs`, rounded to x's
+dtype as `nf4.dequantize` rounds). A byte's nibbles are a row's even and odd elements: the forward pass
+dots x's even and odd columns separately, the input-gradient pass keeps two accumulators. The LoRA term
+joins the fp32 accumulator before the one rounding.
 
-A program owns a [BM, BN] output tile and walks the reduction in BK steps, decoding W's tile in registers:
-one lookup per byte in a 256-entry table of both nibbles' values (`dequant_pairs`), each row's (at most 3)
-absmax blocks decoded once, float32 products rounded to x's dtype as `nf4.dequantize` rounds them. A byte's
-nibbles are a row's even and odd elements: the forward pass splits x's tile into even and odd columns (two
-dots), the input-gradient pass keeps two accumulators, interleaved at the end.
-
-Strategies: the decode kernel (`GEMV`, `nf4.kernels.gemv`) for the forward pass of M <= 16 fp16/bf16 rows;
-16-row tiles with split-K (`_splitk_reduce_kernel` sums the slices) for the rest of M <= 16; 64- and
-128-row tiles in grouped order (L2 reuse of W) above; "dequantize, then cuBLAS" (`DEQUANT`). On a GPU
-`choose` times the candidates once per (bucket, shape, dtype); the interpreter takes the first. Offsets are
-int64; the epilogue's flags are runtime scalars: one compiled variant serves every LoRA / bias / mask case.
+Strategies: `GEMV` for fp16/bf16 forward at M <= 16; 16-row tiles with split-K for the rest of M <= 16;
+64- and 128-row tiles in grouped order above; `DEQUANT`. On a GPU `choose` times the candidates once per
+(bucket, shape, dtype). Offsets are int64; epilogue flags are runtime scalars.
 """
 
 from __future__ import annotations
@@ -65,8 +58,7 @@ class MatmulConfig:
 
 
 SPAN = 64
-"""Longest run of consecutive codes a tile row decodes (BK forward, BN trans): with blocks of at least
-32 it touches at most 3 absmax blocks."""
+"""Longest run of codes a tile row decodes: with blocks >= 32, at most 3 absmax blocks."""
 
 # Candidates per (M bucket, trans); the first is the default where nothing is timed (interpreter, CPU).
 # NOTE: the decoded W tile sits in registers beside the accumulator: 128x128 tiles spill, and many others
@@ -123,10 +115,8 @@ def dequant_pairs(
     n_blocks,
     DOUBLE_QUANT: tl.constexpr,
 ):
-    """The float32 weights (high nibble, low nibble) of byte (row_start + 2p) / 2: elements row_start + 2p
-    and + 1. row_start (int64, even) is each tile row's first flat index, p the byte offsets (int32: the
-    per-element arithmetic stays in 32 bits); a pair never straddles a block (blocks are even) and a
-    row's blocks b0 .. b0 + 2 are decoded once per row."""
+    """float32 weights (high, low nibble) of byte (row_start + 2p) / 2, row_start (int64, even) a tile row's
+    first flat index, p (int32) byte offsets; a row's blocks b0 .. b0 + 2 decoded once."""
     byte = tl.load(packed_ptr + (row_start >> 1) + p, mask=mask, other=0x77).to(tl.int32)
     b0 = row_start >> log2_bs
     rel = ((row_start & ((1 << log2_bs) - 1)).to(tl.int32) + 2 * p) >> log2_bs
@@ -233,8 +223,8 @@ def _nf4_matmul_kernel(
     DOT_F32: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
-    """out[tile] = x @ dequant(W)^T (W with TRANS_W) over K-slice pid_k, then `_epilogue`, rounded once; with
-    PARTIAL, the fp32 sums of the slice go to out[pid_k] (`_splitk_reduce_kernel` finishes)."""
+    """out[tile] = x @ dequant(W)^T (W with TRANS_W) over slice pid_k + `_epilogue`, rounded once; PARTIAL:
+    fp32 sums to out[pid_k]."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     tiles_m = tl.cdiv(M, BM)
@@ -513,8 +503,8 @@ GEMV = "gemv"
 
 
 def gemv_applies(x: torch.Tensor, weight, trans: bool, mask) -> bool:
-    """Whether `nf4_gemv` can take this call: forward, no mask, M <= 16, fp16/bf16, every tensor 16-byte
-    aligned (its configurations are compiled for those only: `LaunchConfig.aligned_only`). Metadata only."""
+    """Whether `nf4_gemv` takes the call: forward, no mask, M <= 16, fp16/bf16, 16-byte aligned tensors
+    (`LaunchConfig.aligned_only`)."""
     from nf4.kernels.gemv import MAX_M
 
     tensors = [x, weight.packed, weight.absmax]
@@ -533,8 +523,7 @@ _CHOSEN: dict[tuple, MatmulConfig | str] = {}
 
 
 def choose(key: tuple, options: dict[str, object], run) -> object:
-    """The fastest of `options` for `key`, timed once on the GPU with `run(option)` and cached for the
-    process; the first option where nothing can be timed (no CUDA)."""
+    """The fastest of `options` for `key` (timed once on the GPU, cached); the first without CUDA."""
     if key not in _CHOSEN:
         names = list(options)
         if len(names) == 1 or key[-1].type != "cuda":
@@ -561,17 +550,9 @@ def nf4_matmul(
 ) -> torch.Tensor:
     """`x @ W^T` (or `x @ W` with `trans`) + `(u @ v) * lora_scale [* mask]` + `bias`, fused.
 
-    Args:
-        x: [M, IN] fp32/fp16/bf16; IN = K (forward) or N (trans).
-        weight: the `NF4Tensor` W [N, K].
-        u, v: the low-rank term [M, r] and [r, OUT] (v any strides; used in x's dtype), or None.
-        a: instead of u, the adapter's A [r, IN]: u = x @ a^T (fp32 inside `GEMV`, else torch in x's dtype).
-        bias: [OUT] or None. mask: [M, OUT] bool dropout mask on the low-rank term, or None.
-        lora_scale: multiplies the low-rank term in fp32.
-        config, split: force a tile configuration (or `DEQUANT`, `GEMV`) and a split-K factor (tests); by
-            default `choose` picks among the bucket's candidates, `GEMV` (`gemv_applies`) and `DEQUANT` (M > 16).
-    Returns:
-        [M, OUT] in x's dtype. No device-to-host read after a shape's first call: CUDA-graph capturable."""
+    x [M, IN] fp32/fp16/bf16; weight [N, K]; u [M, r] and v [r, OUT] (or A [r, IN] as `a`), bias [OUT], mask
+    [M, OUT] bool, or None; config, split force a candidate and split-K (tests). Returns [M, OUT], x's dtype;
+    no host read after a shape's first call."""
     n, k = weight.shape
     m, in_dim = x.shape
     assert in_dim == (n if trans else k) and x.dtype in TL_DTYPES, "validated by nf4.lora"
@@ -605,9 +586,8 @@ def _run(x, weight, trans, u, v, bias, mask, lora_scale, config, split, a=None):
 
 
 def dequantize_then_matmul(x, weight, trans, u, v, bias, mask, lora_scale, a=None) -> torch.Tensor:
-    """The unfused strategy: W dequantized to x's dtype, then one GEMM added onto the low-rank term and
-    bias (`reference.matmul_onto_lora_and_bias`). Given A for a 16-bit forward without dropout, the adapter is
-    merged into the dequantized weight instead (`dequantize_lora`): one kernel and one GEMM."""
+    """The unfused strategy: W dequantized, one GEMM onto the low-rank term and bias; given A (16-bit
+    forward, no dropout) the adapter is merged into W instead (`dequantize_lora`)."""
     from nf4.kernels.dequantize import dequantize_lora, dequantize_nf4, merge_applies
 
     if a is not None:

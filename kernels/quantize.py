@@ -1,17 +1,13 @@
 """Blockwise NF4 quantization in one pass, and the second-level quantization of the absmax.
 
-Per block b of `blocksize` elements of x (fp32/fp16/bf16, flattened row-major):
-
-    absmax[b] = max |x|                                          float32 [ceil(n / blocksize)]
+    absmax[b] = max |x[block b]|                                 float32 [ceil(n / blocksize)]
     xs        = x * div_rn(1, absmax[b])                         IEEE reciprocal, then multiply
     code      = #{i : mid[i] < xs}, mid = float32 NF4 midpoints   (a tie goes to the lower code)
     packed[k] = code[2k] << 4 | code[2k+1]                        uint8 [(n + 1) // 2]
 
-x is read once. A block holding NaN gets a NaN absmax (the caller raises); tiny or huge blocks are
-pre-scaled by an exact power of two (`nf4.reference.unit_scale`), so codes match the reference bit for bit.
-`quantize_absmax`: absmax - offset in blocks of 256, each scaled by its max |.| and rounded to the nearest
-of the 256-entry map by a branch-free binary search over `nf4.codebook.nearest_thresholds(map)`.
-Offsets are int64.
+x (fp32/fp16/bf16, row-major) is read once. NaN in a block gives a NaN absmax; extreme blocks are pre-scaled
+by a power of two (`nf4.reference.unit_scale`): codes equal the reference's bit for bit. `quantize_absmax`:
+(absmax - offset) per 256 blocks, scaled by its max |.|, to the nearest map entry by binary search.
 """
 
 from __future__ import annotations
@@ -39,8 +35,7 @@ def quantize_config(blocksize: int, dtype: torch.dtype = torch.bfloat16) -> dict
 
 @triton.jit
 def _unit_scale(x, absmax):
-    """x * (1 / absmax) (absmax broadcasts against x), exact power-of-two pre-scaling for extreme
-    absmax (`nf4.reference.unit_scale`); where absmax is 0 the result is 0."""
+    """x * (1 / absmax), extreme absmax pre-scaled by a power of two (`nf4.reference.unit_scale`); 0 if absmax is 0."""
     pre = tl.where(absmax < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
     pre = tl.where(absmax > 1.8446744073709552e19, 5.421010862427522e-20, pre)
     inv = tl.where(absmax > 0.0, tl.math.div_rn(1.0, tl.where(absmax > 0.0, absmax * pre, 1.0)), 0.0)
@@ -48,23 +43,16 @@ def _unit_scale(x, absmax):
 
 
 BUCKET_MAGIC = tl.constexpr(8388624.0)
-"""2**23 + 16: in fp32, `16 * xs + BUCKET_MAGIC` rounds 16 * xs + 16 to an integer r (ulp 1 in [2**23, 2**24))
-and leaves r in the low mantissa bits."""
+"""2**23 + 16: in fp32, `16 * xs + BUCKET_MAGIC` leaves round(16 * xs + 16) in the low mantissa bits."""
 BUCKETS = tl.constexpr(64)
-"""Entries of the bucket table: r is 0 .. 32 for |xs| <= 1 (+ a rounding), the mask keeps any bits in range."""
+"""Entries of the bucket table (r is 0 .. 32 for |xs| <= 1; the mask keeps any r in range)."""
 
 
 def bucket_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """int64 [BUCKETS]: entry r = (base[r] << 32) | float32 bits of mid[r], for the scaled values xs with
-    round-half-even(16 * xs + 16) == r, i.e. xs in [(r - 16.5) / 16, (r - 15.5) / 16]:
-
-        base[r] = number of NF4 midpoints below the bucket's lower edge
-        mid[r]  = the midpoint inside the bucket, or +inf where there is none
-
-    Buckets are 1/16 wide and midpoints at least 0.0796 apart, so a bucket holds at most one, and
-    #{midpoints < xs} = base[r] + (xs > mid[r]), edges included. Picking r rounds once, exactly, so codes equal
-    the reference's `searchsorted` bit for bit (tests/test_kernels.py checks every float32 near each midpoint
-    and edge)."""
+    """int64 [BUCKETS]: entry r = (base[r] << 32) | float32 bits of mid[r] for the xs with
+    round-half-even(16 * xs + 16) == r; base[r] = midpoints below the bucket, mid[r] the one inside or +inf.
+    Buckets are narrower than the midpoints' gaps, so #{mid < xs} = base[r] + (xs > mid[r]) exactly
+    (tests/test_kernels.py)."""
     from nf4.codebook import nf4_midpoints
 
     mids = nf4_midpoints().double()
@@ -83,10 +71,8 @@ def bucket_table(device: torch.device | str = "cpu") -> torch.Tensor:
 
 @triton.jit
 def _nf4_codes(xs, table_ptr):
-    """Number of the 15 NF4 midpoints strictly below each xs (int32; a tie goes to the lower code): one FFMA
-    to the bucket, one 8-byte gather from the 512-byte `bucket_table` (L1), one compare and one add.
-    NOTE: ALU-bound, ~81 % of the H200's copy bandwidth by the per-pipe model
-    (benchmarks/results/2026-12-07-static-model-255c09d9a818/); tests/test_compile.py pins its loads."""
+    """#{NF4 midpoints < xs} (int32): one FFMA to the bucket, one 8-byte `bucket_table` gather, compare, add.
+    NOTE: ALU-bound, ~81 % of copy bandwidth (benchmarks/results/2026-12-07-static-model-255c09d9a818/)."""
     v = tl.fma(xs, 16.0, BUCKET_MAGIC)
     entry = tl.load(table_ptr + (v.to(tl.int32, bitcast=True) & (BUCKETS - 1)))
     mid = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
@@ -211,11 +197,8 @@ def _bucket_table(device: torch.device) -> torch.Tensor:
 
 
 def quantize_nf4(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """NF4-quantize `x` (fp32/fp16/bf16, any shape; read in row-major order).
-
-    Returns (packed uint8
-    [(n + 1) // 2, 1], absmax float32 [ceil(n / blocksize)]); a block holding NaN gets absmax NaN.
-    """
+    """NF4-quantize `x` (any shape, row-major): (packed uint8 [(n + 1) // 2, 1], absmax float32
+    [ceil(n / blocksize)])."""
     assert x.dtype in TL_DTYPES and x.numel() > 0, "validated by nf4.quantize"
     x = x.contiguous().view(-1)
     n = x.numel()
