@@ -9,7 +9,8 @@ costs ~9-12 µs a launch on GPU hosts, vllm-project/vllm#34838 and meta-pytorch/
 layer (64 -> 64, r = 16, M = 1) keeps torch's own small ops (the LoRA products) cheap, as they are on a
 GPU, where they are launches. bfloat16 at M = 1 takes the decode path (`nf4.kernels.gemv`), float32 the
 fused matmul kernel. The reference point is `nn.Linear` on the same tensors. Issue "Correct on a real
-GPU" sets the bar at 60 µs per layer call on a GPU (bitsandbytes + PEFT: ~250 µs eager, gpu-findings.md).
+GPU" sets the bar at 60 µs per layer call on a GPU (bitsandbytes + PEFT: ~250 µs eager,
+benchmarks/results/2026-11-29-h200/README.md).
 """
 
 from __future__ import annotations

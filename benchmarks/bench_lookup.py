@@ -2,7 +2,8 @@
 model of benchmarks/static/sass.py (`python benchmarks/static/sass.py`, decode_prediction.txt).
 
 1. lookup: packed NF4 bytes streamed once, every byte looked up in the 256-entry pair table (both codes
-   of a byte in the activation dtype, `nf4.kernels.gemv.pair_table`), the results xor-ed into a checksum:
+   of a byte in the activation dtype, `nf4.kernels.gemv.activation_pair_table`), the results xor-ed into
+   a checksum:
    - read:     no lookup (the bytes only): the ceiling;
    - global:   the table in global memory, read through L1 (what the decode loop of 2d550bfb5869 did):
                ~3.3 wavefronts per warp-wide 4-byte gather by the model's bank-conflict simulation;

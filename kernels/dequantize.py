@@ -1,18 +1,11 @@
-"""NF4 dequantization, with the double-quantized absmax decoded in the same kernel.
-
-For n elements in blocks of `blocksize`:
+"""NF4 dequantization with the double-quantized absmax decoded in the same kernel; and W + scale * B @ A.
 
     absmax[b] = float32(float32(nested_code[q[b]] * nested_absmax[b // 256]) + offset)   (double quant)
-              = absmax[b]                                                              (plain)
-    out[2k]   = round(NF4[packed[k] >> 4]  * absmax[b])      one float32 product, one rounding to
-    out[2k+1] = round(NF4[packed[k] & 15]  * absmax[b])      the output dtype (fp32/fp16/bf16)
+    out[2k]   = round(NF4[packed[k] >> 4] * absmax[b]),  out[2k+1] = round(NF4[packed[k] & 15] * absmax[b])
 
-Each program decodes BLOCKS whole blocks: it reads each packed byte once (16 bytes per load), looks
-both nibbles up at once in the 256-entry pair table of the NF4 code (`nf4_pairs`), scales them by the
-block's absmax (decoded once per block), interleaves the even and odd values and writes one contiguous
-[BLOCKS, blocksize] tile. The absmax decode must not be contracted
-into an FMA (that would round once instead of twice), so the kernel is built with fp fusion off.
-Offsets are int64.
+A program decodes BLOCKS whole blocks: 16-byte loads, NF4 values from registers
+(`nf4.kernels.lut.value_lookup`), one absmax per block. Fp fusion is off: the absmax decode rounds twice,
+as the reference does. Offsets are int64.
 """
 
 from __future__ import annotations
@@ -69,10 +62,8 @@ def decode_absmax(
 
 @triton.jit
 def _scaled_values(byte, pairs_ptr, lut_ptr, absmax, ROWS: tl.constexpr, COLS: tl.constexpr, ASM: tl.constexpr):
-    """[ROWS, COLS] float32 weights from their packed bytes [ROWS, COLS / 2], each row scaled by its absmax:
-    one product per value. The NF4 values come from registers (`nf4.kernels.lut.value_lookup`, 4 bytes
-    at a time: a lane's 16 loaded bytes regrouped into 4 int32 words) or, under the interpreter, from the
-    pair table (`nf4_pairs`)."""
+    """[ROWS, COLS] float32 weights from packed bytes [ROWS, COLS / 2], row i times absmax[i]; values from
+    registers (`value_lookup`), or the pair table under the interpreter."""
     GROUPS: tl.constexpr = COLS // 32  # 16-byte groups per row (dimension 1: along lanes)
     b = tl.reshape(byte.to(tl.int32), (ROWS, GROUPS, 4, 2, 2))  # [..., word, byte // 2, byte % 2]
     even_bytes, odd_bytes = tl.split(b)
@@ -104,6 +95,7 @@ def _dequantize_nf4_kernel(
     SOFT_BF16: tl.constexpr,
     ASM: tl.constexpr,
 ):
+    """out[b * BLOCKSIZE + j] = round(NF4[code] * absmax[b]) for the program's BLOCKS blocks b."""
     HALF: tl.constexpr = BLOCKSIZE // 2
     block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     absmax = decode_absmax(
@@ -116,9 +108,8 @@ def _dequantize_nf4_kernel(
         DOUBLE_QUANT,
     )
 
-    # NOTE: the mask is on byte indices (`pair < n_bytes`), not on `2 * pair < n_elements`: a contiguous
-    # index against a bound divisible by 16 lets Triton prove the mask constant over 16 bytes and load
-    # them at once (the element mask gave 8 predicated LDG.E.U8 per thread; sm_90 SASS, triton 3.9).
+    # NOTE: masked on byte indices, not `2 * pair < n_elements`: Triton then proves the mask constant over
+    # 16 bytes and loads them at once (tests/test_compile.py::test_dequantize_kernels_fit_the_issue_and_l1_budgets)
     pair = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
     byte = tl.load(packed_ptr + pair, mask=pair < n_bytes, other=0x77)
     out = _scaled_values(byte, pairs_ptr, lut_ptr, absmax, BLOCKS, BLOCKSIZE, ASM)
@@ -196,14 +187,11 @@ def dequantize_nf4(weight, dtype: torch.dtype) -> torch.Tensor:
 
 MERGE_BN = 128  # rows of W per program: with 64 columns and 8 warps, 32 elements per thread
 MERGE_OPTIONS = {"num_warps": 8, "enable_fp_fusion": False}
-"""NOTE: 64 rows with 4 warps (also 32 elements per thread; 27.0 instructions per element on sm_90
-against 25.75 here) took an 8-byte stack frame for fp16 / fp16 adapter / no double quant on sm_80 under
-triton 3.6 when every integer is 1; 64 rows with 8 warps compiled clean but loaded 8 bytes of codes per
-thread and cost 38.5 per element."""
+"""NOTE: 64 rows take a stack frame on sm_80 with 4 warps (tests/test_compile.py), 8-byte loads with 8."""
 
 
 def merge_bk(blocksize: int) -> int:
-    """Columns per program: 64, or 32 for blocksize 32; a row's chunk then lies in one absmax block."""
+    """Columns per program: 64, or 32 for blocksize 32 (a row's chunk in one block)."""
     return min(64, blocksize)
 
 
@@ -240,13 +228,8 @@ def _dequantize_lora_kernel(
     SOFT_BF16: tl.constexpr,
     ASM: tl.constexpr,
 ):
-    """out[n, k] = round(NF4[code(n, k)] * absmax[block(n, k)] + scale * sum_j B[n, j] * A[j, k]).
-
-    Program (i, j) writes the [BN, BK] tile of rows i*BN.. and columns j*BK..: 16-byte loads of the
-    codes (BK / 2 bytes of each row), their NF4 values from registers (`_scaled_values`), one absmax per
-    row (a row's BK-chunk lies in one block: K % BK == 0 and BK divides the blocksize), the low-rank
-    product 16 ranks at a time on tensor cores (tf32: the adapter's term is small next to W, its 2**-11
-    relative error is far below the output's rounding), one rounding of the sum, 16-byte stores."""
+    """out[n, k] = round(NF4[code(n, k)] * absmax[block(n, k)] + scale * sum_j B[n, j] * A[j, k]) for a
+    [BN, BK] tile; the low-rank product in tf32 (its error on a small term is far below the rounding)."""
     HALF: tl.constexpr = BK // 2
     rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     k0 = tl.program_id(1).to(tl.int64) * BK
@@ -282,8 +265,7 @@ def _dequantize_lora_kernel(
 
 
 def dequantize_lora_configs() -> list[LaunchConfig]:
-    """Every configuration `dequantize_lora` can launch: output fp16/bf16 (the large-M strategy's
-    activation dtypes) x adapter in that dtype or float32 x double quant x 64- or 32-column tiles."""
+    """Every configuration `dequantize_lora` can launch."""
     out = []
     for dtype in (torch.float16, torch.bfloat16):
         for adapter, double_quant, bk in itertools.product((dtype, torch.float32), (False, True), (64, 32)):
@@ -325,14 +307,8 @@ def dequantize_lora_configs() -> list[LaunchConfig]:
 
 
 def dequantize_lora(weight, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """dequant(weight) + scale * b @ a as a `dtype` tensor [N, K], one rounding per element.
-
-    weight: the NF4Tensor W [N, K] with K % merge_bk(blocksize) == 0 (`merge_applies`); a [r, K] and
-    b [N, r], any strides, in one float dtype (float32 or `dtype`). Used by the large-M strategy when
-    nothing needs x @ A^T (no gradient, no dropout): y = x @ W'^T is then one GEMM with no low-rank
-    pass (`nf4.kernels.matmul.dequantize_then_matmul`). Rounding: the merged weight once, like a bf16
-    checkpoint with the adapter merged in (PEFT's `merge_and_unload`); within the LoRA tests' bound.
-    """
+    """dequant(weight) + scale * b @ a as `dtype` [N, K], rounded once per element (as PEFT's
+    `merge_and_unload` of a 16-bit checkpoint). Needs `merge_applies`; a [r, K], b [N, r] in one float dtype."""
     n, k = weight.shape
     assert merge_applies(weight) and dtype in (torch.float16, torch.bfloat16) and a.dtype == b.dtype
     out = torch.empty((n, k), dtype=dtype, device=weight.device)

@@ -1,76 +1,21 @@
-"""NF4 decode kernel (M <= 16): `x @ dequant(W)^T + u @ v + bias`, streaming W at the memory-bandwidth limit.
+"""NF4 decode kernel (M <= 16) at the memory-bandwidth limit, and its epilogue.
 
-    y[M, N] = x[M, K] @ W[N, K]^T + u[M, r] @ v[r, N] + bias[N]          (M = 1 .. 16)
-    W[n, k] = NF4[code(n*K + k)] * absmax[(n*K + k) // blocksize]
+    y[M, N] = x[M, K] @ W[N, K]^T + u[M, r] @ v[r, N] + bias[N]
+    W[n, k] = NF4[code(n*K + k)] * absmax[(n*K + k) // blocksize]      (bitsandbytes' layout, `nf4.format`)
 
-W is an `NF4Tensor` in bitsandbytes' layout: element (n, k) is code n*K + k of the flat tensor, byte i
-holds codes 2i (high nibble) and 2i + 1 (low nibble), blocks of `blocksize` (32 .. 4096) consecutive codes
-may cross rows, and absmax may be double-quantized (`absmax = nested_code[q] * nested_absmax[b // 256]
-+ offset`).
+Program (s, i) owns BN rows of W and K-slice s and writes fp32 partial[s, M, N] (no atomics); the epilogue
+sums the slices, adds u @ v and bias, rounds once. A step is one `tl.dot` [BN, BK] x [BK, 16] (x padded to
+16 rows) within one absmax block per row, so absmax scales the dot's result. Paths:
+- register table (`lut_applies`): W in tensor-core fragment order, PRMT lookups (`nf4.kernels.lut`), the
+  reduction permuted to match (`_lut_dot`), the next step prefetched in registers;
+- pair table (other K % 32 == 0): a gather from `activation_pair_table` per byte. NOTE: ~3.4x the L1
+  budget on the register-table shapes (benchmarks/results/README.md, issue 17);
+- general (K % 32 != 0): each element decoded as `nf4.dequantize` does; not tuned.
+Given A (`fuses_a`), the first ceil(r/16) row tiles compute u = x @ A^T in exact fp32 (`_lora_a_slice`).
 
-Register-table path (fp16/bf16 activations, blocksize 64, K % 256 == 0: every checkpoint transformers
-writes; `lut_applies`). Program (i, s) owns LUT_BN = 128 rows [i*BN, (i+1)*BN) and a slice of at most
-LUT_CHUNKS = 4 chunks of 256 codes of each row (split-K). Its loop takes one chunk per step, 128 bytes
-of every row, as four 64-code blocks, each one `tl.dot` [BN, 64] x [64, 16] on tensor cores (W is the A
-operand, in registers: wgmma on sm_90, mma.sync on sm_80) scaled by its block's absmax:
-
-    partial[n, m] = sum_{k in block} NF4[code(n, k)] * x[m, k]      (the dot, fp32 accumulation)
-    acc[n, m]    += partial[n, m] * absmax[block(n)]                (one FMA per output per block)
-
-- No table in memory. The 16 NF4 values in the activation dtype live in registers (their high and low
-  bytes, four per word), and `nf4.kernels.lut.pair_lookup` maps 4 bytes of W to their 4 pair words (both
-  codes of a byte, the even one in the low half: what the dot operand holds) with 16 PRMT and 2 LOP3 on
-  the ALU pipe and 3 IMAD.HI on the FMA pipe.
-- No layout conversion of W. A thread loads, as 8-byte words, exactly the bytes its part of the
-  tensor-core A fragment needs ("fragment order": rows 64i + 16w + 8h + g for warp w, lane 4g + t, the
-  8 bytes [8t, 8t + 8) of each block), and the reduction order inside a block is permuted to match
-  (byte 8t + j is dot column pair 4j + t for wgmma, 8 (j // 2) + 2t + j % 2 for Triton's mma.sync
-  layout on sm_80, `MMA_V2`); x is read in memory order and permuted the same way on its way to the
-  tensor cores. The loads of the next step are issued before the current one is computed (a register
-  prefetch: no pipeliner, no shared memory for W).
-- absmax once per program: the slice's 4 x [BN, 4] block scales (double quantization decoded: the
-  nested map's gathers) before the loop; a step selects its [BN, 4] with three selects per element.
-`benchmarks/static/sass.py` counts this loop: no lookup in memory, ~7.5 lane-instructions and ~0.03 L1 wavefronts
-per byte of W on sm_90 (budgets ~8.2 and ~0.064). Under the interpreter (inline assembly does not run
-there) it gathers the same words from `pair_table` instead; tests compare the two bit for bit
-and check the assembly's selector arithmetic over all 256 bytes (tests/test_lookup.py).
-
-Pair-table path (other aligned shapes, K % 32 == 0). Program (i, s) owns BN = 256 rows (16 for fp32) and a
-slice of `k_per_split` elements. Each step takes BK = 64 columns (32 bytes) of every row, or 32 columns
-(16 bytes) where blocksize is 32 or K % 64 == 32 (`step_k`): 16-byte loads of packed bytes (Triton's
-pipeliner copies them with 16-byte cp.async two steps ahead), the matching [16, BK] tile of x (M rows
-padded to 16), and one `tl.dot` [BN, BK] x [BK, 16]. Every byte is looked up in a 256-entry pair table
-(`pair_table`): entry b holds both nibbles' NF4 values, in the activation dtype for fp16/bf16 (two
-16-bit halves of one int32), or as two float32 words (int64 entries) for fp32 activations. The BK codes
-a row contributes to a step lie in one absmax block, so the scale factors out as above, decoded once
-per row and step. NOTE: this was the fp16/bf16 path of 2d550bfb5869 (blocksize 64 included); its
-SASS (sm_90, triton 3.9) gathers the table with 4-byte cp.async copies into shared memory and reads
-them back with ldmatrix, ~3.4x the L1 budget (`benchmarks/static/sass.py`, tests/test_gemv.py).
-
-General path (K % 32 != 0, odd K included): rows do not start on byte or 32-code boundaries, so each
-element is located on its own (byte = f >> 1, nibble by the parity of f = n*K + k, block = f >> log2_bs),
-decoded as `nf4.dequantize` does (float32 product, one rounding to the activation dtype) and fed to the
-same dot. Correct for every shape; not tuned (such shapes are rare in models).
-
-The adapter's A (inference: `a` instead of u, fp16/bf16 on the aligned path). The grid is (split,
-ceil(r/16) + cdiv(N, BN)): its first ceil(r/16) row tiles, launched first, compute u = x @ A^T of their
-K-slice and 16 ranks (exact fp32, A read in its own dtype; A_BK = 128 columns of A and x in flight per
-step on sm_90's register-table path, 64 elsewhere: 128 takes a stack frame on sm_80 under triton 3.6;
-8 dependent steps per 1024-column slice, not 64) and store it after W's partial sums; a LoRALinearNF4
-decode call is then these two kernels and nothing else (no GEMV for x @ A^T, no cast of a float32 A).
-
-Split-K and epilogue. Each program writes its fp32 partial sums to `partial[s, M, N]` (no atomics: the
-result is deterministic); a second small kernel sums the `split` slices (8 at a time, their loads in
-flight together), adds u @ v (16 ranks at a time, one exact fp32 dot) and bias, and rounds once to x's
-dtype. It reads u, v and bias in their own dtypes, so a float32 adapter (B^T as v) or a bf16 bias costs
-no conversion kernel. The LoRA term costs r*(M + N) loads: 0.7% of W's bytes at N = K = 8192, r = 16,
-so it rides in the epilogue rather than in the streaming kernel.
-
-Numerics: fp32 accumulation, one rounding at the end. With fp16/bf16 activations the NF4 value enters
-the dot rounded to that dtype and absmax multiplies in fp32 (the unfactored `nf4.dequantize` rounds the
-product instead: the same relative error, 2**-9 for bf16). fp32 activations use exact fp32 codes and an
-IEEE fp32 dot. Under the interpreter (`SOFT_BF16`) every dot runs on fp32 operands holding the same
-values (`tl.dot` on bf16 is wrong there).
+Numerics: fp32 accumulation, one rounding; fp16/bf16 NF4 values times an fp32 absmax (the error of
+`nf4.dequantize`'s rounding). Under the interpreter (`SOFT_BF16`) dots run on fp32 operands and PRMT is
+a table gather (tests/test_lookup.py compares them).
 """
 
 from __future__ import annotations
@@ -83,7 +28,17 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import INTERPRET, TL_DTYPES, LaunchConfig, cdiv, nested_pointers, ptr_type, round_to, to_f32
+from nf4.kernels.common import (
+    INTERPRET,
+    TL_DTYPES,
+    LaunchConfig,
+    cdiv,
+    multiprocessors,
+    nested_pointers,
+    ptr_type,
+    round_to,
+    to_f32,
+)
 from nf4.kernels.dequantize import decode_absmax
 from nf4.kernels.lut import PAIR_ASM, lut_words, pair_lookup
 
@@ -93,26 +48,18 @@ MAX_M = 16
 NUM_WARPS = 4
 LUT_BN = 128  # rows of W per program on the register-table path (two 64-row tensor-core tiles)
 LUT_BN_V2 = 64
-"""Rows per program there with mma.sync (Ampere): 128 took an 8-byte stack frame (a spill at 168 registers,
-sm_80, triton 3.9)."""
+"""LUT_BN with mma.sync (sm_80). NOTE: 128 rows spill there (tests/test_compile.py)."""
 LUT_BK = 256  # codes per row per loop step there: 4 blocks of 64, 128 bytes
 LUT_CHUNKS = 4  # steps per program at most there (its absmax is decoded before the loop: 4 x [BN, 4])
 EPILOGUE_BN = 64
 A_BK = tl.constexpr(128)
-"""Columns of A per step of the low-rank program (`_lora_a_slice`) on the register-table path; half that on
-the others (128 took an 8-byte stack frame with 32-column W steps, no double quant, sm_80, triton 3.9)."""
+"""Columns of A per step on sm_90's register-table path; half elsewhere (128: stack on sm_80, tests/test_compile.py)."""
 SPLITS_PER_STEP = tl.constexpr(8)  # split-K slices the epilogue sums per loop step (loads in flight)
 
 
 def block_n(dtype: torch.dtype, aligned: bool = True) -> int:
-    """Rows of W per program. Aligned path: 256 for fp16/bf16 (two 16-byte rows per thread with 4 warps),
-    16 for fp32, whose exact fp32 dot runs on FMA units and holds its operands in registers (64 took an
-    8-byte stack frame under triton 3.6 on sm_90, 32 under 3.9 on sm_80). General path: 32 (it keeps
-    an int64 index per element).
-
-    NOTE: the general path at 256 rows spilled 300-3000 bytes per thread (sm_80 and sm_90, triton 3.9);
-    at 32 rows it compiles without spills or stack.
-    """
+    """Rows of W per program: 256 fp16/bf16, 16 fp32 (FMA dot), 32 on the general path. NOTE: larger
+    ones spill or take stack (tests/test_compile.py)."""
     if not aligned:
         return 32
     return 16 if dtype == torch.float32 else 256
@@ -124,8 +71,7 @@ def block_n(dtype: torch.dtype, aligned: bool = True) -> int:
 
 @triton.jit
 def _absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, block, mask, DOUBLE_QUANT: tl.constexpr):
-    """float32 absmax of blocks `block` (int64), decoding the double-quantized form if needed; `mask`
-    None means every block exists."""
+    """float32 absmax of blocks `block`, double quantization decoded; `mask` None: all exist."""
     if mask is None:
         mask = tl.full(block.shape, True, tl.int1)
     return decode_absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, block, mask, DOUBLE_QUANT)
@@ -133,7 +79,7 @@ def _absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, b
 
 @triton.jit
 def _dot(w, x, DOT_F32: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """w [BN, BK] @ x[16, BK]^T in fp32: on tensor cores, or exactly in fp32 (fp32 data, interpreter)."""
+    """w [BN, BK] @ x[16, BK]^T in fp32: tensor cores, or exact (fp32 data, interpreter)."""
     if DOT_F32:
         return tl.dot(to_f32(w, SOFT_BF16), tl.trans(to_f32(x, SOFT_BF16)), input_precision="ieee")
     else:
@@ -179,12 +125,13 @@ def _nf4_gemv_kernel(
     ASM: tl.constexpr,
     MMA_V2: tl.constexpr,
 ):
+    """partial[s, :, rows] = x[:, slice s] @ dequant(W)[rows, slice s]^T; with HAS_A, row tiles
+    i < ceil(r / 16) compute x[:, slice s] @ A[16 i .. 16 i + 16, slice s]^T."""
     offs_m = tl.arange(0, 16)
     in_m = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    # The grid is (split, row tiles): programs start in launch order, x fastest, so with HAS_A the
-    # low-rank programs (the first ceil(r / 16) "row tiles": ranks 16 j .., every slice) start in the first
-    # wave and their short chain of loads runs under W's stream.
+    # programs start with grid axis 0 fastest: the low-rank programs (the first row tiles) run in the
+    # first wave, their chain of loads under W's stream
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     if HAS_A:
@@ -211,14 +158,8 @@ def _nf4_gemv_kernel(
 @triton.jit
 def _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, j0, k_start, k_end, M, N, r, stride_ar, stride_ak,
                   STEP: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
-    """xa[pid_k][:, j0 : j0 + 16] = x[:, slice] @ A[j0 : j0 + 16, slice]^T in exact fp32 (A in its own dtype),
-    stored as float32 [M, r] after the split slices of W's partial sums (`partial[split, M, N]`).
-
-    A step takes STEP columns: its two loads ([16, STEP] of A and of x) are in flight together, so the
-    program waits for ceil(slice / STEP) round trips in a row (8 for a 1024-column slice of the register-
-    table path), not one per 16 columns. The product is a batched dot over STEP / 16 groups of 16 columns,
-    summed over the groups: each thread holds 16-column operands (a [16, STEP] x [STEP, 16] dot on FMA
-    units holds whole rows)."""
+    """xa[pid_k][:, j0 .. j0 + 16] = x[:, slice] @ A[j0 .. j0 + 16, slice]^T, exact fp32; a step's loads
+    in flight together, the dot batched over 16-column groups."""
     xa_ptr = partial_ptr + tl.num_programs(0).to(tl.int64) * M * N
     offs_m = tl.arange(0, 16)
     rank = j0 + tl.arange(0, 16)
@@ -243,7 +184,7 @@ def _w_slice(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_off
              pairs_ptr, code_ptr, partial_ptr, pid_n, pid_k, k_start, k_end, M, N, K, KB, log2_bs, n_blocks,
              kb_per_split, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
              CODE_F32: tl.constexpr, DOT_F32: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
-    """partial[pid_k] = x[:, slice] @ dequant(W)[rows, slice]^T for this program's BN rows of W."""
+    """partial[pid_k] = x[:, slice] @ dequant(W)[rows, slice]^T: the pair-table and general paths."""
     offs_m = tl.arange(0, 16)
     offs_n = pid_n * BN + tl.arange(0, BN)
     in_n = offs_n < N
@@ -304,8 +245,7 @@ def _w_slice_lut(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested
                  pairs_ptr, partial_ptr, pid_n, pid_k, M, N, KB, KC, chunks_per_split, DOUBLE_QUANT: tl.constexpr,
                  BN: tl.constexpr, ASM: tl.constexpr, MMA_V2: tl.constexpr, DOT_F32: tl.constexpr,
                  SOFT_BF16: tl.constexpr):  # fmt: skip
-    """partial[pid_k] = x[:, slice] @ dequant(W)[rows, slice]^T, fp16/bf16, blocksize 64, K % 256 == 0
-    (KC = K / 256 chunks per row): the register-table path (module docstring, "Register table")."""
+    """partial[pid_k] = x[:, slice] @ dequant(W)[rows, slice]^T on the register-table path."""
     act = x_rows.dtype.element_ty
     # Fragment order: flat f = (((i*2 + h)*4 + w)*8 + g)*4 + t covers dot row 64i + 16w + 8h + g and the
     # 8 bytes [8t, 8t + 8) of its 32-byte block, the bytes thread (w, g, t) of the tensor-core operand
@@ -350,8 +290,7 @@ def _w_slice_lut(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested
 
 @triton.jit
 def _chunk_loads(w_ptrs, c, c_end):
-    """The 4 blocks of W (fragment order, [4 BN, 2] int32 words each) of chunk c (256 codes) of every row;
-    nothing is read when c >= c_end (the mask is a tensor: the interpreter rejects a scalar one)."""
+    """Chunk c's 4 blocks of every row; nothing read past c_end (a tensor mask, for the interpreter)."""
     w_in = tl.full(w_ptrs.shape, c, tl.int32) < c_end
     w0 = tl.load(w_ptrs + 32 * c, mask=w_in, other=0)
     w1 = tl.load(w_ptrs + (32 * c + 8), mask=w_in, other=0)
@@ -363,8 +302,7 @@ def _chunk_loads(w_ptrs, c, c_end):
 @triton.jit
 def _chunk_absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr, chunk0, local, chunks,
                   DOUBLE_QUANT: tl.constexpr):  # fmt: skip
-    """float32 absmax [BN, 4] of the 4 blocks 4 * (chunk0 + local) + [0, 4) of each row (one 4-byte or
-    16-byte load per row); 0 where local >= chunks."""
+    """float32 absmax [BN, 4] of chunk chunk0 + local of each row; 0 where local >= chunks."""
     chunk = chunk0 + local
     valid = tl.full(chunk.shape, local, tl.int32) < chunks
     block = (4 * chunk)[:, None] + tl.arange(0, 4)[None, :]
@@ -381,8 +319,7 @@ def _chunk_absmax(absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_
 @triton.jit
 def _lut_dot(word, x_ptrs, in_m, pairs_ptr, act: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr,
              MMA_V2: tl.constexpr, DOT_F32: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
-    """One 64-code block of every row: word [4 BN, 2] (int32, fragment order) -> [BN, 64] `act` values
-    (pair words split into the even and odd codes) @ x[:, permuted block]^T, fp32 [BN, 16]."""
+    """One 64-code block: words [4 BN, 2] -> [BN, 64] values in `act`, dotted with x permuted alike."""
     p0, p1, p2, p3 = pair_lookup(tl.reshape(word, (BN, 4, 2)), pairs_ptr, ASM)
     # join appends the new axis last: [..., a, s] holds byte 2a + s of the word, so j = 4 * word + byte
     pair = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BN, 4, 8))
@@ -405,10 +342,8 @@ def _lut_dot(word, x_ptrs, in_m, pairs_ptr, act: tl.constexpr, BN: tl.constexpr,
 
 @triton.jit
 def _sum_slices(ptr, tile, mask, split, stride_split):
-    """sum over s < split of ptr[s * stride_split + tile] (float32), SPLITS_PER_STEP slices per loop step:
-    their loads are independent, so a step waits for one L2 round trip, not SPLITS_PER_STEP. 64-bit slice
-    offsets: the runtime passes stride_split (M*N or M*r) as i32 when it fits, (s0 + t) times it may not
-    (and `.to()` on it fails where it is specialised to 1, a plain int)."""
+    """sum over s < split of ptr[s * stride_split + tile], SPLITS_PER_STEP loads per step; int64 offsets
+    without `.to()` (stride_split is i32, or a plain int if 1)."""
     total = tl.zeros(tile.shape, dtype=tl.float32)
     stride64 = tl.zeros((), tl.int64) + stride_split
     slice_off = tl.zeros((), tl.int64)  # a scalar, not a tensor of pointers: no layout change in the loop
@@ -444,17 +379,9 @@ def _nf4_gemv_epilogue_kernel(
     SOFT_BF16: tl.constexpr,
     FUSED_U: tl.constexpr,
 ):
-    """out = sum_s partial[s] + (u @ v) * lora_scale + bias, rounded once; r = 0 means no LoRA term.
-    With FUSED_U, u = x @ A^T is the sum of the streaming kernel's float32 slices stored after W's
-    (`partial[split, M, N]`, then `[split, M, r]`); otherwise u_ptr [M, r] in x's dtype.
-
-    Latency, not bandwidth, bounds this kernel (a few MB from L2 at most), so it keeps many loads in
-    flight: the split slices are summed SPLITS_PER_STEP at a time (`_sum_slices`) and the low-rank term
-    16 ranks at a time ([16, 16] tile of u, [16, BN] tile of v, one exact fp32 dot), so a call waits for
-    about ceil(split / 8) * (1 + ceil(r / 16) with FUSED_U) + ceil(r / 16) + 1 round trips. N is
-    specialised (divisible by 16 on the fast path) so the row offsets are known aligned and the partial
-    sums load 16 bytes at a time.
-    """
+    """out = sum_s partial[s] + (u @ v) * lora_scale + bias, rounded once (u from partial's tail with FUSED_U).
+    Latency-bound: SPLITS_PER_STEP slices and 16 ranks per step (`epilogue_round_trips`,
+    tests/test_gemv.py::test_epilogue_keeps_the_split_loads_in_flight). N stays specialised: 16-byte loads."""
     offs_m = tl.arange(0, 16)
     offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     in_m = offs_m < M
@@ -516,35 +443,27 @@ def _main_signature(dtype: torch.dtype, double_quant: bool, a_dtype: torch.dtype
 
 
 def lut_applies(dtype: torch.dtype, k: int, blocksize: int) -> bool:
-    """Whether a decode call takes the register-table path: fp16/bf16 activations, blocksize 64 (every
-    checkpoint transformers writes) and K % 256 == 0 (rows of whole 256-code chunks)."""
+    """The register-table path: fp16/bf16, blocksize 64 (transformers' default), K % 256 == 0."""
     return dtype in (torch.float16, torch.bfloat16) and blocksize == 64 and k % LUT_BK == 0
 
 
 def step_k(k: int, blocksize: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Reduction elements per loop step: LUT_BK = 256 on the register-table path (`lut_applies`); else
-    64 (two 16-byte loads per row) where blocksize >= 64 and K % 64 == 0, else 32. NOTE: 64 halves the
-    per-step scale FMAs and loop overhead per byte of W against 32 (pair-table path, sm_90 bf16: 8.9 ->
-    6.8 lane-instructions per byte)."""
+    """Reduction elements per step: LUT_BK (`lut_applies`); 64 where blocksize >= 64 and K % 64 == 0 (half
+    the per-byte overhead of 32); else 32."""
     if lut_applies(dtype, k, blocksize):
         return LUT_BK
     return 64 if blocksize >= 64 and k % 64 == 0 else BK
 
 
 def mma_v2(device: torch.device) -> bool:
-    """Whether Triton builds the decode dot with mma.sync (Ampere / Ada: `MMA_V2`, its fragment order) rather
-    than wgmma (Hopper). NOTE: with 8 rows of x triton 3.6 also picks mma.sync on sm_90 (3.9 wgmma), which
-    is why the register-table path keeps 16 rows for every M."""
+    """Whether the dot uses mma.sync (sm_80 / sm_89), not wgmma. NOTE: triton 3.6 picks mma.sync on
+    sm_90 for 8 rows: keep 16."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9
 
 
 def fuses_a(dtype: torch.dtype, aligned: bool) -> bool:
-    """Whether the streaming kernel computes x @ A^T itself (given the adapter's A): fp16/bf16 on the
-    aligned path (K % 32 == 0), the decode case; elsewhere the launcher computes it with torch first.
-
-    NOTE: the low-rank program is compiled in only where used (`HAS_A`): present in every variant, it
-    changed the register allocation of the W loop enough to give 8-byte stack frames (fp16/bf16,
-    no double quant: 64-column steps on sm_90 and 32-column steps on sm_80, triton 3.6)."""
+    """Whether the streaming kernel computes x @ A^T: fp16/bf16, aligned. NOTE: `HAS_A` compiles it in
+    only there; everywhere it gave stack frames (tests/test_compile.py)."""
     return aligned and dtype != torch.float32
 
 
@@ -573,22 +492,15 @@ def _main_constexprs(
     )
 
 
-# NOTE: fp fusion stays on here (the other kernels turn it off): it fuses the per-step `partial * absmax`
-# into the accumulator (one FFMA instead of FMUL + FADD per output) and the double-quantized absmax
-# decode into one FFMA, which can differ from `nf4.dequantize`'s two roundings by 1 ulp of a float32
-# absmax (6e-8 relative), far below the bf16/fp16 rounding of the codes and inside the fp32 tests'
-# tolerance (tests/test_gemv.py).
+# NOTE: fp fusion on (the other kernels turn it off): `acc += partial * absmax` is one FFMA; the fused
+# absmax decode may differ from `nf4.dequantize` by 1 ulp of a float32 absmax, inside tests/test_gemv.py's
+# tolerance.
 _OPTIONS = {"num_warps": NUM_WARPS, "num_stages": 3, "enable_fp_fusion": True}
 
 
 def _options(aligned: bool, dtype: torch.dtype, bk: int) -> dict:
-    """Compile options. The fp16/bf16 aligned path with 64-column steps uses 3 stages (Triton's pipeliner
-    then copies W with 16-byte cp.async two steps ahead: 128 B in flight per thread).
-
-    NOTE: 3 stages elsewhere gave 8-byte stack frames: the general path on sm_80 (triton 3.9), the
-    32-column aligned path with double quant on sm_80 (triton 3.6); fp32 aligned took 8 bytes with 2 or
-    3 stages on sm_90 (triton 3.9). The stage counts below compile without stack or spills.
-    """
+    """Compile options: 3 stages on the 64-column pair-table path, 1 where the kernel prefetches itself
+    or fp32, else 2. NOTE: others took stack (tests/test_compile.py)."""
     if bk == LUT_BK or (dtype == torch.float32 and aligned):
         stages = 1  # the register-table path prefetches W into registers itself (no shared memory)
     else:
@@ -619,8 +531,7 @@ def _epilogue_signature(dtype: torch.dtype, v_dtype: torch.dtype, bias_dtype: to
 
 
 def gemv_configs() -> list[LaunchConfig]:
-    """Every compiled variant `nf4_gemv` can launch on a GPU: per activation dtype, the streaming kernel
-    (aligned / general path x double quant or not) and the epilogue."""
+    """Every compiled variant `nf4_gemv` can launch on a GPU."""
     out = []
     for dtype in TL_DTYPES:
         dname = ptr_type(dtype)[1:]
@@ -666,13 +577,9 @@ def gemv_configs() -> list[LaunchConfig]:
 # launcher
 
 
-def pair_table(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 256-entry table of both nibbles' NF4 values, byte b -> (NF4[b >> 4], NF4[b & 15]).
-
-    fp16/bf16: int32 entries, NF4[b >> 4] in `dtype` in the low 16 bits (the even element, first in
-    memory as the dot operand wants it) and NF4[b & 15] in the high 16 bits. fp32: int64 entries, the
-    float32 bits of NF4[b >> 4] in the low word and of NF4[b & 15] in the high word.
-    """
+def activation_pair_table(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Byte b -> (NF4[b >> 4], NF4[b & 15]): int32 of two fp16/bf16 halves (the even code low), or int64
+    of two float32 words for fp32."""
     from nf4.codebook import NF4_CODE
 
     byte = torch.arange(256)
@@ -688,11 +595,10 @@ def pair_table(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.
 
 @functools.cache
 def _constants(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Per-(device, dtype) constants, built once: the pair table, the NF4 table, a stand-in for absent
-    optional pointers."""
+    """Per-(device, dtype) constants: pair table and PRMT words, NF4 table, a stand-in pointer."""
     from nf4.codebook import NF4_CODE
 
-    pairs = pair_table(dtype, device)
+    pairs = activation_pair_table(dtype, device)
     if dtype != torch.float32:  # the register words of `pair_lookup` after the 256 pair entries
         words = torch.tensor(lut_words(dtype), dtype=torch.int64)
         pairs = torch.cat([pairs, torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).to(device)])
@@ -703,65 +609,42 @@ def _constants(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tens
     }
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # --------------------------------------------------------------------------------------------------
 # cost model: chooses split-K here, predicts GPU time in `benchmarks/static/sass.py` (H200 figures)
 
 BANDWIDTH = 4.1e12
-"""bytes/s: the H200's measured copy bandwidth (gpu-findings.md)."""
+"""bytes/s: the H200's copy bandwidth (benchmarks/results/2026-11-29-h200/README.md)."""
 H200_SMS = 132
 LAUNCH_US = 2.0
-"""GPU time per kernel of a CUDA-graph replay besides its own work (launch, ramp-up, tail), an assumed
-figure for small kernels on Hopper; a decode call launches two (streaming kernel + epilogue)."""
+"""Assumed GPU time per kernel of a graph replay besides its work."""
 L2_ROUND_TRIP_US = 0.3
-"""Time for a dependent load that hits L2 to come back (~260 cycles near, more from the far partition,
-plus queueing: an assumed figure). The epilogue is bound by how many of these it waits for in a row."""
+"""Assumed time of a dependent load that hits L2."""
 DRAM_LATENCY_US = 1.0
-"""Loaded DRAM latency with margin (unloaded ~0.6 us on Hopper): by Little's law each SM must keep its
-share of the bandwidth times this in flight, 4.1 TB/s / 132 x 1 us = 31 KB, or the stream slows down."""
+"""Loaded DRAM latency with margin: per Little's law, in flight per SM = BANDWIDTH / SMs x this."""
 MIN_STEPS = 4
-"""Each program walks at least this many steps (amortises its prologue and fills the pipeline)."""
+"""Each program walks at least this many steps."""
 MODEL_RANK = 16
-"""The adapter rank the split choice assumes (r only adds epilogue round trips: ceil(r / 16) each)."""
+"""The adapter rank the split choice assumes."""
 
 
 def epilogue_round_trips(split: int, r: int, fused_u: bool = True) -> int:
-    """Dependent L2 round trips of the epilogue: the split-K slices summed `SPLITS_PER_STEP` at a time,
-    the low-rank term 16 ranks at a time (with `fused_u` each chunk of u summed over the slices first),
-    then bias and the store.
-
-    NOTE: the first epilogue summed one slice per loop iteration and one rank per iteration, each load
-    waiting for the previous (its SASS: one 32-bit load per element, FADD right behind it): split + r + 2
-    round trips, 51 at 8192x8192 (split 33, r = 16), ~15 us, more than the streaming kernel itself."""
+    """Dependent L2 round trips of the epilogue (see `_nf4_gemv_epilogue_kernel`)."""
     steps = cdiv(split, SPLITS_PER_STEP.value)
     return steps + cdiv(r, 16) * (1 + steps * fused_u) + 1
 
 
 LUT_RESIDENT = 2
-"""Programs of the register-table path an H200 SM holds at once: 173-177 registers per thread x 128
-threads (sm_90, triton 3.6 and 3.9; 216 with the low-rank program compiled in, triton 3.9) -> 2 of 65536
-registers' worth."""
+"""Register-table programs per H200 SM: ~175 registers x 128 threads each, of 65536."""
 
 
 def in_flight_bytes(bn: int, bk: int, stages: int) -> int:
-    """Bytes of W one program has requested and not yet received: Triton's pipeliner keeps `stages - 1`
-    steps of [bn, bk] codes (bn * bk / 2 bytes each) in flight; the register-table path (1 stage)
-    prefetches one step itself."""
+    """Bytes of W a program has in flight: `stages - 1` steps, at least one."""
     return bn * bk // 2 * max(1, stages - 1)
 
 
 def model_us(n, k, m=1, r=MODEL_RANK, split=1, sms=H200_SMS, blocksize=64, double_quant=True, issue_us=0.0, bk=None):
-    """Predicted GPU time (us, CUDA-graph replay) of a decode call, bf16 activations, the adapter's A and
-    B in float32 handed to the kernels (what a LoRALinearNF4 decode call is: these two kernels):
-
-        time = max(memory, issue_us) + fixed        (memory, fixed: `memory_us`)
-
-    `issue_us`: the streaming loop's instruction issue time; `decode_terms` (benchmarks/static/sass.py) adds the L1
-    term of its SASS."""
+    """Predicted GPU time (us, CUDA-graph replay) of a bf16 decode call with a float32 adapter:
+    max(memory, issue_us) + fixed (`memory_us`; `issue_us` from benchmarks/static/sass.py)."""
     t_mem, fixed = memory_us(n, k, m, r, split, sms, blocksize, double_quant, bk)
     return max(t_mem, issue_us) + fixed
 
@@ -769,17 +652,13 @@ def model_us(n, k, m=1, r=MODEL_RANK, split=1, sms=H200_SMS, blocksize=64, doubl
 def memory_us(n, k, m=1, r=MODEL_RANK, split=1, sms=H200_SMS, blocksize=64, double_quant=True, bk=None):
     """(memory, fixed) time (us) of a decode call:
 
-        bytes   = n*k/2 + n*k/blocksize * (1 + 4/256 with double quant, else 4)    codes, absmax
-                + 2*m*k + 4*r*(k + n) + 2*m*n + 2*n                               x, A, B, out, bias
-                + 2 * 4*split*m*(n + r)                 float32 partial sums, written and read back
-        eff     = min(1, resident programs per SM * in_flight_bytes / (BANDWIDTH / H200_SMS * DRAM_LATENCY_US))
-        memory  = bytes / (BANDWIDTH * eff)
-        fixed   = epilogue_round_trips(split, r) * L2_ROUND_TRIP_US + 2 * LAUNCH_US
+        bytes  = n*k/2 + n*k/blocksize * (1 + 4/256 with double quant, else 4)     codes, absmax
+               + 2*m*k + 4*r*(k + n) + 2*m*n + 2*n + 8*split*m*(n + r)             x, A, B, out, bias, partials
+        eff    = min(1, resident programs per SM * in_flight_bytes / (BANDWIDTH / H200_SMS * DRAM_LATENCY_US))
+        memory = bytes / (BANDWIDTH * eff)
+        fixed  = epilogue_round_trips(split, r) * L2_ROUND_TRIP_US + 2 * LAUNCH_US
 
-    Resident programs per SM: programs / sms, at most LUT_RESIDENT on the register-table path. The partial
-    sums mostly stay in the 60 MB L2, so counting them at DRAM speed is pessimistic. Not modelled: the
-    tail of an uneven wave.
-    """
+    Not modelled: the tail of an uneven wave."""
     bk = bk or step_k(k, blocksize)
     lut = bk == LUT_BK
     bn = LUT_BN if lut else block_n(torch.bfloat16)
@@ -794,15 +673,14 @@ def memory_us(n, k, m=1, r=MODEL_RANK, split=1, sms=H200_SMS, blocksize=64, doub
 
 
 def effective_split(k: int, split: int, bk: int) -> int:
-    """The split-K factor a launch really gets: slices are whole steps, so some requests collapse."""
+    """The split-K factor a launch really gets: slices are whole steps."""
     return cdiv(k, cdiv(cdiv(k, split), bk) * bk)
 
 
 @functools.lru_cache(maxsize=4096)
 def choose_split(n: int, k: int, m: int, bk: int, sms: int) -> int:
-    """The split-K factor `model_us` predicts fastest (the smallest among equals), each slice at least
-    MIN_STEPS steps long. More slices keep more of W in flight (Little's law) but write and read back
-    more partial sums and add epilogue round trips: at 8192x8192 this gives 8 (M = 1 and 16)."""
+    """The split-K factor `model_us` predicts fastest (the smallest among equals)
+    (tests/test_gemv.py::test_split_choice_keeps_w_in_flight_and_partial_sums_small)."""
     best = (float("inf"), 1)
     for split in split_candidates(k, bk):
         best = min(best, (model_us(n, k, m, split=split, sms=sms, bk=bk), split))
@@ -810,20 +688,17 @@ def choose_split(n: int, k: int, m: int, bk: int, sms: int) -> int:
 
 
 def split_candidates(k: int, bk: int) -> list[int]:
-    """The split-K factors a launch may take: slices of whole steps, at least MIN_STEPS steps long; on the
-    register-table path at most LUT_CHUNKS steps (the absmax of a slice is decoded before its loop) and
-    at least one."""
+    """Split-K factors of whole-step slices, >= MIN_STEPS steps (register table: 1 .. LUT_CHUNKS)."""
     if bk == LUT_BK:
         return sorted({effective_split(k, s, bk) for s in range(cdiv(k, LUT_CHUNKS * bk), k // bk + 1)})
     return sorted({effective_split(k, s, bk) for s in range(1, max(1, k // (bk * MIN_STEPS)) + 1)})
 
 
 def split_for(n: int, k: int, m: int, bk: int, device: torch.device) -> int:
-    """Split-K factor for a launch: `choose_split` for the device's multiprocessors; 1 off CUDA (the
-    interpreter)."""
+    """Split-K factor of a launch: `choose_split` on CUDA, 1 elsewhere (the interpreter)."""
     if device.type != "cuda":
         return 1
-    return choose_split(n, k, m, bk, _multiprocessors(device))
+    return choose_split(n, k, m, bk, multiprocessors(device))
 
 
 def nf4_gemv(
@@ -837,24 +712,10 @@ def nf4_gemv(
     split: int | None = None,
     a: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`x @ dequant(weight)^T + (u @ v) * lora_scale + bias` for M <= 16 rows, over two kernel launches.
+    """`x @ dequant(weight)^T + (u @ v) * lora_scale + bias` for M <= 16, in two launches, no host read.
 
-    Args:
-        x: [M, K] activations, fp32/fp16/bf16, M <= 16 (any strides along M; contiguous along K).
-        weight: the `NF4Tensor` W [N, K] (any K, any blocksize, with or without double quantization).
-        u, v: the low-rank (LoRA) term [M, r] and [r, N], any strides, any float dtype (read as they
-            are and used in fp32: no conversion kernel), or both None.
-        a: instead of u, the adapter's A [r, K] (any strides, fp32 or x's dtype): u = x @ a^T is then
-            computed by the streaming kernel (one extra row tile of programs, exact fp32 products and
-            sums, never rounded to x's dtype), saving the separate GEMV and a cast of A per call.
-        bias: [N] in any float dtype (read as it is, used in fp32), or None.
-        split: split-K factor (tests); by default `split_for`.
-    Returns:
-        [M, N] in x's dtype.
-
-    No device-to-host read: a call is metadata checks, two allocations and two launches (CUDA-graph
-    capturable).
-    """
+    x [M, K] fp32/fp16/bf16; weight [N, K]; u [M, r] and v [r, N] (or A [r, K] as `a`: u = x @ a^T in the
+    kernel), bias [N]: any strides and float dtypes, or None. split: split-K (tests). Returns [M, N], x's dtype."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [M, K], got {getattr(x, 'shape', type(x))}")
     if x.dtype not in TL_DTYPES:
@@ -887,7 +748,7 @@ def nf4_gemv(
 
 
 class _Plan(NamedTuple):
-    """Everything about a launch that depends only on the shapes, dtypes and device (cached)."""
+    """A launch's shape-, dtype- and device-dependent parts (cached)."""
 
     grid: tuple[int, int]
     epilogue_grid: tuple[int]
@@ -923,10 +784,7 @@ def _plan(m, n, k, dtype, device, blocksize, double_quant, split, a_tiles) -> _P
 
 
 def launch(x, weight, u, v, bias, lora_scale, split=None, a=None) -> torch.Tensor:
-    """`nf4_gemv` without its argument checks (for `nf4.kernels.matmul`, whose callers checked them):
-    x [M, K] contiguous along K, u [M, r] (or a [r, K]: u = x @ a^T is then computed by the streaming
-    kernel's extra row tile) and v [r, N] in any float dtype (or None), bias [N] in any float dtype (or
-    None). Everything is read in its own dtype, so a float32 adapter or bias costs no conversion kernel."""
+    """`nf4_gemv` without its argument checks (for `nf4.kernels.matmul`, whose callers checked them)."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

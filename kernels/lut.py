@@ -1,28 +1,15 @@
-"""Register-resident NF4 tables: 4 bytes of packed codes -> their NF4 values with PRMT, no memory access.
+"""Register-resident NF4 tables: 4 packed bytes -> their NF4 values by PRMT, no memory access.
 
-Two lookups share one scheme:
-- `pair_lookup_asm(dtype)`: a byte -> its pair word, both codes' values in fp16 / bf16 (the even code,
-  the high nibble, in the low half): what the decode kernel's tensor-core operand holds;
-- `value_lookup_asm()`: a byte -> its two codes' float32 values (even, then odd): what dequantize
-  multiplies by absmax.
-
-The 16 values are split into byte planes (byte p of every value; `byte_planes`), each plane four 32-bit
-words of four entries. For the 4 codes of a half-word, selector S (the nibbles masked to 3 bits) picks a
-plane's entries 0..7 from its word pair (w0, w1) and 8..15 from (w2, w3), one PRMT each, and selector
-T = byte index + 4 * bit 3 of the code picks between the two per byte (a third PRMT). PRMTs then
-interleave the planes into the outputs. PRMT takes its first source from a register and its second as an
-immediate, so words 0 and 2 of every plane come in registers (`lut_words`) and 1 and 3 are immediates.
-The selectors' shifts right are written as `mul.hi.u32` by a power of two: ptxas keeps them as IMAD.HI,
-which issues on the FMA pipe (128 lanes per clock on sm_90, mostly idle here) instead of the ALU pipe
-(64 lanes per clock) that PRMT and LOP3 already fill.
-NOTE: the register words are read from memory at an address that differs between lanes (`LUT_COPIES`
-copies, the copy indexed along a dimension that maps to lanes): given as immediates, or as values every
-lane loads from one address, ptxas keeps them in uniform registers and copies one back before every
-PRMT, ~2 more instructions per byte (sm_90, triton 3.6 and 3.9).
-
-Inline assembly does not run under Triton's interpreter: there `pair_lookup` / `value_lookup` gather the
-same words from the 256-entry tables (`pair_table`), and tests/test_lookup.py executes the assembly text
-in a numpy emulator of its PTX over every byte and compares both bit for bit.
+`pair_lookup_asm(dtype)` gives pair words (both codes in fp16 / bf16, the even code low: the decode
+kernel's operand), `value_lookup_asm()` float32 values (dequantize's). The 16 values are split into byte
+planes (`byte_planes`); per plane, selector S (nibble & 7) picks entries from words (w0, w1) and (w2, w3), one
+PRMT each, and selector T (byte index + 4 * nibble bit 3) picks between them; PRMTs then interleave the
+planes. Words 1 and 3 are PRMT immediates, 0 and 2 registers (`lut_words`). Shifts are `mul.hi.u32`: IMAD.HI
+runs on the idle FMA pipe, not the ALU pipe PRMT fills.
+NOTE: lanes load the register words from different addresses (`LUT_COPIES`): loaded uniformly, ptxas copies
+them back from uniform registers before every PRMT, over the issue budget
+(tests/test_gemv.py::test_inner_loop_fits_the_issue_and_l1_budgets).
+Under the interpreter the lookups gather from the pair tables; tests/test_lookup.py emulates the PTX.
 """
 
 from __future__ import annotations
@@ -32,14 +19,13 @@ import triton
 import triton.language as tl
 
 LUT_COPIES = tl.constexpr(4)
-"""Copies of the register words in a table (a lane reads the copy of its position along one dimension)."""
+"""Copies of the register words (a lane reads the copy of its position along one dimension)."""
 LUT_STRIDE = tl.constexpr(16)
 """int32 words per copy (the register words, then padding)."""
 
 
 def byte_planes(values: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    """The 16 `values` (fp16 / bf16 / fp32 tensor) as byte planes: plane p, word q holds byte p of values
-    4q .. 4q + 3 (value 4q in the low byte)."""
+    """The 16 `values` as byte planes: plane p, word q holds byte p of values 4q .. 4q + 3."""
     width = values.element_size()
     bits = values.view({2: torch.int16, 4: torch.int32}[width]).to(torch.int64) & ((1 << (8 * width)) - 1)
     planes = []
@@ -56,9 +42,7 @@ def nf4_values(dtype: torch.dtype) -> torch.Tensor:
 
 
 def lut_words(dtype: torch.dtype) -> list[int]:
-    """The register words of the lookup for values in `dtype` (`pair_lookup_asm` for fp16 / bf16,
-    `value_lookup_asm` for fp32), LUT_COPIES copies of LUT_STRIDE words: words 0 and 2 of every byte
-    plane, then the selector mask 0x44444444, then zeros."""
+    """The register words for `dtype`: LUT_COPIES copies of words 0, 2 of each plane, the mask, zeros."""
     words = [w for plane in byte_planes(nf4_values(dtype)) for w in (plane[0], plane[2])] + [0x44444444]
     return (words + [0] * (LUT_STRIDE.value - len(words))) * LUT_COPIES.value
 
@@ -88,9 +72,8 @@ def _plane(out: str, plane: tuple[int, ...], reg0: str, reg2: str, s: str, t: st
 
 
 def pair_lookup_asm(dtype: torch.dtype) -> str:
-    """PTX for `tl.inline_asm_elementwise(..., pack=1)`: a word of 4 bytes ($4) -> 4 pair words ($0..$3),
-    word i = value[byte_i >> 4] | value[byte_i & 15] << 16 in `dtype` (fp16 / bf16) bits; $5.. hold
-    `lut_words(dtype)`. Per 4 bytes: 16 PRMT and 2 LOP3 (ALU pipe), 3 IMAD.HI (FMA pipe)."""
+    """PTX for `tl.inline_asm_elementwise(pack=1)`: word $4 -> pair words $0..$3
+    (value[b >> 4] | value[b & 15] << 16 per byte b); $5.. hold `lut_words(dtype)`."""
     lo, hi = byte_planes(nf4_values(dtype))
     out = ["{", ".reg .b32 S, T, s1, t1, a, b, hs, ls;", *_selectors("$4", "$9")]
     for half, (s, t) in enumerate((("S", "T"), ("s1", "t1"))):
@@ -101,9 +84,8 @@ def pair_lookup_asm(dtype: torch.dtype) -> str:
 
 
 def value_lookup_asm() -> str:
-    """PTX for `tl.inline_asm_elementwise(..., pack=1)`: a word of 4 bytes ($8) -> 8 float32 values
-    ($0..$7: byte 0's high code, byte 0's low code, byte 1's high code, ...), the NF4 values;
-    $9.. hold `lut_words(torch.float32)`. Per 4 bytes: 40 PRMT and 2 LOP3 (ALU pipe), 3 IMAD.HI (FMA pipe)."""
+    """PTX for `tl.inline_asm_elementwise(pack=1)`: word $8 -> float32 NF4 values $0..$7 (byte 0's high
+    code first); $9.. hold `lut_words(float32)`."""
     planes = byte_planes(nf4_values(torch.float32))
     out = ["{", ".reg .b32 S, T, s1, t1, a, b, x0, x1, x2, x3, y, z;", *_selectors("$8", "$17")]
     for half, (s, t) in enumerate((("S", "T"), ("s1", "t1"))):
@@ -129,9 +111,8 @@ _VALUE_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * (1 + registers(t
 
 @triton.jit
 def pair_lookup(word, table_ptr, ASM: tl.constexpr):
-    """The pair words (`nf4.kernels.gemv.pair_table`, int32 entries) of the 4 bytes of each int32 `word`
-    [R, C, W], C a dimension along lanes: four int32 tensors, byte 0 .. 3. Registers and PRMT where ASM is
-    `pair_lookup_asm`'s PTX (the register words at table_ptr + 256); else a gather from the table."""
+    """Pair words (`nf4.kernels.gemv.activation_pair_table`) of the 4 bytes of each int32 `word` [R, C, W],
+    C along lanes: PRMT with ASM (register words at table_ptr + 256), else a table gather."""
     if ASM == "":
         p0 = tl.load(table_ptr + (word & 0xFF))
         p1 = tl.load(table_ptr + ((word >> 8) & 0xFF))
@@ -152,10 +133,8 @@ def pair_lookup(word, table_ptr, ASM: tl.constexpr):
 
 @triton.jit
 def value_lookup(word, pairs_ptr, lut_ptr, ASM: tl.constexpr):
-    """The float32 NF4 values of the 8 codes of each int32 `word` [R, C, W] (C along lanes): eight float32
-    tensors, byte 0's high code, byte 0's low code, byte 1's high code, ... Registers and PRMT where ASM is
-    `value_lookup_asm`'s PTX (register words at lut_ptr); else a gather from `pairs_ptr` (int64 entries:
-    the high code's bits in the low word, `nf4.kernels.common.pair_table`)."""
+    """float32 NF4 values of the 8 codes of each int32 `word` [R, C, W], high code first: PRMT with ASM
+    (register words at lut_ptr), else a gather from `pairs_ptr` (`float32_pair_table`)."""
     if ASM == "":
         e0 = tl.load(pairs_ptr + (word & 0xFF))
         e1 = tl.load(pairs_ptr + ((word >> 8) & 0xFF))

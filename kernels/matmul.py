@@ -1,39 +1,17 @@
-"""Fused NF4 dequantize-matmul with a low-rank (LoRA) term and bias in the epilogue.
+"""Fused NF4 dequantize-matmul with the low-rank (LoRA) term and bias in the epilogue.
 
-    forward   (trans=False):  y[M, N] = x[M, K] @ W^T      + (U[M, r] @ V[r, N]) * s          + bias[N]
-    backward  (trans=True):   y[M, K] = x[M, N] @ W        + (U[M, r] @ V[r, K]) * s [* mask]
+    forward  (trans=False): y[M, N] = x[M, K] @ W^T + (U[M, r] @ V[r, N]) * s + bias[N]
+    backward (trans=True):  y[M, K] = x[M, N] @ W   + (U[M, r] @ V[r, K]) * s [* mask]
 
-W is an NF4 weight of shape [N, K] in bitsandbytes' layout (element (n, k) is code n*K + k of the flat
-tensor, blocks of `blocksize` may cross rows). The kernel needs an even K (each row then starts on a
-byte); an odd K takes the "dequantize, then matmul" strategy. For LoRA, the launcher's caller passes
-U = dropout(x) @ A^T, V = B^T and s = scaling (forward), or U = scaling * dy @ B, V = A and s = 1 / (1 - p)
-(the input-gradient pass, with the dropout mask applied to the LoRA term). The LoRA term is added to the fp32
-accumulator before the single rounding to the output dtype: no extra pass over the output.
+W [N, K] is an `NF4Tensor`; the tiles need an even K (rows start on a byte). A program owns a [BM, BN]
+output tile and walks the reduction in BK steps, decoding W in registers (`dequant_pairs`, rounded to x's
+dtype as `nf4.dequantize` rounds). A byte's nibbles are a row's even and odd elements: the forward pass
+dots x's even and odd columns separately, the input-gradient pass keeps two accumulators. The LoRA term
+joins the fp32 accumulator before the one rounding.
 
-Tiling: each program owns a [BM, BN] output tile and walks the reduction dimension in BK steps. Each
-step loads a [BM, BK] tile of x and decodes the matching tile of W in registers one byte at a time:
-a 256-entry table gives both nibbles' NF4 values in one lookup (`dequant_pairs`), each tile row
-decodes its (at most three) absmax blocks once, double-quantized absmax included, and the float32
-products are rounded to the activation dtype, exactly what `nf4.dequantize` produces. The two
-halves of a byte are the even and odd elements of a row, so the forward pass splits x's tile into its
-even and odd columns and runs two `tl.dot`s, and the input-gradient pass keeps two accumulators for
-the even and odd output columns, interleaved once at the end. Dots run on tensor cores (mma.sync;
-wgmma on sm_90 for 64- and 128-row tiles) with fp32 accumulation; the dequantized weight never touches
-global memory.
-
-Regimes (one launcher, configurations per M bucket):
-- small M (decode, M <= 16): the forward pass of fp16/bf16 activations takes the decode kernel
-  (`nf4.kernels.gemv`, 16-byte W loads, absmax applied once per block); the input-gradient pass,
-  fp32 and unaligned tensors take BM = 16 tiles with split-K: programs = N tiles x SPLIT, so that one
-  row keeps every multiprocessor busy. With SPLIT > 1 the programs write fp32 partial sums
-  [SPLIT, M, N] and a second small kernel adds them up, applies the epilogue and rounds.
-- large M: 64- and 128-row tiles with grouped ordering for L2 reuse of W tiles.
-On a GPU the launcher times the candidate configurations of the bucket, plus "dequantize W once, then
-cuBLAS", once per (bucket, shape, dtype) and keeps the fastest (`choose`); under the interpreter it
-takes the first candidate.
-
-Offsets are int64. Flags for the optional epilogue pieces are runtime scalars, so one compiled variant
-serves every combination of LoRA / bias / mask.
+Strategies: `GEMV` for fp16/bf16 forward at M <= 16; 16-row tiles with split-K for the rest of M <= 16;
+64- and 128-row tiles in grouped order above; `DEQUANT`. On a GPU `choose` times the candidates once per
+(bucket, shape, dtype). Offsets are int64; epilogue flags are runtime scalars.
 """
 
 from __future__ import annotations
@@ -50,6 +28,7 @@ from nf4.kernels.common import (
     TL_DTYPES,
     LaunchConfig,
     cdiv,
+    multiprocessors,
     nested_pointers,
     nf4_pairs,
     ptr_type,
@@ -79,18 +58,11 @@ class MatmulConfig:
 
 
 SPAN = 64
-"""Longest run of consecutive codes one tile row decodes (BK forward, BN for trans): with blocks of
-at least 32 it touches at most 3 absmax blocks, which the tile decodes as 3 vectors."""
+"""Longest run of codes a tile row decodes: with blocks >= 32, at most 3 absmax blocks."""
 
 # Candidates per (M bucket, trans); the first is the default where nothing is timed (interpreter, CPU).
-# NOTE: 128x128 tiles spill on sm_80 and sm_90 (the decoded W tile lives in registers next to the
-# accumulator); every tile below compiles without spills or stack under triton 3.6 and 3.9, for sm_80
-# and sm_90, in every specialisation (`python benchmarks/static_report.py`). Replaced for that
-# (2026-11-29, by sweeping candidates through the report): medium 64x64x64 w4/w8 (40-208 B of stack
-# under 3.6 unaligned; 8 B under 3.9 aligned, sm_80), small 16x128x64 (w8: 8 B under 3.6; w4: 152 B
-# under 3.9 unaligned), small trans 16x32x128 and 16x64x32 w4s4, large trans 128x64x32 (8 B, sm_80,
-# 3.6), fp32 16x64x32, 32x64x32, 32x32x32 (8 B, trans or unaligned). Most were 8-byte frames at a
-# 128-register cap: ptxas's choice differs between the two tritons' ptxas versions.
+# NOTE: the decoded W tile sits in registers beside the accumulator: 128x128 tiles spill, and many others
+# take stack frames under one of triton 3.6 / 3.9. Check a new tile with tests/test_compile.py.
 BUCKETS: dict[tuple[str, bool], tuple[MatmulConfig, ...]] = {
     ("small", False): (MatmulConfig(16, 64, 64, 4, 3), MatmulConfig(16, 32, 64, 4, 3)),
     ("medium", False): (MatmulConfig(64, 64, 32, 4, 3), MatmulConfig(64, 64, 32, 8, 3)),
@@ -143,15 +115,8 @@ def dequant_pairs(
     n_blocks,
     DOUBLE_QUANT: tl.constexpr,
 ):
-    """The two float32 weights held by byte `(row_start + 2p) / 2`: (element row_start + 2p from the
-    high nibble, element row_start + 2p + 1 from the low nibble).
-
-    `row_start` (int64, even) is each tile row's first flat index, `p` (int32) the byte offsets along
-    the rows (2p < SPAN); the two broadcast to the tile shape. Per-element arithmetic stays in 32 bits.
-    A pair never straddles an absmax block (blocks are even), and a row touches blocks b0, b0 + 1 and
-    b0 + 2 only: their absmax is decoded once per row, not per element. `pairs_ptr` is the 256-entry
-    table of both nibbles' NF4 values (`pair_table`): one lookup per byte.
-    """
+    """float32 weights (high, low nibble) of byte (row_start + 2p) / 2, row_start (int64, even) a tile row's
+    first flat index, p (int32) byte offsets; a row's blocks b0 .. b0 + 2 decoded once."""
     byte = tl.load(packed_ptr + (row_start >> 1) + p, mask=mask, other=0x77).to(tl.int32)
     b0 = row_start >> log2_bs
     rel = ((row_start & ((1 << log2_bs) - 1)).to(tl.int32) + 2 * p) >> log2_bs
@@ -195,8 +160,7 @@ def _epilogue(
     DOT_F32: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
-    """acc + (U @ V) * lora_scale [* mask] + bias, all in fp32 (U [M, r] contiguous, V [r, OUT] with
-    strides (stride_vr, stride_vn), both in the activation dtype)."""
+    """acc + (U @ V) * lora_scale [* mask] + bias in fp32 (U [M, r] contiguous, V [r, OUT] strided)."""
     in_m = offs_m < M
     in_n = offs_n < OUT
     if has_lora:
@@ -259,6 +223,8 @@ def _nf4_matmul_kernel(
     DOT_F32: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
+    """out[tile] = x @ dequant(W)^T (W with TRANS_W) over slice pid_k + `_epilogue`, rounded once; PARTIAL:
+    fp32 sums to out[pid_k]."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     tiles_m = tl.cdiv(M, BM)
@@ -383,6 +349,7 @@ def _splitk_reduce_kernel(
     DOT_F32: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
+    """out[tile] = sum_s partial[s, tile], then `_epilogue`, rounded once."""
     offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
     tile = offs_m[:, None] * OUT + offs_n[None, :]
@@ -413,7 +380,7 @@ def _splitk_reduce_kernel(
     tl.store(out_ptr + tile, round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=inside)
 
 
-REDUCE_TILE = (16, 32)  # (16, 64) takes 8 B of stack for fp32 under triton 3.6, sm_90
+REDUCE_TILE = (16, 32)  # (16, 64) takes a stack frame for fp32 (tests/test_compile.py)
 
 
 def _signature(dtype: torch.dtype, double_quant: bool) -> dict[str, str]:
@@ -449,7 +416,7 @@ def _signature(dtype: torch.dtype, double_quant: bool) -> dict[str, str]:
 
 
 def matmul_configs() -> list[LaunchConfig]:
-    """Every configuration the launcher can run, for the ahead-of-time checks."""
+    """Every configuration the launcher can run (for the ahead-of-time report)."""
     out = []
     for dtype in TL_DTYPES:
         dname = ptr_type(dtype)[1:]
@@ -520,31 +487,24 @@ def matmul_configs() -> list[LaunchConfig]:
 # launcher
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _split_for(m: int, in_dim: int, out_dim: int, cfg: MatmulConfig, device: torch.device) -> int:
-    """Split-K factor for the small-M bucket: about two programs per multiprocessor, each walking at
-    least 4 BK steps."""
+    """Split-K factor for the small bucket: ~2 programs per SM, each at least 4 BK steps."""
     if device.type != "cuda":
         return 1
     tiles = cdiv(m, cfg.BM) * cdiv(out_dim, cfg.BN)
-    return max(1, min(cdiv(2 * _multiprocessors(device), tiles), in_dim // (4 * cfg.BK)))
+    return max(1, min(cdiv(2 * multiprocessors(device), tiles), in_dim // (4 * cfg.BK)))
 
 
 DEQUANT = "dequantize+matmul"
-"""The strategy that dequantizes W with `nf4.kernels.dequantize_nf4`, then calls torch.matmul."""
+"""Dequantize W (`nf4.kernels.dequantize_nf4`), then torch.matmul."""
 
 GEMV = "gemv"
-"""The decode strategy for M <= 16 (`nf4.kernels.gemv.nf4_gemv`): W streamed with 16-byte loads."""
+"""The decode kernel for M <= 16 (`nf4.kernels.gemv.nf4_gemv`)."""
 
 
 def gemv_applies(x: torch.Tensor, weight, trans: bool, mask) -> bool:
-    """Whether `nf4_gemv` can take this call: the forward pass (no dropout mask on the output) of at most
-    16 rows of fp16/bf16 activations, with 16-byte aligned tensors (its configurations are compiled for
-    those only: `LaunchConfig.aligned_only`). Reads tensor metadata only."""
+    """Whether `nf4_gemv` takes the call: forward, no mask, M <= 16, fp16/bf16, 16-byte aligned tensors
+    (`LaunchConfig.aligned_only`)."""
     from nf4.kernels.gemv import MAX_M
 
     tensors = [x, weight.packed, weight.absmax]
@@ -563,11 +523,7 @@ _CHOSEN: dict[tuple, MatmulConfig | str] = {}
 
 
 def choose(key: tuple, options: dict[str, object], run) -> object:
-    """The fastest of `options` (name -> option) for `key`, timed once with `run(option)` on the GPU.
-
-    Where nothing can be timed (no CUDA: the interpreter) the first option is taken. The choice is
-    cached per key for the process (the first call of a shape is slow; later calls only look it up).
-    """
+    """The fastest of `options` for `key` (timed once on the GPU, cached); the first without CUDA."""
     if key not in _CHOSEN:
         names = list(options)
         if len(names) == 1 or key[-1].type != "cuda":
@@ -594,27 +550,9 @@ def nf4_matmul(
 ) -> torch.Tensor:
     """`x @ W^T` (or `x @ W` with `trans`) + `(u @ v) * lora_scale [* mask]` + `bias`, fused.
 
-    Args:
-        x: [M, IN] activations, fp32/fp16/bf16; IN = K (forward) or N (trans).
-        weight: the `NF4Tensor` W of shape [N, K] (its pieces and metadata are read, never copied).
-        u, v: the low-rank term, [M, r] and [r, OUT] (any strides for v; used in x's dtype), or None.
-        bias: [OUT] or None. mask: [M, OUT] bool dropout mask applied to the low-rank term, or None.
-        lora_scale: multiplies the low-rank term (in float32, before the single rounding).
-        a: instead of u, the adapter's A [r, IN] with u = x @ a^T: the GEMV strategy computes it inside
-            its streaming kernel in float32 (`nf4.kernels.gemv.nf4_gemv`); the others with torch in x's
-            dtype, first.
-        config, split: force a tile configuration (or `DEQUANT`, `GEMV`) and a split-K factor (tests,
-            benchmarks). By default the configuration is chosen per (M bucket, shape, dtype) by `choose`
-            among the bucket's tiles, `GEMV` where `gemv_applies` (M <= 16) and `DEQUANT` (M > 16), and
-            split-K by `_split_for`. An odd K takes `GEMV` or `DEQUANT` (rows of W do not start on byte
-            boundaries, which the tiles need).
-    Returns:
-        [M, OUT] in x's dtype.
-
-    No device-to-host read happens here: after the first call of a shape (which times the candidates
-    on a GPU), a call is a few tensor-metadata reads and one or two kernel launches, so it can be
-    captured in a CUDA graph.
-    """
+    x [M, IN] fp32/fp16/bf16; weight [N, K]; u [M, r] and v [r, OUT] (or A [r, IN] as `a`), bias [OUT], mask
+    [M, OUT] bool, or None; config, split force a candidate and split-K (tests). Returns [M, OUT], x's dtype;
+    no host read after a shape's first call."""
     n, k = weight.shape
     m, in_dim = x.shape
     assert in_dim == (n if trans else k) and x.dtype in TL_DTYPES, "validated by nf4.lora"
@@ -648,14 +586,8 @@ def _run(x, weight, trans, u, v, bias, mask, lora_scale, config, split, a=None):
 
 
 def dequantize_then_matmul(x, weight, trans, u, v, bias, mask, lora_scale, a=None) -> torch.Tensor:
-    """The unfused strategy, for large M: W dequantized once to x's dtype at the copy bandwidth, the
-    low-rank term and bias formed in x's dtype, then one cuBLAS GEMM adding x @ W^T onto them
-    (`reference.matmul_onto_lora_and_bias`: no float32 [M, OUT] tensor, no pass over the output after
-    the GEMM).
-
-    Given the adapter's A (`a`: no gradient, no dropout) for a 16-bit forward, the adapter is merged
-    into the dequantized weight instead (`dequantize_lora`: W + scale * B @ A, rounded once), and the
-    call is that kernel plus one GEMM: no x @ A^T (a read of x) and no low-rank term (a write of y)."""
+    """The unfused strategy: W dequantized, one GEMM onto the low-rank term and bias; given A (16-bit
+    forward, no dropout) the adapter is merged into W instead (`dequantize_lora`)."""
     from nf4.kernels.dequantize import dequantize_lora, dequantize_nf4, merge_applies
 
     if a is not None:
@@ -670,8 +602,7 @@ def dequantize_then_matmul(x, weight, trans, u, v, bias, mask, lora_scale, a=Non
 
 @functools.cache
 def _constants(device: torch.device) -> dict[str, torch.Tensor]:
-    """Per-device constants, built once: the pair table of the NF4 code and an empty float32 tensor
-    standing in for absent optional pointers."""
+    """Per-device constants: the NF4 pair table, a stand-in for absent optional pointers."""
     return {"pairs": nf4_pairs(device), "none_f32": torch.empty(0, device=device)}
 
 

@@ -1,24 +1,13 @@
 """Blockwise NF4 quantization in one pass, and the second-level quantization of the absmax.
 
-Quantize (`quantize_nf4`), for n elements of x (fp32/fp16/bf16, flattened row-major), per block b of
-`blocksize` elements:
+    absmax[b] = max |x[block b]|                                 float32 [ceil(n / blocksize)]
+    xs        = x * div_rn(1, absmax[b])                         IEEE reciprocal, then multiply
+    code      = #{i : mid[i] < xs}, mid = float32 NF4 midpoints   (a tie goes to the lower code)
+    packed[k] = code[2k] << 4 | code[2k+1]                        uint8 [(n + 1) // 2]
 
-    absmax[b] = max |x|                                              float32 [ceil(n / blocksize)]
-    xs        = x * div_rn(1, absmax[b])                             IEEE reciprocal, then multiply
-    code      = #{i : mid[i] < xs}, mid = float32 NF4 midpoints       (a tie goes to the lower code;
-                                                                        by a 64-entry bucket table)
-    packed[k] = code[2k] << 4 | code[2k+1]                            uint8 [(n + 1) // 2]
-
-Each program loads BLOCKS whole blocks as a [BLOCKS, blocksize] tile, splits it into even and odd
-elements, and writes the absmax and the packed bytes: x is read once. A block with a NaN gets a NaN
-absmax (the caller raises); blocks of tiny or huge magnitude are pre-scaled by an exact power of two
-(see `nf4.reference.unit_scale`), so codes match the reference bit for bit.
-
-Double quantization (`quantize_absmax`): absmax - offset in blocks of 256, each scaled by its own
-max |.| and rounded to the exact nearest entry of the 256-entry map by a branch-free binary search over
-the 255 thresholds `nf4.codebook.nearest_thresholds(map)`.
-
-Offsets are int64: tensors past 2**31 elements index correctly.
+x (fp32/fp16/bf16, row-major) is read once. NaN in a block gives a NaN absmax; extreme blocks are pre-scaled
+by a power of two (`nf4.reference.unit_scale`): codes equal the reference's bit for bit. `quantize_absmax`:
+(absmax - offset) per 256 blocks, scaled by its max |.|, to the nearest map entry by binary search.
 """
 
 from __future__ import annotations
@@ -36,13 +25,8 @@ _NESTED = 256
 
 
 def quantize_config(blocksize: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """Meta-parameters for one blocksize and input dtype: whole blocks per program and warps.
-
-    NOTE: float32 input with blocksize 1024 and 2048 takes 8 warps (16 elements per thread, still
-    16-byte loads): with 4 warps they took 40-byte stack frames on sm_90 (triton 3.9), 1024 once the
-    bucket-table gather came in, 2048 once the codes were stored 4 bytes at a time. The other float32
-    variants stay at 4 warps (32 elements per thread: 35.0 instructions per element at blocksize 64,
-    within the bandwidth budget)."""
+    """Whole blocks per program and warps for one blocksize and input dtype. NOTE: float32 at blocksize
+    1024 / 2048 takes 8 warps: 4 took stack frames on sm_90 (tests/test_compile.py)."""
     blocks = max(1, _TARGET_ELEMENTS // blocksize)
     fits = blocks * blocksize <= _TARGET_ELEMENTS and not (dtype == torch.float32 and blocksize in (1024, 2048))
     warps = 4 if fits else 8
@@ -51,8 +35,7 @@ def quantize_config(blocksize: int, dtype: torch.dtype = torch.bfloat16) -> dict
 
 @triton.jit
 def _unit_scale(x, absmax):
-    """x * (1 / absmax) (absmax broadcasts against x), exact power-of-two pre-scaling for extreme
-    absmax (`nf4.reference.unit_scale`); where absmax is 0 the result is 0."""
+    """x * (1 / absmax), extreme absmax pre-scaled by a power of two (`nf4.reference.unit_scale`); 0 if absmax is 0."""
     pre = tl.where(absmax < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
     pre = tl.where(absmax > 1.8446744073709552e19, 5.421010862427522e-20, pre)
     inv = tl.where(absmax > 0.0, tl.math.div_rn(1.0, tl.where(absmax > 0.0, absmax * pre, 1.0)), 0.0)
@@ -60,26 +43,16 @@ def _unit_scale(x, absmax):
 
 
 BUCKET_MAGIC = tl.constexpr(8388624.0)
-"""2**23 + 16: in fp32, `16 * xs + BUCKET_MAGIC` rounds 16 * xs + 16 to an integer r (ulp 1 in [2**23, 2**24))
-and leaves r in the low mantissa bits."""
+"""2**23 + 16: in fp32, `16 * xs + BUCKET_MAGIC` leaves round(16 * xs + 16) in the low mantissa bits."""
 BUCKETS = tl.constexpr(64)
-"""Entries of the bucket table: r is 0 .. 32 for |xs| <= 1 (+ a rounding), the mask keeps any bits in range."""
+"""Entries of the bucket table (r is 0 .. 32 for |xs| <= 1; the mask keeps any r in range)."""
 
 
 def bucket_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """int64 [BUCKETS]: entry r = (base[r] << 32) | float32 bits of mid[r], for the bucket of scaled values
-    xs with round-half-even(16 * xs + 16) == r, i.e. xs in [(r - 16.5) / 16, (r - 15.5) / 16]:
-
-        base[r] = number of NF4 midpoints below the bucket's lower edge
-        mid[r]  = the midpoint inside the bucket, or +inf where there is none
-
-    The buckets are 1/16 wide and consecutive midpoints at least 0.0796 apart, so a bucket holds at most
-    one midpoint, and for every xs of bucket r: #{midpoints < xs} = base[r] + (xs > mid[r]), edges
-    included (an xs on an edge belongs to either neighbour and both give the same count). The rounding
-    that picks r is exact (16 * xs is exact, one rounding of the sum), so the kernel's codes equal the
-    reference's `searchsorted` bit for bit; tests/test_kernels.py checks every float32 within 64 ulps of
-    every midpoint and edge, and one value inside every interval between them.
-    """
+    """int64 [BUCKETS]: entry r = (base[r] << 32) | float32 bits of mid[r] for the xs with
+    round-half-even(16 * xs + 16) == r; base[r] = midpoints below the bucket, mid[r] the one inside or +inf.
+    Buckets are narrower than the midpoints' gaps, so #{mid < xs} = base[r] + (xs > mid[r]) exactly
+    (tests/test_kernels.py)."""
     from nf4.codebook import nf4_midpoints
 
     mids = nf4_midpoints().double()
@@ -98,15 +71,8 @@ def bucket_table(device: torch.device | str = "cpu") -> torch.Tensor:
 
 @triton.jit
 def _nf4_codes(xs, table_ptr):
-    """Number of the 15 NF4 midpoints strictly below each element of xs (int32; a tie goes to the lower
-    code): one FFMA to the bucket index, one 8-byte gather from the 512-byte `bucket_table` (L1), one
-    compare and one add.
-
-    NOTE: sm_90 SASS of quantize_nf4[bs=64,bf16], triton 3.9: 27.25 instructions per element (fp32
-    input 32.75; 47.0 with a binary search over the midpoints as immediates). The per-pipe model
-    (benchmarks/results/2026-12-07-static-model-255c09d9a818/) puts it ALU-bound at 81 % of the H200's
-    copy bandwidth (76 % under triton 3.6); tests/test_compile.py pins its loads.
-    """
+    """#{NF4 midpoints < xs} (int32): one FFMA to the bucket, one 8-byte `bucket_table` gather, compare, add.
+    NOTE: ALU-bound, ~81 % of copy bandwidth (benchmarks/results/2026-12-07-static-model-255c09d9a818/)."""
     v = tl.fma(xs, 16.0, BUCKET_MAGIC)
     entry = tl.load(table_ptr + (v.to(tl.int32, bitcast=True) & (BUCKETS - 1)))
     mid = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
@@ -129,6 +95,7 @@ def _quantize_nf4_kernel(
     BLOCKS: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
+    """absmax[b] = max |x[block b]| and packed[k] = code[2k] << 4 | code[2k + 1] for the program's blocks."""
     HALF: tl.constexpr = BLOCKSIZE // 2
     block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     offs = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
@@ -141,10 +108,9 @@ def _quantize_nf4_kernel(
     even, odd = tl.split(tl.reshape(_unit_scale(x, absmax[:, None]), (BLOCKS, HALF, 2)))
     byte = (_nf4_codes(even, table_ptr) << 4) | _nf4_codes(odd, table_ptr)
 
-    # NOTE: contiguity capped at 4 bytes, the codes a thread computes from its 8 loaded elements: with 16-byte
-    # stores Triton moved x (2 or 4 bytes per element) through shared memory to regroup it (8 STSM.x4 and 8
-    # LDS.128 per thread, 64 L1 wavefronts per warp: 0.39 of the L1 budget, sm_90 bf16); 4-byte stores cost
-    # the same wavefronts and no conversion (`benchmarks/static/sass.py`'s `quantize_report`).
+    # NOTE: contiguity capped at 4 bytes, the codes of a thread's 8 loaded elements: 16-byte stores made
+    # Triton regroup x through shared memory
+    # (tests/test_compile.py::test_quantize_kernel_loads_16_bytes_and_stays_issue_bound)
     pair = tl.max_contiguous(block[:, None] * HALF + tl.arange(0, HALF)[None, :], (1, 4))
     tl.store(packed_ptr + pair, byte.to(tl.uint8), mask=pair < n_bytes)  # byte indices
     tl.store(absmax_ptr + block, absmax, mask=block * BLOCKSIZE < n_elements)
@@ -160,6 +126,8 @@ def _quantize_absmax_kernel(
     n_blocks,
     NESTED: tl.constexpr,
 ):
+    """codes[i] = nearest map entry of (absmax[i] - offset) / absmax2[i // NESTED]; absmax2 = max |.| per
+    NESTED blocks."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * NESTED + tl.arange(0, NESTED)
     mask = offs < n_blocks
@@ -229,11 +197,8 @@ def _bucket_table(device: torch.device) -> torch.Tensor:
 
 
 def quantize_nf4(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """NF4-quantize `x` (fp32/fp16/bf16, any shape; read in row-major order).
-
-    Returns (packed uint8
-    [(n + 1) // 2, 1], absmax float32 [ceil(n / blocksize)]); a block holding NaN gets absmax NaN.
-    """
+    """NF4-quantize `x` (any shape, row-major): (packed uint8 [(n + 1) // 2, 1], absmax float32
+    [ceil(n / blocksize)])."""
     assert x.dtype in TL_DTYPES and x.numel() > 0, "validated by nf4.quantize"
     x = x.contiguous().view(-1)
     n = x.numel()

@@ -125,7 +125,8 @@ def absmax_offset(absmax: torch.Tensor) -> torch.Tensor:
     is valid; **ours** is the exact mean rounded to float32, the same on every device and for every
     order of the blocks. NOTE: a float32 mean depends on the device's reduction order: on an H200 the
     CUDA path stored 2.594714641571045 where the CPU gave 2.594714403152466 for one bf16 4096x4096
-    weight, and 1024 nested absmax and 11 codes then differed (gpu-findings.md, finding 2). Here every
+    weight, and 1024 nested absmax and 11 codes then differed
+    (benchmarks/results/2026-11-29-h200/README.md, finding 2). Here every
     absmax is scaled by one power of two (exact) so that the largest is below 2**k, rounded to an
     int64 (error at most 2**-k of the largest, k >= 30), and the int64 values are summed: integer sums
     are exact, so no order or device changes a bit. The sum is then converted to float64 (correctly

@@ -102,8 +102,9 @@ def test_every_configuration_compiles_for_every_arch_and_specialisation(reports)
 
 def test_an_argument_equal_to_one_is_compiled_for_every_code_path(reports):
     _, reports = reports
-    """gpu-findings.md, finding 1: `M.to(tl.int64)` fails to compile when the runtime makes M = 1 a
-    constant. Every code path (kernel and boolean meta-parameters) compiles with every integer = 1."""
+    """benchmarks/results/2026-11-29-h200/README.md, finding 1: `M.to(tl.int64)` fails to compile
+    when the runtime makes M = 1 a constant. Every code path (kernel and boolean meta-parameters)
+    compiles with every integer = 1."""
     archs = {r["arch"] for r in reports}
     paths = {(cfg.path, arch) for cfg in all_configs() for arch in archs if not cfg.archs or arch in cfg.archs}
     ones = {(r["name"], r["arch"]) for r in reports if r["variant"] == "ones" and not r["error"]}

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from nf4.codebook import NF4_CODE
 from nf4.kernels import gemv, lut
-from nf4.kernels.common import pair_table as value_pairs
+from nf4.kernels.common import float32_pair_table
 
 DTYPES = (torch.bfloat16, torch.float16)
 
@@ -79,7 +79,7 @@ def emulate(asm: str, word: np.ndarray, registers: list[int], outputs: int = 4) 
 
 def table(dtype) -> np.ndarray:
     """The decode kernel's pair table (int32 pair words) as unsigned values."""
-    return gemv.pair_table(dtype).numpy().astype(np.int64) & 0xFFFFFFFF
+    return gemv.activation_pair_table(dtype).numpy().astype(np.int64) & 0xFFFFFFFF
 
 
 def registers(dtype) -> list[int]:
@@ -183,7 +183,7 @@ def test_value_twin_equals_the_assembly_bit_for_bit():
 
     words = random_words(2)
     out = torch.empty(128 * 8, dtype=torch.float32)
-    _value_twin_kernel[(1,)](words, value_pairs(NF4_CODE), out)
+    _value_twin_kernel[(1,)](words, float32_pair_table(NF4_CODE), out)
     twin = out.view(torch.int32).numpy().astype(np.int64).reshape(128, 8) & 0xFFFFFFFF
     word = (words.numpy().astype(np.int64) & 0xFFFFFFFF).astype(np.uint64)
     asm = emulate(lut.value_lookup_asm(), word, registers(torch.float32), outputs=8)

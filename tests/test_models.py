@@ -160,8 +160,8 @@ def test_torch_compile_fullgraph_matches_eager(reference_path, ids, backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 12], ids=lambda t: f"M={2 * t}")
 def test_reduce_overhead_captures_a_converted_model_in_cuda_graphs(ids, tokens):
-    """gpu-findings.md, finding 3: a host read on every call made CUDA-graph capture fail. M = 2 rows
-    per layer is the decode bucket (split-K), M = 24 the medium tiles."""
+    """benchmarks/results/2026-11-29-h200/README.md, finding 3: a host read on every call made
+    CUDA-graph capture fail. M = 2 rows per layer is the decode bucket (split-K), M = 24 the medium tiles."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()

@@ -218,8 +218,9 @@ def _exact_mean_f32(values: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("n", [1, 255, 4096, 100_003], ids=lambda n: f"nblocks={n}")
 def test_offset_is_the_exact_mean_whatever_the_order_of_the_blocks(n):
-    """gpu-findings.md, finding 2: a float32 mean depends on the reduction order (CPU and CUDA stored
-    different offsets for one weight). The offset must be a function of the set of absmax values."""
+    """benchmarks/results/2026-11-29-h200/README.md, finding 2: a float32 mean depends on the
+    reduction order (CPU and CUDA stored different offsets for one weight). The offset must be a
+    function of the set of absmax values."""
     g = torch.Generator().manual_seed(n)
     absmax = torch.rand(n, generator=g) * 3 + 0.01
     offset = reference.absmax_offset(absmax)

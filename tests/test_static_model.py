@@ -2,7 +2,8 @@
 
 Backtest: the kernels of commit 2d6bb1ae850a as the H200 ran them on 2026-11-29 (triton 3.6, sm_90; SASS
 recorded in benchmarks/static/fixtures/, see its README), each large-shape measurement of
-static-model-backtest.md predicted within ±20 %. The model is not fitted to these numbers. Its constants:
+benchmarks/results/2026-11-29-h200/README.md ("backtest numbers") predicted within ±20 %. The model is not fitted
+to these numbers. Its constants:
 - lanes per clock per SM of each pipe: CUDA C++ Programming Guide, "Throughput of Native Arithmetic
   Instructions" (FP32 128 on sm_90 / 64 on sm_80; integer add, logic, shift, compare, select, PRMT 64;
   IMAD 64; conversions and MUFU 16); 4 warp-instructions issued per SM per clock (4 schedulers);
@@ -45,7 +46,7 @@ def test_backtest_within_20_percent_of_the_h200(label):
 
 
 def test_the_old_dequantize_and_quantize_were_alu_bound_not_memory_bound():
-    """static-model-backtest.md: both were bound by the 64-lane integer pipe, above their DRAM time."""
+    """The 2026-11-29 H200 backtest: both were bound by the 64-lane integer pipe, above their DRAM time."""
     for label in ("dequantize_bf16_dq1_8192x8192", "quantize_bf16_8192x8192"):
         terms, _ = rows()[label]
         assert terms.bound[0] == "pipe alu" and terms.pipes_us["alu"] > terms.dram_us, terms
@@ -53,7 +54,7 @@ def test_the_old_dequantize_and_quantize_were_alu_bound_not_memory_bound():
 
 
 def test_the_old_decode_was_bound_by_its_staging_buffers_bank_conflicts():
-    """static-model-backtest.md: the pair-table gathers' shared writes (LDGSTS) and their read-back (LDS.64)
+    """The 2026-11-29 H200 backtest: the pair-table gathers' shared writes (LDGSTS) and their read-back (LDS.64)
     put the 32 lanes 256 bytes apart: 32 wavefronts each, 1024 of the loop's wavefronts per warp-iteration,
     and the launch is L1-bound far above its DRAM time."""
     terms, _ = rows()["matmul_m1_r16_split3_8192x8192"]

@@ -1,4 +1,5 @@
-"""No device-to-host read on the forward or backward path of the layers (gpu-findings.md, finding 3).
+"""No device-to-host read on the forward or backward path of the layers
+(benchmarks/results/2026-11-29-h200/README.md, finding 3).
 
 A read of a tensor's value on the host (`.item()`, `.tolist()`, `bool(t)`, `float(t)`, `int(t)`,
 `torch.equal`) waits for the GPU and makes CUDA-graph capture fail. Here those calls raise when they

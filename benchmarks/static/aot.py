@@ -9,7 +9,7 @@ Each configuration compiles as the runtime would specialise it (`VARIANTS`): at 
 every integer argument equal to 1 into a compile-time constant (unless the kernel lists it in
 `do_not_specialize`) and marks integers and pointers divisible by 16. The interpreter does neither, so
 code such as `M.to(tl.int64)` passes every CPU test and fails to compile on a GPU when M = 1
-(gpu-findings.md, finding 1); the "ones" variant catches that class of bug here.
+(benchmarks/results/2026-11-29-h200/README.md, finding 1); the "ones" variant catches that class of bug here.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python benchmarks/static/backtest.py
 
 Reads the SASS fixtures of `fixtures/2d6bb1ae850a.json.gz` (triton 3.6, sm_90, recorded by `record.py`),
-predicts each launch and prints every term beside the measured GPU time (static-model-backtest.md).
+predicts each launch and prints every term beside the measured GPU time (../results/2026-11-29-h200/README.md).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ MEASURED_US = {
     "quantize_bf16_8192x8192": 232.0,
     "matmul_m1_r16_split3_8192x8192": 452.0,
 }
-"""H200, 2026-11-29 (gpu-findings.md, static-model-backtest.md): GPU time of the large shapes, µs."""
+"""GPU time of the large shapes on the H200, 2026-11-29, µs
+(benchmarks/results/2026-11-29-h200/README.md, backtest numbers)."""
 
 
 def dram_bytes(label: str, args: dict) -> float:

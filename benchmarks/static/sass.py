@@ -7,7 +7,7 @@ Issue. A SASS instruction of a loop body is issued once per iteration by every w
 32 lanes. On the H200
 
     lane-instructions per second = 132 SMs x 4 schedulers x 32 lanes x 1.98 GHz = 3.35e13
-    bytes of W per second        = 4.1e12 (measured copy bandwidth, gpu-findings.md)
+    bytes of W per second        = 4.1e12 (measured copy bandwidth: benchmarks/results/2026-11-29-h200/)
     BUDGET                       = 3.35e13 / 4.1e12 ~ 8.2 lane-instructions per byte of W
 
 and a loop that streams `bytes_per_thread` bytes of W per thread per iteration costs `count /
