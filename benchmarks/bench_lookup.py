@@ -11,20 +11,20 @@ model of benchmarks/static/sass.py (`python benchmarks/static/sass.py`, decode_p
    - register: the 16 values in registers, PRMT (`nf4.kernels.lut.pair_lookup_asm`), no memory access.
    Reported: GB/s of bytes looked up and the fraction of `read`; the checksums must agree.
 2. decode: a LoRALinearNF4 decode call (bf16 x, double-quantized W, float32 adapter of rank 16: the
-   streaming kernel, which also computes x @ A^T, and the epilogue) by the kernel of 2d550bfb5869
-   (`benchmarks/legacy/gemv_2d550bf.py`, frozen) and by the current one, at the shapes of the
-   prediction, with the largest difference of their outputs.
+   streaming kernel, which also computes x @ A^T, and the epilogue) by the kernel of git revision --base
+   (default 2d550bfb5869; built from git by benchmarks/static/revision.py and run in its own process)
+   and by the current one, at the shapes of the prediction, with the largest difference of their outputs.
 On a GPU the times are CUDA-graph replays with the L2 flushed (harness.py). Without one (the dry run of
 `gpu_check.sh`) the kernels run in Triton's interpreter at tiny sizes, the register path as its twin.
 
-    python benchmarks/bench_lookup.py [--quick] [--out results.jsonl]
+    python benchmarks/bench_lookup.py [--quick] [--out results.jsonl] [--base REV]
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -34,7 +34,10 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from harness import Results, Timer, bench_main, format_table  # noqa: E402
+from harness import Results, Timer, Timing, bench_main, format_table  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "static"))
+import revision  # noqa: E402
 
 import nf4  # noqa: E402
 from nf4.kernels import gemv, lut  # noqa: E402
@@ -44,7 +47,6 @@ MODES = ("read", "global", "shared", "register")
 LOOKUP_BYTES = {"gpu": 1 << 28, "cpu": 1 << 14}
 DECODE_SHAPES = {"gpu": [(8192, 8192, 1), (4096, 4096, 1), (14336, 4096, 1), (8192, 8192, 16)], "cpu": [(128, 512, 1)]}
 RANK = 16
-LEGACY = Path(__file__).resolve().parent / "legacy" / "gemv_2d550bf.py"
 
 
 @triton.jit
@@ -91,14 +93,33 @@ def lookup(words: torch.Tensor, mode: str, programs: int) -> torch.Tensor:
     return out
 
 
-def legacy_module():
-    spec = importlib.util.spec_from_file_location("nf4_legacy_gemv_2d550bf", LEGACY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_BASE_DECODE = """\
+import dataclasses, sys, torch
+from harness import Timer
+import nf4
+from nf4.kernels import gemv
+cases, device, quick, min_seconds = torch.load(sys.argv[1])
+timer = Timer(torch.device(device), quick)
+done = []
+for w, x, a, v in cases:
+    q = nf4.quantize(w.to(device), 64, True)
+    x, a, v = x.to(device), a.to(device), v.to(device)
+    call = lambda: gemv.nf4_gemv(x, q, a=a, v=v, lora_scale=0.5)
+    done.append((call().float().cpu(), dataclasses.asdict(timer(call, min_seconds=min_seconds))))
+torch.save(done, sys.argv[2])
+"""
 
 
-def run(device: torch.device, quick: bool, results: Results) -> list[dict]:
+def base_decode(rev: str, cases: list, device: torch.device, quick: bool, min_seconds: float) -> list:
+    """(output, Timing) of the decode call of revision `rev` on each (w, x, a, v) of `cases`: W quantized
+    and the kernel run by that revision, in a subprocess (both versions are the package `nf4`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save((cases, str(device), quick, min_seconds), f"{tmp}/in.pt")
+        revision.python(rev, _BASE_DECODE, f"{tmp}/in.pt", f"{tmp}/out.pt", path=(str(Path(__file__).parent),))
+        return [(out, Timing(**t)) for out, t in torch.load(f"{tmp}/out.pt")]
+
+
+def run(device: torch.device, quick: bool, results: Results, base: str = revision.BASE) -> list[dict]:
     timer = Timer(device, quick)
     kind = "gpu" if device.type == "cuda" else "cpu"
     rows = []
@@ -122,28 +143,30 @@ def run(device: torch.device, quick: bool, results: Results) -> list[dict]:
     for r in rows:
         r["of_read"] = times["read"] / r["median_ms"]
 
-    legacy = legacy_module()
-    for n, k, m in DECODE_SHAPES["cpu" if quick else kind]:
+    shapes = DECODE_SHAPES["cpu" if quick else kind]
+    min_seconds = 0.1 if kind == "gpu" else 0.0
+    cases = []
+    for n, k, m in shapes:
         g = torch.Generator(device="cpu").manual_seed(n + k + m)
-        q = nf4.quantize(torch.randn(n, k, generator=g).to(torch.bfloat16).to(device), 64, True)
-        x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
-        a = (torch.randn(RANK, k, generator=g) / k**0.5).to(device)
-        v = (torch.randn(RANK, n, generator=g) / 4).to(device)
-        calls = {
-            "2d550bfb5869": lambda: legacy.nf4_gemv(x, q, a=a, v=v, lora_scale=0.5),
-            "current": lambda: gemv.nf4_gemv(x, q, a=a, v=v, lora_scale=0.5),
-        }
-        outs = {impl: fn().float() for impl, fn in calls.items()}
-        diff = (outs["current"] - outs["2d550bfb5869"]).abs().max().item()
-        scale = outs["2d550bfb5869"].abs().max().item()
-        base = None
-        for impl, fn in calls.items():
-            t = timer(fn, min_seconds=0.1 if kind == "gpu" else 0.0)
-            base = base or t.median_ms
-            w_bytes = n * k / 2
+        w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        cases.append((w, x, torch.randn(RANK, k, generator=g) / k**0.5, torch.randn(RANK, n, generator=g) / 4))
+    if revision.available(base):
+        old = base_decode(base, cases, device, quick, min_seconds)
+    else:  # the lookups still count; the decode kernel is timed alone
+        print(f"decode: revision {base} is not in this checkout (no git history?); the current kernel only")
+        old = [(None, None)] * len(cases)
+    for (n, k, m), (w, x, a, v), (old_out, old_t) in zip(shapes, cases, old, strict=True):
+        q, x, a, v = nf4.quantize(w.to(device), 64, True), x.to(device), a.to(device), v.to(device)
+        call = lambda: gemv.nf4_gemv(x, q, a=a, v=v, lora_scale=0.5)  # noqa: E731
+        out = call().float().cpu()
+        diff = None if old_out is None else (out - old_out).abs().max().item()
+        timings = [(revision.label(base), old_t)] if old_t else []
+        for impl, t in [*timings, ("current", timer(call, min_seconds=min_seconds))]:
             rows.append(results.add("decode", {"case": f"{n}x{k} M={m}", "shape": [n, k], "m": m}, impl, t,
-                                    gb_per_s=w_bytes / (t.median_ms * 1e-3) / 1e9, speedup_vs_old=base / t.median_ms,
-                                    max_diff_vs_old=diff, output_max=scale))  # fmt: skip
+                                    gb_per_s=n * k / 2 / (t.median_ms * 1e-3) / 1e9, max_diff_vs_old=diff,
+                                    speedup_vs_old=old_t.median_ms / t.median_ms if old_t else None,
+                                    output_max=(out if old_out is None else old_out).abs().max().item()))  # fmt: skip
     return rows
 
 
@@ -166,5 +189,11 @@ def table(rows: list[dict]) -> str:
     return format_table(rows, COLUMNS)
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("--base", default=revision.BASE, metavar="REV",
+                        help=f"the git revision (or a folder written by static/revision.py) whose decode kernel "
+                             f"is timed beside the current one (default {revision.BASE})")  # fmt: skip
+
+
 if __name__ == "__main__":
-    sys.exit(bench_main(__doc__, run, table))
+    sys.exit(bench_main(__doc__, run, table, add_arguments=add_arguments))

@@ -9,7 +9,7 @@
 # per-kernel GPU times 40 s and Nsight Compute's pipe / bank-conflict / clock metrics 60 s where ncu exists
 # (bench_kernels.py: the times a static speed model is scored on), the
 # table-lookup microbenchmark with the decode kernel of 2d550bfb5869 beside the current one 60 s
-# (bench_lookup.py: checks the L1 model of nf4.kernels.sass), a whole Llama-3-8B-shaped model's QLoRA step
+# (bench_lookup.py: checks the L1 model of benchmarks/static/sass.py), a whole Llama-3-8B-shaped model's QLoRA step
 # at 2048 tokens 120 s (bench_model.py: nf4, bitsandbytes + PEFT and 16-bit LoRA at batch 1, then nf4 and
 # bitsandbytes + PEFT at the largest batch up to 8 that nf4 trains at), static report 40 s. Cut to fit:
 # the model step runs with gradient checkpointing only (off is `bench_model.py --checkpointing both`) and
@@ -54,6 +54,10 @@ if ls .whl/bitsandbytes-*.whl >/dev/null 2>&1; then
   export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
 export NF4_COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+# The old decode kernel bench_lookup.py times is built from git; a copy without the history can carry the
+# tree instead: `python benchmarks/static/revision.py 2d550bfb5869 .base-2d550bfb5869` (ignored by git).
+BASE=2d550bfb5869
+[ -d "$REPO/.base-$BASE" ] && BASE="$REPO/.base-$BASE"
 HYPOTHESIS_STORAGE_DIRECTORY=$(mktemp -d)  # not in $OUT: only results travel back from the GPU machine
 export HYPOTHESIS_STORAGE_DIRECTORY
 # Python runs from $OUT: from the repository root, the folder kernels/ would be importable as a
@@ -112,7 +116,7 @@ else
 fi
 
 step "table lookups (global / shared / registers) and the decode kernel of 2d550bfb5869 beside the current one"
-limit 60 "$PY" "$REPO/benchmarks/bench_lookup.py" $QUICK --out "$OUT/results.jsonl" || { echo "lookup benchmark failed or timed out"; status=1; }
+limit 60 "$PY" "$REPO/benchmarks/bench_lookup.py" $QUICK --base "$BASE" --out "$OUT/results.jsonl" || { echo "lookup benchmark failed or timed out"; status=1; }
 
 step "a whole model's QLoRA training step (bench_model.py: nf4 / bitsandbytes + PEFT / 16-bit LoRA)"
 if [ $DRY = 1 ]; then MODEL="--preset tiny --warmup 1 --steps 1"; else MODEL="--preset 8b --seq 2048 --warmup 1 --steps 3"; fi

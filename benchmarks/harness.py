@@ -337,18 +337,22 @@ def bnb_available(device: torch.device) -> bool:
         return False
 
 
-def bench_main(doc: str, run, table, argv=None) -> None:
-    """The command line every benchmark script shares: `[--quick] [--out results.jsonl]`."""
+def bench_main(doc: str, run, table, argv=None, add_arguments=None) -> None:
+    """The command line every benchmark script shares: `[--quick] [--out results.jsonl]`; a script's own
+    options (`add_arguments(parser)`) reach its `run` as keyword arguments."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke test)")
     parser.add_argument("--out", type=Path, help="append JSON lines here")
+    if add_arguments:
+        add_arguments(parser)
     args = parser.parse_args(argv)
+    extra = {k: v for k, v in vars(args).items() if k not in ("quick", "out")}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = Results(environment(device))
     print(banner(results.env))
-    print(table(run(device, args.quick, results)))
+    print(table(run(device, args.quick, results, **extra)))
     print("\n" + results.breakdown_text())
     if args.out:
         results.write_jsonl(args.out)

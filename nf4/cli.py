@@ -76,7 +76,7 @@ def _model_dir(text: str) -> Path:
 
 
 def _text_file(text: str) -> Path:
-    from nf4.lora.demo import load_sentences
+    from nf4.demo import load_sentences
 
     path = Path(text)
     if not path.is_file():
@@ -98,7 +98,7 @@ def _out_dir(text: str) -> Path:
 def _demo(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be fetched from a model hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from nf4.lora.demo import default_model_dir, run
+    from nf4.demo import default_model_dir, run
 
     if args.model is None:
         try:

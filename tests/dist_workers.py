@@ -253,7 +253,7 @@ def one_gpu(rank: int, world: int, port: int, out: str) -> None:
 def demo(rank: int, world: int, port: int, out: str) -> None:
     """`nf4 demo`, small, as torchrun starts it (WORLD_SIZE, RANK, ... in the environment); rank 0 saves its
     report and result."""
-    from nf4.lora.demo import run
+    from nf4.demo import run
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip

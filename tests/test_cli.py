@@ -170,9 +170,9 @@ BAD_INPUTS = [
 def test_bad_input_is_one_error_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, argv, says):
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    import nf4.lora.demo
+    import nf4.demo
 
-    monkeypatch.setattr(nf4.lora.demo, "run", lambda **_: pytest.fail("the demo started despite a bad input"))
+    monkeypatch.setattr(nf4.demo, "run", lambda **_: pytest.fail("the demo started despite a bad input"))
     monkeypatch.chdir(tmp_path)  # the demo's default --out is relative
     _bad_input_setup(tmp_path)
     before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
@@ -231,11 +231,11 @@ def test_python_dash_m_and_console_script_help():
 
 
 def test_demo_end_to_end_small(tmp_path, monkeypatch, capsys):
-    import nf4.lora.demo
-    from nf4.lora.demo import run
+    import nf4.demo
+    from nf4.demo import run
 
     # progress as when the output is not a terminal (CI, | tee, notebooks), a line at every step
-    monkeypatch.setattr(nf4.lora.demo, "Progress", functools.partial(Progress, interval=0.0))
+    monkeypatch.setattr(nf4.demo, "Progress", functools.partial(Progress, interval=0.0))
     lines = []
     result = run(steps=12, batch=8, heldout=32, train_pool=96, out=tmp_path, log=lines.append)
     text = "\n".join(lines)

@@ -7,7 +7,6 @@ the output's scale.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from nf4 import reference
 from nf4.kernels.gemv import gemv_configs, nf4_gemv, step_k
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LEGACY = Path(__file__).resolve().parent.parent / "benchmarks" / "legacy" / "gemv_2d550bf.py"
+revision = static_module("revision")
 
 
 def problem(m, n, k, r, dtype, bias, blocksize, double_quant, seed, v_dtype=None, bias_dtype=torch.float32):
@@ -231,28 +230,19 @@ def test_inner_loop_fits_the_issue_and_l1_budgets():
         assert r["w_load"] == "LDG.E.64", r
 
 
+@pytest.mark.skipif(not revision.available(revision.BASE), reason=f"revision {revision.BASE} is not in this clone")
 def test_l1_model_flags_the_loop_of_2d550bf():
-    """The frozen decode kernel of 2d550bfb5869 (benchmarks/legacy): its sm_90 bf16 loop copies 64
-    pair-table entries per thread and step into shared memory with 4-byte LDGSTS (not LDG) and reads
-    them back with LDSM: data-dependent loads from global memory, several times the L1 budget and
-    more than one byte of shared-memory traffic per byte of W. LDGDEPBAR (the commit of the copies)
-    is not counted as a load."""
-    out = without_interpreter(
-        "import importlib.util, json\n"
-        "from sass import gemv_loop_report\n"
-        f"spec = importlib.util.spec_from_file_location('legacy', {str(LEGACY)!r})\n"
-        "legacy = importlib.util.module_from_spec(spec); spec.loader.exec_module(legacy)\n"
-        "r = gemv_loop_report('bf16', True, 90, bk=64, configs=legacy.gemv_configs())\n"
-        "ops = [(m.op, m.kind, m.lookup) for m in r.memory]\n"
-        "print(json.dumps(dict(l1=r.l1_fraction, lookups=r.lookups, shared=r.shared_bytes_per_byte, ops=ops,"
-        " table=r.table, per_byte=r.per_byte)))\n"
-    )
-    r = json.loads(out.strip().splitlines()[-1])
-    assert r["l1"] > 2 and r["table"] == "global" and r["lookups"]["pairs_ptr"] == 64 and r["shared"] > 4, r
-    kinds = {op: kind for op, kind, _ in r["ops"]}
+    """The decode kernel of 2d550bfb5869, built from git: its sm_90 bf16 loop copies 64 pair-table entries
+    per thread and step into shared memory with 4-byte LDGSTS (not LDG) and reads them back with LDSM:
+    data-dependent loads from global memory, several times the L1 budget and more than one byte of
+    shared-memory traffic per byte of W. LDGDEPBAR (the commit of the copies) is not counted as a load."""
+    r = static_module("sass").revision_loop_report(revision.BASE, "bf16", True, 90, bk=64)
+    assert r.l1_fraction > 2 and r.table == "global" and r.lookups["pairs_ptr"] == 64, r
+    assert r.shared_bytes_per_byte > 4, r
+    kinds = {m.op: m.kind for m in r.memory}
     assert kinds["LDGSTS.E"] == "async" and "LDGDEPBAR" not in kinds, kinds
-    assert all(lookup == "pairs_ptr" for op, _, lookup in r["ops"] if op == "LDGSTS.E"), r["ops"]
-    assert r["per_byte"] < 8.2  # the issue budget alone did not show it
+    assert all(m.lookup == "pairs_ptr" for m in r.memory if m.op == "LDGSTS.E"), r.memory
+    assert r.per_byte < 8.2  # the issue budget alone did not show it
 
 
 def test_epilogue_keeps_the_split_loads_in_flight():

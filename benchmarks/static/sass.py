@@ -479,16 +479,22 @@ def gemv_config(dtype_name: str = "bf16", double_quant: bool = True, arch: int =
                 a: str | None = "fp32", configs=None) -> LaunchConfig:  # fmt: skip
     """The decode kernel's configuration for `dtype_name` activations, `bk`-code steps (default: the
     register-table path on fp16/bf16, 64 on fp32) and an adapter in `a` ("fp32", what a LoRALinearNF4
-    decode call launches) or None; `configs`: another module's `gemv_configs()` (the old kernel)."""
-    from nf4.kernels.gemv import LUT_BK, gemv_configs
+    decode call launches) or None; `configs`: the `gemv_configs()` of a past revision (`revision_loop_report`),
+    whose module may lack the names imported here and whose LaunchConfig may lack `archs`."""
+    if bk is None:
+        from nf4.kernels.gemv import LUT_BK
 
-    bk = bk or (64 if dtype_name == "fp32" else LUT_BK)
+        bk = 64 if dtype_name == "fp32" else LUT_BK
+    if configs is None:
+        from nf4.kernels.gemv import gemv_configs
+
+        configs = gemv_configs()
     name = f"nf4_gemv[{dtype_name},aligned=1,dq={int(double_quant)},"
     tail = f",A={a}]" if a else "]"
-    for cfg in configs if configs is not None else gemv_configs():
+    for cfg in configs:
         if not (cfg.name.startswith(name) and cfg.name.endswith(tail) and f",BK={bk}" in cfg.name):
             continue
-        if cfg.archs and arch not in cfg.archs:
+        if getattr(cfg, "archs", ()) and arch not in cfg.archs:
             continue
         if a is None and ",A=" in cfg.name:
             continue
@@ -680,14 +686,24 @@ def prediction_table(report: LoopReport, label: str, bk: int | None = None) -> s
     return "\n".join(lines)
 
 
-def legacy_configs(path: str):
-    """`gemv_configs()` of a frozen copy of the decode module (benchmarks/legacy/gemv_2d550bf.py)."""
-    import importlib.util
+def revision_loop_report(rev: str, dtype_name: str = "bf16", double_quant: bool = True, arch: int = 90,
+                         bk: int = 64) -> LoopReport:  # fmt: skip
+    """`gemv_loop_report` of the decode kernel of git revision `rev` (`revision.py`; default `revision.BASE`,
+    whose fp16/bf16 loop took BK = 64 pair-table steps), compiled and analysed in a subprocess that
+    imports that revision's `nf4`."""
+    import json
 
-    spec = importlib.util.spec_from_file_location("nf4_legacy_gemv", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.gemv_configs()
+    import revision
+
+    code = (
+        "import dataclasses, json, sass\n"
+        "from nf4.kernels.gemv import gemv_configs\n"
+        f"r = sass.gemv_loop_report({dtype_name!r}, {double_quant!r}, {arch!r}, bk={bk!r}, configs=gemv_configs())\n"
+        "print(json.dumps(dataclasses.asdict(r)))\n"
+    )
+    out = revision.python(rev, code, path=(os.path.dirname(os.path.abspath(__file__)),), interpret=False)
+    fields = json.loads(out.strip().splitlines()[-1])
+    return LoopReport(**{**fields, "memory": tuple(MemOp(**m) for m in fields["memory"])})
 
 
 def kernel_report(arch: int = 90) -> str:
@@ -718,19 +734,24 @@ def kernel_report(arch: int = 90) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python benchmarks/static/sass.py [--compare LEGACY.py]`: the sm_90 bf16 decode loop and the prediction per
-    row of SHAPES (DRAM, issue and L1 terms, predicted us last); with --compare, the same for the frozen
-    decode module at that path (its BK=64 pair-table loop)."""
+    """`python benchmarks/static/sass.py [--compare [REV]]`: the sm_90 bf16 decode loop and the prediction per
+    row of SHAPES (DRAM, issue and L1 terms, predicted us last); with --compare, the same for the decode
+    kernel of git revision REV (default `revision.BASE`; its BK=64 pair-table loop)."""
     import argparse
 
+    import revision
+
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    parser.add_argument("--compare", help="a frozen copy of the decode module (benchmarks/legacy/...)")
+    parser.add_argument(
+        "--compare", nargs="?", const=revision.BASE, metavar="REV",
+        help=f"a git revision, or a folder written by revision.py (default {revision.BASE})",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     print(prediction_table(gemv_loop_report("bf16", True, 90), "sm_90 bf16 dq decode loop"))
     if args.compare:
-        old = gemv_loop_report("bf16", True, 90, bk=64, configs=legacy_configs(args.compare))
+        old = revision_loop_report(args.compare)
         print()
-        print(prediction_table(old, f"the same call with the loop of {os.path.basename(args.compare)}", bk=64))
+        print(prediction_table(old, f"the same call with the loop of {args.compare}", bk=64))
 
 
 if __name__ == "__main__":
