@@ -13,15 +13,12 @@ Every function takes the quantized weight as one `NF4Tensor` handle and reads it
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from nf4 import reference
 from nf4.codebook import dynamic_map, nearest_thresholds
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-"""Read once, at import: Triton itself reads the variable when `nf4.kernels` is first imported."""
+from nf4.env import INTERPRET
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """Activation dtypes the matmul kernel takes (float64 runs the reference, e.g. for gradcheck)."""
