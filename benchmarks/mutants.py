@@ -165,7 +165,7 @@ MUTANTS = (
            "the fused PEFT path forgets lora_dropout"),
     Mutant("peft-scaling-ignored", "nf4/hf/peft.py", "base.bias, self.scaling[name], p, self.training)",
            "base.bias, 1.0, p, self.training)", ("tests/test_hf_peft.py",), "the fused PEFT path ignores scaling"),
-    Mutant("peft-unmerge-keeps-merge", "nf4/hf/peft.py", "self.get_base_layer()._set_weight(self._nf4_before_merge)",
+    Mutant("peft-unmerge-keeps-merge", "nf4/hf/peft.py", "self.get_base_layer().set_weight(self._nf4_before_merge)",
            "pass", ("tests/test_hf_peft.py",), "unmerge leaves the requantized weight in place"),
     Mutant("compat-absmax-counted", "nf4/hf/compat.py", "out[id(m.weight_absmax)] = 0",
            "out[id(m.weight_absmax)] = 1", ("tests/test_hf_peft.py",),

@@ -36,7 +36,6 @@ from nf4.kernels.common import (
     to_f32,
 )
 from nf4.kernels.dequantize import decode_absmax
-from nf4.reference import matmul_onto_lora_and_bias
 
 RK = tl.constexpr(16)  # rank chunk of the LoRA epilogue: r is walked in steps of 16 (any r works)
 
@@ -699,3 +698,33 @@ def _fused(x, weight, trans, u, v, bias, mask, lora_scale, cfg, split):
             enable_fp_fusion=False,
         )
     return out
+
+
+def matmul_onto_lora_and_bias(x, wt, u=None, v=None, bias=None, mask=None, lora_scale: float = 1.0) -> torch.Tensor:
+    """`x @ wt + (u @ v) * lora_scale [* mask] + bias` in x's dtype, the big product last (the GPU's
+    dequantize-then-cuBLAS strategy).
+
+    The low-rank term and bias are formed first, as one [M, OUT] tensor in x's dtype (u @ v from one
+    GEMM with beta = 0, rounded once; the bias its input where there is no mask), then `addmm_` adds
+    x @ wt into it: cuBLAS reads the term as its C operand (beta = 1) inside a compute-bound product and
+    rounds the sum once. Against `add_lora_and_bias_` after the product, this saves a read and a write
+    of [M, OUT] (at 8192 x 8192, M = 4096: ~134 MB, ~33 us at 4.1 TB/s, ~4% of the GEMM). Rounding:
+    the term once, the sum once (PEFT rounds the base product and the adapter's output separately too).
+    """
+    has_lora = u is not None and u.shape[-1] > 0
+    if not has_lora and bias is None:
+        return x @ wt
+    dt = x.dtype
+    if not has_lora:
+        return torch.addmm(bias.to(dt), x, wt)
+    u, v = u.to(dt), v.to(dt)
+    if mask is None and bias is not None:
+        y = torch.addmm(bias.to(dt), u, v, alpha=lora_scale)
+    else:
+        y = torch.empty((x.shape[0], wt.shape[1]), dtype=dt, device=x.device)
+        torch.addmm(y, u, v, beta=0, alpha=lora_scale, out=y)
+        if mask is not None:
+            y.mul_(mask)
+        if bias is not None:
+            y.add_(bias.to(dt))
+    return y.addmm_(x, wt)

@@ -231,7 +231,7 @@ def _with_adapter(module: nn.Module, r: int, alpha: float, dropout: float, rslor
         device=q.device,
         adapter_dtype=getattr(module, "lora_A", torch.empty(0)).dtype,
     )
-    layer._set_weight(q)
+    layer.set_weight(q)
     if module.bias is not None:
         layer.bias = module.bias
     layer.train(module.training)

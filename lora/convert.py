@@ -97,7 +97,7 @@ def from_bnb(module: nn.Module, name: str = "", cls: type[LinearNF4] = LinearNF4
     out_features, in_features = q.shape
     layer = cls(in_features, out_features, bias=module.bias is not None, blocksize=q.blocksize,
                 double_quant=q.double_quant, dtype=q.dtype, device=q.device, **kwargs)  # fmt: skip
-    layer._set_weight(q)
+    layer.set_weight(q)
     if module.bias is not None:
         layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
     layer.train(module.training)

@@ -113,7 +113,7 @@ class LinearNF4(nn.Module):
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.in_features = in_features
         self.out_features = out_features
-        self._set_weight(_empty_nf4(out_features, in_features, blocksize, double_quant, dtype, device))
+        self.set_weight(_empty_nf4(out_features, in_features, blocksize, double_quant, dtype, device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
@@ -135,13 +135,13 @@ class LinearNF4(nn.Module):
             device=weight.device,
             **kwargs,
         )
-        module._set_weight(quantize(weight, blocksize, double_quant))
+        module.set_weight(quantize(weight, blocksize, double_quant))
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         return module
 
     # -- the quantized weight ------------------------------------------------------------------
-    def _set_weight(self, q: NF4Tensor) -> None:
+    def set_weight(self, q: NF4Tensor) -> None:
         """Store `q`'s pieces as this module's parameters and buffers (see the module docstring)."""
         pieces, meta = q.flatten()
         if not meta.double_quant:  # float32 absmax as its bit pattern: no mixed-precision policy casts it
@@ -219,7 +219,7 @@ class LinearNF4(nn.Module):
             return
         assign = local_metadata.get("assign_to_params_buffers", False) or self.weight.device.type == "meta"
         if assign or not self._same_layout(q):
-            self._set_weight(q if assign else q.to(self.weight.device))
+            self.set_weight(q if assign else q.to(self.weight.device))
             return
         with torch.no_grad():  # in place, like nn.Module: the parameter objects stay (FSDP2 holds them)
             mine = self.nf4_weight.flatten()[0]
@@ -408,7 +408,7 @@ class LoRALinearNF4(LinearNF4):
         merged = quantize(target.to(q.dtype), q.blocksize, q.double_quant)
         error = dequantize(merged, torch.float32) - target
         self._unmerged = q
-        self._set_weight(merged)
+        self.set_weight(merged)
         update, err = float(delta.norm()), float(error.norm())
         return {"update_norm": update, "error_norm": err, "update_lost": err / update if update else 0.0}
 
@@ -416,7 +416,7 @@ class LoRALinearNF4(LinearNF4):
         """Restore the weight from before `merge()`, byte for byte (the adapter was never changed)."""
         if not self.merged:
             raise RuntimeError("this layer is not merged")
-        self._set_weight(self._unmerged)
+        self.set_weight(self._unmerged)
         self._unmerged = None
 
     def extra_repr(self) -> str:

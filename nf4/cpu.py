@@ -31,7 +31,7 @@ import warnings
 import torch
 
 from nf4.codebook import NF4_CODE
-from nf4.reference import add_lora_and_bias_, decoded_absmax
+from nf4.reference import decoded_absmax
 
 MIN_NUMEL = 1 << 20
 """Smallest tensor the compiled path takes (below it the eager reference is as fast as a compile is slow)."""
@@ -156,3 +156,21 @@ def matmul_cpu(x, q, trans=False, u=None, v=None, bias=None, mask=None, lora_sca
     if trans:
         y = x @ w_all
     return add_lora_and_bias_(y, u, v, bias, mask, lora_scale)
+
+
+def add_lora_and_bias_(y, u=None, v=None, bias=None, mask=None, lora_scale: float = 1.0) -> torch.Tensor:
+    """`y += (u @ v) * lora_scale [* mask] + bias` in place, in y's dtype (the unfused strategies' epilogue).
+
+    Without a mask the low-rank term is one `addmm_` into y (the GEMM adds in float32 and rounds once);
+    with one, (u @ v) is formed in y's dtype first. Nothing of y's size is made in float32: PEFT rounds
+    the base product and the adapter's output separately too (one rounding more than the fused kernel).
+    """
+    if u is not None and u.shape[-1] > 0:
+        u, v = u.to(y.dtype), v.to(y.dtype)
+        if mask is None:
+            y.addmm_(u, v, alpha=lora_scale)
+        else:
+            y.add_((u @ v).mul_(mask), alpha=lora_scale)
+    if bias is not None:
+        y.add_(bias.to(y.dtype))
+    return y

@@ -135,7 +135,7 @@ class PeftLinearNF4(nn.Module, LoraLayer):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             if self._nf4_before_merge is None:
                 self._nf4_before_merge = q
-            base._set_weight(quantize(target.to(q.dtype), q.blocksize, q.double_quant))
+            base.set_weight(quantize(target.to(q.dtype), q.blocksize, q.double_quant))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -143,7 +143,7 @@ class PeftLinearNF4(nn.Module, LoraLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        self.get_base_layer()._set_weight(self._nf4_before_merge)
+        self.get_base_layer().set_weight(self._nf4_before_merge)
         self._nf4_before_merge = None
         self.merged_adapters.clear()
 

@@ -237,7 +237,7 @@ class NF4HfQuantizer(HfQuantizer):
         except (ValueError, TypeError) as e:
             self.errors[module_name] = str(e)
         else:
-            module._set_weight(q)
+            module.set_weight(q)
             for tensor in (module.weight, module.weight_absmax):  # loaded: model._init_weights must skip them
                 tensor._is_hf_initialized = True
             module._is_hf_initialized = True
