@@ -1,6 +1,7 @@
 """Hypothesis strategies and data generators shared by the tests."""
 
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -241,3 +242,41 @@ def same_bnb_entry(key: str, a: torch.Tensor, b: torch.Tensor) -> bool:
     if key.endswith("quant_state.bitsandbytes__nf4"):
         return bytes(a.tolist()).rstrip(b" ") == bytes(b.tolist()).rstrip(b" ")
     return torch.equal(a, b)
+
+
+def assert_linear_within_float32(y, x, w, bias=None, a=None, b=None, scaling=0.0):
+    """y (float32 [M, N]) is `x @ w^T + scaling * (x @ a^T) @ b^T + bias` (w [N, K] float64: the exact
+    weight) up to float32's worst-case error for its dot products and additions, about
+    (K + r + 2) * eps * (|x| @ |w|^T + |scaling| * (|x| @ |a|^T) @ |b|^T + |bias|)."""
+    x, w = x.detach().double().cpu(), w.detach().double().cpu()
+    exact, size, r = x @ w.t(), x.abs() @ w.abs().t(), 0
+    if a is not None:
+        a, b = a.detach().double().cpu(), b.detach().double().cpu()
+        exact = exact + scaling * (x @ a.t()) @ b.t()
+        size = size + abs(scaling) * (x.abs() @ a.abs().t()) @ b.abs().t()
+        r = a.shape[0]
+    if bias is not None:
+        bias = bias.detach().double().cpu()
+        exact, size = exact + bias, size + bias.abs()
+    bound = (x.shape[-1] + r + 2) * torch.finfo(torch.float32).eps * size
+    err = (y.detach().double().cpu() - exact).abs()
+    assert torch.all(err <= bound), err.max()
+
+
+def peft_scaling(r, lora_alpha, use_rslora):
+    """PEFT's scaling, from its definition (not from the layer): alpha / r, or alpha / sqrt(r) (rsLoRA)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def trained_layer(in_features, out_features, use_rslora, double_quant=True, std=0.5, seed=0):
+    """A LoRALinearNF4 with r = 4, lora_alpha = 6 (scaling 1.5, or 3 with rsLoRA) and a non-zero lora_B."""
+    from torch import nn
+
+    from nf4.lora import LoRALinearNF4
+
+    torch.manual_seed(seed)
+    layer = LoRALinearNF4.from_linear(
+        nn.Linear(in_features, out_features), r=4, lora_alpha=6, use_rslora=use_rslora, double_quant=double_quant
+    )
+    nn.init.normal_(layer.lora_B, std=std)
+    return layer

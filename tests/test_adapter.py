@@ -270,7 +270,7 @@ def test_merge_into_nf4_reports_the_loss_and_unmerges_exactly(ids):
     # the merged weight is the NF4 quantization of base + update: the same bytes, so within the format's
     # error bound of it. An update this small moves few codes while the new blocks' absmax moves every
     # value a little: most of it is lost (update_lost 0.86 here; above 1 on some layers). The upper bound
-    # that needs a larger update (closer to base + update than the base) is in test_lora.py.
+    # that needs a larger update (closer to base + update than the base) is in test_merge.py.
     assert torch.equal(layer.nf4_weight.packed, nf4.quantize(target).packed)
     error = nf4.dequantize(layer.nf4_weight, torch.float32) - target
     assert torch.all(error.abs().double() <= nf4_error_bound(target, 64, double_quant=True))

@@ -3,6 +3,9 @@
 requires_grad), and the bitsandbytes and PEFT paths. Outputs are compared with `x @ dequant(W)^T + b`
 computed here in float64: float32 sums over K = 64 at the output's scale."""
 
+import copy
+import importlib
+
 import bitsandbytes as bnb
 import peft
 import pytest
@@ -10,7 +13,7 @@ import torch
 from torch import nn
 
 import nf4
-from helpers import same_bnb_entry
+from helpers import assert_linear_within_float32, bnb_cpu_inference, same_bnb_entry
 from nf4.hf.peft import PeftLinearNF4
 from nf4.lora import LinearNF4, LoRALinearNF4, apply_lora, quantize_model
 from nf4.lora.convert import bnb_weight, from_bnb
@@ -246,3 +249,100 @@ def test_a_peft_model_on_bitsandbytes_gets_adapters_from_peft_only():
     inner = pm.base_model.model
     assert isinstance(inner[0], PeftLinearNF4) and inner[0].r["default"] == 2
     assert type(inner[1]) is LinearNF4 and type(inner[2]) is nn.Linear  # no adapter of apply_lora's own
+
+
+def _bnb_bf16_model():
+    """Two bitsandbytes NF4 layers holding bf16 weights (as transformers loads a bf16 4-bit model), after
+    a CPU inference pass: their state has nested_dtype "bfloat16" (`helpers.bnb_cpu_inference`)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).to(torch.bfloat16)
+    for i in (0, 2):
+        linear = model[i]
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(linear.weight.data, False, quant_type="nf4", module=layer)
+        layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        model[i] = layer
+    model = model.to("cpu")  # bitsandbytes quantizes here
+    bnb_cpu_inference(model, torch.randn(2, 128, dtype=torch.bfloat16))
+    return model
+
+
+@pytest.mark.parametrize("convert", ["apply_lora", "quantize_model", "peft"])
+def test_converts_a_bitsandbytes_model_after_cpu_inference(convert):
+    """apply_lora / quantize_model take a bitsandbytes model (plain or under PEFT) whose layers ran a CPU
+    inference pass: each layer keeps bitsandbytes' bytes as stored (nested_dtype "bfloat16") and computes
+    with bitsandbytes' dequantized weight."""
+    model = _bnb_bf16_model()
+    expected = {}
+    for name, layer in model.named_children():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            sd = layer.state_dict()  # undoes the repacking, in the layer too
+            assert b'"nested_dtype": "bfloat16"' in bytes(sd["weight.quant_state.bitsandbytes__nf4"].tolist())
+            state = layer.weight.quant_state
+            w = bnb.functional.dequantize_4bit(layer.weight.data, state, quant_type="nf4")
+            state.dtype = torch.float32  # the same absmax; what nf4's matmul multiplies by (float32 products)
+            w32 = bnb.functional.dequantize_4bit(layer.weight.data, state, quant_type="nf4")
+            state.dtype = torch.bfloat16
+            expected[name] = sd, w, w32
+    if convert == "peft":
+        import peft
+
+        importlib.import_module("nf4.hf")  # nf4's PEFT layers
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["0", "2"]))
+        bnb_cpu_inference(model, torch.randn(2, 128, dtype=torch.bfloat16))  # PEFT's forward repacks too
+        apply_lora(model)
+        layers = {name: model.base_model.model.get_submodule(name).base_layer for name in expected}
+    else:
+        {"apply_lora": apply_lora, "quantize_model": quantize_model}[convert](model)
+        layers = {name: model.get_submodule(name) for name in expected}
+    for name, layer in layers.items():
+        assert type(layer) is (LoRALinearNF4 if convert == "apply_lora" else LinearNF4)
+        sd, w, w32 = expected[name]
+        assert layer.nf4_weight.nested_dtype == torch.bfloat16
+        assert torch.equal(layer.dequantize_weight(), w)
+        assert torch.equal(layer.dequantize_weight(torch.float32), w32)
+        mine = layer.state_dict()
+        assert all(same_bnb_entry(k, mine[k], v) for k, v in sd.items())
+        x = torch.randn(3, layer.in_features)
+        assert_linear_within_float32(layer(x), x, w32.double(), layer.bias)
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32, bias=False))
+
+
+@pytest.mark.parametrize("load", ["assign", "to_empty"])
+@pytest.mark.parametrize("convert", ["apply_lora", "quantize_model"])
+def test_converts_a_meta_model_and_quantizes_the_weights_when_they_arrive(reference_path, convert, load):
+    """A model built on the meta device (how FSDP2 recipes build big models) converts without values; the
+    16-bit checkpoint's weights are quantized as they load (into the meta layers with `assign=True`, or
+    into the layers `to_empty` materialized): the same bytes as converting the loaded model."""
+    torch.manual_seed(0)
+    src = _mlp()
+    kwargs = dict(r=4, lora_alpha=8) if convert == "apply_lora" else {}
+    fn = {"apply_lora": apply_lora, "quantize_model": quantize_model}[convert]
+    expected = fn(copy.deepcopy(src), **kwargs)
+    with torch.device("meta"):
+        model = _mlp()
+    fn(model, **kwargs)
+    assert type(model[0]) is type(expected[0]) and model[0].weight.device.type == "meta"
+    assert model.state_dict()["0.weight"].shape == (48, 64)  # what a loader should bring: the 16-bit weight
+    if load == "to_empty":
+        model.to_empty(device="cpu")
+    missing = model.load_state_dict(src.state_dict(), strict=False, assign=load == "assign").missing_keys
+    assert sorted(missing) == ([] if convert == "quantize_model" else ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"])
+    got, want = model.state_dict(), expected.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want if "lora_" not in k)
+    if convert == "apply_lora":
+        assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+
+
+def test_a_weight_of_another_shape_is_refused_on_arrival():
+    with torch.device("meta"):
+        model = quantize_model(_mlp())
+    sd = {**_mlp().state_dict(), "0.weight": torch.zeros(48, 63)}
+    with pytest.raises(
+        RuntimeError, match=r"0.weight: the checkpoint's weight has shape \[48, 63\], this module expects \[48, 64\]"
+    ):
+        model.load_state_dict(sd, assign=True)
