@@ -9,8 +9,8 @@ A quantized weight is named pieces (`PIECES`, in this order) plus metadata (`NF4
     nested_offset  float32 []                       }   nested_code[q] * nested_absmax[b // 256]
     nested_code    float32 [256]                    }   + nested_offset
 
-`NF4Meta.nested_dtype`: the dtype that decode rounds through, float32 for what nf4 writes. bitsandbytes
-writes bf16 / fp16 after repacking a layer for its CPU kernel, decoding `d(d(map[q] * absmax2) + offset)`.
+`NF4Meta.nested_dtype`: what that decode rounds through (d), fp32 unless a bitsandbytes checkpoint
+records bf16 / fp16: then `d(d(map[q] * absmax2) + offset)`.
 """
 
 from __future__ import annotations

@@ -98,10 +98,9 @@ def dequantize_ref(
 
 
 def absmax_offset(absmax: torch.Tensor) -> torch.Tensor:
-    """mean(absmax) as an fp32 scalar: exact, so the same on every device and block order (any offset is
-    valid: loaders read it back). NOTE: a float32 mean depends on the reduction order; CUDA and CPU codes
-    differed (benchmarks/results/2026-11-29-h200/README.md, finding 2). Here absmax is scaled by a power of
-    two so the largest is below 2**k (k >= 30), rounded to int64 and summed exactly."""
+    """mean(absmax), fp32 scalar, the same on every device and block order. NOTE: a float32 mean depends
+    on the reduction order: CUDA and CPU codes differed (benchmarks/results/2026-11-29-h200/README.md,
+    finding 2). Here absmax is scaled below 2**k (k >= 30), rounded to int64 and summed exactly."""
     n = absmax.numel()
     top = float(absmax.max())
     if top == 0.0:

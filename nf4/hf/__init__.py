@@ -52,12 +52,10 @@ _CONFIG_KWARGS += ("trust_remote_code",)
 def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, quantization_config=None, **kwargs):
     """`model_class.from_pretrained(...)` with every Linear layer in nf4, whatever the checkpoint holds.
 
-    A 16-bit checkpoint is quantized with `quantization_config` (default `NF4Config()`). A bitsandbytes
-    4-bit NF4 checkpoint (bitsandbytes' `quantization_config` in config.json) is read as it is: the
-    recorded config is swapped for the equivalent NF4Config (transformers alone would give it to
-    bitsandbytes), and `quantization_config` only pins the blocksize. `quantization_config`: an NF4Config
-    or a 4-bit NF4 `BitsAndBytesConfig`. FP4 and 8-bit checkpoints or configs raise ValueError. Other
-    arguments go to `model_class.from_pretrained`.
+    A 16-bit checkpoint is quantized with `quantization_config` (an NF4Config or NF4 `BitsAndBytesConfig`;
+    default `NF4Config()`). A bitsandbytes NF4 checkpoint is read as it is (its recorded config swapped
+    for an NF4Config; `quantization_config` only pins the blocksize). FP4 and 8-bit raise ValueError.
+    Other arguments go to `model_class.from_pretrained`.
     """
     quantization_config = as_nf4_config(quantization_config)
     config = kwargs.pop("config", None)

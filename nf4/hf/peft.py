@@ -189,10 +189,9 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Exact merge into a plain 16-bit model, in place; returns the base model (PeftModel unwrapped).
 
-    Each `PeftLinearNF4` becomes an nn.Linear of `dequant(W) + sum of active scaling * B @ A` in fp32,
-    rounded once to `dtype` (default: the original), other nf4 layers their dequantized nn.Linear (Conv1D
-    for GPT-2), PEFT merges its own layers, and the 4-bit markers go: `save_pretrained` then writes a
-    16-bit checkpoint stock transformers loads."""
+    `PeftLinearNF4` -> nn.Linear of `dequant(W) + sum of active scaling * B @ A` in fp32, rounded once to
+    `dtype` (default: original); other nf4 layers dequantized; PEFT merges its own; 4-bit markers go, so
+    `save_pretrained` writes a plain 16-bit checkpoint."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     for name, layer in [(n, m) for n, m in base.named_modules() if isinstance(m, PeftLinearNF4)]:
         inner = layer.get_base_layer()
