@@ -1,8 +1,7 @@
-"""LoRA on NF4 weights: the differentiable fused op, drop-in modules for nn.Linear, model conversion.
+"""LoRA on NF4 weights: the fused op, nn.Linear replacements, model conversion.
 
-layer = LoRALinearNF4.from_linear(linear, r=16, lora_alpha=16)   # one layer
-apply_lora(model, r=16, target_modules=["q_proj", "v_proj"])     # a whole model, in place
-quantize_model(model)                                            # inference: LinearNF4 everywhere
+layer = LoRALinearNF4.from_linear(linear, r=16, lora_alpha=16)
+apply_lora(model, r=16, target_modules=["q_proj", "v_proj"])     # in place
 """
 
 from nf4.lora.adapter import load_adapter, save_adapter

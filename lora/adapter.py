@@ -1,12 +1,7 @@
-"""Adapters in PEFT's on-disk format, both ways.
+"""Adapters in PEFT's on-disk format (`adapter_model.safetensors`, `adapter_config.json`), both ways.
 
-A directory with `adapter_model.safetensors` (keys `base_model.model.<module path>.lora_A.weight`
-[r, in_features] and `...lora_B.weight` [out_features, r]) and `adapter_config.json` (PEFT's
-LoraConfig: r, lora_alpha, lora_dropout, target_modules, use_rslora, rank_pattern, alpha_pattern, ...).
-`save_adapter` writes what `peft.PeftModel.from_pretrained` loads onto the unquantized model;
-`load_adapter` reads what PEFT's `save_pretrained` wrote. Files are read with safetensors (or
-`torch.load(weights_only=True)` for a legacy `adapter_model.bin`): nothing in them can run code.
-Everything is checked before the model is touched, so a bad file never leaves a half-loaded model.
+Files are read with safetensors or `torch.load(weights_only=True)`: nothing runs code. Everything is
+checked before the model is touched: a bad file never half-loads.
 """
 
 from __future__ import annotations
@@ -35,13 +30,10 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinearNF4]:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's adapters to `directory` in PEFT's format; returns the directory.
+    """Write the adapters in PEFT's format (what `PeftModel.from_pretrained` loads); returns `directory`.
 
-    Ranks and alphas that differ between layers go to `rank_pattern` / `alpha_pattern` (full module
-    paths), as PEFT does. Layers must agree on `use_rslora` (PEFT has one flag per adapter). On a model
-    sharded with FSDP2 every rank calls it (the adapters are gathered) and rank 0 writes the files.
-    A PEFT model (`peft.get_peft_model`, FSDP2-sharded or not) is written by PEFT's own
-    `save_pretrained`, its adapter gathered first (`base_model_name_or_path` is then PEFT's).
+    ValueError with no LoRALinearNF4 or mixed `use_rslora`. Under FSDP2 every rank calls it. A PEFT model
+    is written by its own `save_pretrained`.
     """
     if hasattr(model, "peft_config"):
         return _save_peft_model(model, directory)
@@ -90,7 +82,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    """`t` whole: a parameter sharded by FSDP2 (a DTensor) is gathered, a collective every rank runs."""
+    """`t` whole: a DTensor shard is gathered (a collective: every rank runs it)."""
     t = t.detach()
     full_tensor = getattr(t, "full_tensor", None)
     return full_tensor() if full_tensor is not None else t
@@ -145,7 +137,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _pattern(patterns: dict, path: str, default):
-    """PEFT's rank/alpha pattern lookup: a key matches a module path that ends with it."""
+    """PEFT's rank/alpha pattern lookup."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", path):
             return value
@@ -153,13 +145,8 @@ def _pattern(patterns: dict, path: str, default):
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Load a PEFT LoRA adapter from `directory` into `model` (in place); returns the model.
-
-    Each adapted layer may be an nn.Linear (quantized to NF4 here, blocksize 64, double
-    quantization), a LinearNF4 (its NF4 weight is kept as is) or a LoRALinearNF4 (its adapter is
-    replaced). Names or shapes that do not match the model raise ValueError listing every mismatch;
-    nothing is changed then.
-    """
+    """Load a PEFT LoRA adapter into `model` in place; returns `model`. nn.Linear layers are quantized
+    (blocksize 64, double quant). ValueError lists every mismatch; FileNotFoundError without the files."""
     directory = Path(directory)
     config = _read_config(directory)
     tensors = _read_weights(directory)
@@ -213,7 +200,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
 
 
 def _with_adapter(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> LoRALinearNF4:
-    """A LoRALinearNF4 with an adapter of rank r for `module` (quantizing an nn.Linear if needed)."""
+    """`module` as a LoRALinearNF4 with a rank-r adapter."""
     if type(module) is nn.Linear:
         return LoRALinearNF4.from_linear(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora)
     q = module.nf4_weight
@@ -239,9 +226,7 @@ def _with_adapter(module: nn.Module, r: int, alpha: float, dropout: float, rslor
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
-    """A PEFT model's adapter parameters (`lora_` in the name, or trainable: PEFT's `modules_to_save`)
-    whole, on the CPU, keyed as `model.state_dict()` keys them. Every rank must call it: a DTensor shard
-    is gathered with a collective, in the same order on every rank."""
+    """A PEFT model's adapter parameters, whole, on the CPU. Every rank calls it (collectives)."""
     state = {}
     for name, param in model.named_parameters():
         if "lora_" in name or param.requires_grad:
@@ -252,8 +237,7 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 
 def _save_peft_model(model: nn.Module, directory: str | Path) -> Path:
-    """PEFT's `model.save_pretrained(directory)` that every rank calls: under FSDP2 PEFT's own call gathers
-    the shards too, so calling it on rank 0 alone hangs until the process group times out."""
+    """PEFT's `save_pretrained` on every rank: under FSDP2 it gathers, so rank 0 alone would hang."""
     if not callable(getattr(model, "save_pretrained", None)):
         raise TypeError(f"{type(model).__name__} has a peft_config but no save_pretrained: not a PEFT model")
     model.save_pretrained(str(directory), state_dict=adapter_state_dict(model), is_main_process=is_main_process())

@@ -1,21 +1,10 @@
-"""Model conversion: replace Linear layers by NF4 layers, in place.
+"""Model conversion, in place: nn.Linear is quantized; bitsandbytes' NF4 `Linear4bit` keeps its bytes;
+a PEFT LoRA layer gets a `LinearNF4` base and becomes nf4's PEFT layer with the same adapters. That layer
+lives in `nf4.hf`, which registers its converter here on import: `import nf4.hf` first.
 
-What converts:
-- `nn.Linear`: its weight is quantized to NF4.
-- bitsandbytes' `Linear4bit` (nf4): its bytes are reused as they are, nothing is requantized: the new
-  layer's state dict holds the same tensors (an FP4 layer is refused).
-- PEFT's LoRA layers (a model from `peft.get_peft_model`, on bitsandbytes' `Linear4bit` or on nn.Linear):
-  the base becomes a `LinearNF4` as above and the LoRA layer nf4's PEFT layer, carrying every adapter over
-  (the same parameters, trainable as they were): a bitsandbytes + PEFT model runs nf4's kernels and stays
-  a PEFT model. That layer lives in `nf4.hf` (the `hf` extra), which registers its converter here when
-  imported (`register_peft_converter`): `import nf4.hf` before converting a PEFT model.
-
-`target_modules` selects layers by qualified name: a layer matches when its name equals an entry or ends
-with "." + entry (PEFT's suffix rule: "query" matches "encoder.layer.0.attention.self.query"). None means
-every nn.Linear, except in a model that bitsandbytes quantized or PEFT adapted: there None means its 4-bit
-and PEFT layers, and the 16-bit nn.Linear layers it kept (the output head) stay as they are. In a PEFT
-model adapters come from PEFT only: its bitsandbytes layers without an adapter become `LinearNF4`, and
-its nn.Linear layers are never converted.
+`target_modules` matches names equal to an entry or ending in "." + entry (PEFT's rule). None means every
+nn.Linear, or in a bitsandbytes or PEFT model its 4-bit and PEFT layers (the head stays 16-bit). In a PEFT
+model adapters come from PEFT only: its nn.Linear layers never convert.
 """
 
 from __future__ import annotations
@@ -42,21 +31,19 @@ _peft_converter: Callable[[nn.Module, LinearNF4], nn.Module] | None = None
 
 
 def register_peft_converter(convert: Callable[[nn.Module, LinearNF4], nn.Module]) -> None:
-    """Install `convert(peft_layer, base)`, which returns the layer that replaces PEFT's LoRA layer
-    `peft_layer` (its adapters carried over) over the already converted `base`. `import nf4.hf` calls it:
-    this module never imports the layer above it."""
+    """Install `convert(peft_layer, base) -> replacement` (`nf4.hf` calls it)."""
     global _peft_converter
     _peft_converter = convert
 
 
 def _is_bnb_4bit(module: nn.Module) -> bool:
-    """bitsandbytes' Linear4bit (checked only where bitsandbytes is already imported: never imported here)."""
+    """bitsandbytes' Linear4bit (bitsandbytes never imported here)."""
     bnb = sys.modules.get("bitsandbytes")
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
 def _is_peft_lora(module: nn.Module) -> bool:
-    """PEFT's LoRA layer over a Linear (duck-typed: peft is not imported here)."""
+    """PEFT's LoRA layer, duck-typed."""
     return isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and isinstance(
         getattr(module, "base_layer", None), nn.Module
     )
@@ -69,9 +56,7 @@ def _convertible(module: nn.Module) -> bool:
 
 
 def bnb_weight(module: nn.Module, name: str = "") -> NF4Tensor:
-    """The NF4 weight of bitsandbytes' `Linear4bit` `module`: its own tensors, nothing copied or requantized
-    (a layer that bitsandbytes has not quantized yet, whose weight is still 16-bit, is quantized here as
-    bitsandbytes would). ValueError naming `name` for FP4 and other layouts nf4 cannot hold."""
+    """A Linear4bit's NF4 weight, its own tensors (quantized first if still 16-bit); ValueError for FP4."""
     weight = module.weight
     state = getattr(weight, "quant_state", None)
     if state is None:
@@ -91,8 +76,7 @@ def bnb_weight(module: nn.Module, name: str = "") -> NF4Tensor:
 
 
 def from_bnb(module: nn.Module, name: str = "", cls: type[LinearNF4] = LinearNF4, **kwargs) -> LinearNF4:
-    """bitsandbytes' `Linear4bit` `module` as a `cls` (LinearNF4, or LoRALinearNF4 with its `kwargs`) holding
-    the same NF4 bytes and bias tensors (`bnb_weight`)."""
+    """A Linear4bit as a `cls(**kwargs)` on the same tensors."""
     q = bnb_weight(module, name)
     out_features, in_features = q.shape
     layer = cls(in_features, out_features, bias=module.bias is not None, blocksize=q.blocksize,
@@ -105,8 +89,7 @@ def from_bnb(module: nn.Module, name: str = "", cls: type[LinearNF4] = LinearNF4
 
 
 def _nf4(module: nn.Module, name: str, cls: type[LinearNF4], blocksize: int, double_quant: bool, **kwargs):
-    """`module` (nn.Linear or bitsandbytes' Linear4bit) as a `cls`; on the meta device, an empty `cls` on
-    meta that quantizes the 16-bit weight a later `load_state_dict` brings (nothing to quantize yet)."""
+    """`module` as a `cls`; on meta, an empty one that quantizes the weight `load_state_dict` brings."""
     if module.weight.device.type == "meta" and getattr(module.weight, "quant_state", None) is None:
         if not _is_bnb_4bit(module):
             dtype = module.weight.dtype
@@ -127,8 +110,7 @@ def _nf4(module: nn.Module, name: str, cls: type[LinearNF4], blocksize: int, dou
 
 
 def _refuse_sharded(model: nn.Module, label: str) -> None:
-    """The wrong order (fully_shard, then convert) gets one clear error: the 16-bit weights are DTensor
-    shards by then, which cannot be quantized in place, and FSDP2 would not see the new layers."""
+    """Refuse fully_shard-then-convert: DTensor shards cannot be quantized in place, FSDP2 misses new layers."""
     if not torch.distributed.is_available():
         return
     from torch.distributed.fsdp import FSDPModule
@@ -184,8 +166,6 @@ def _targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
 
 
 def _replace(model: nn.Module, target_modules, cls, label: str, progress, blocksize, double_quant, **kwargs):
-    """Convert the targets of `model` in place: plain and bitsandbytes layers into `cls(**kwargs)`, PEFT's
-    LoRA layers into nf4's PEFT layer over a LinearNF4."""
     _refuse_sharded(model, label)
     targets = _targets(model, target_modules)
     adapters = {  # adapters already there (PEFT's, or a previous apply_lora's) stay as trainable as they were
@@ -223,9 +203,9 @@ def apply_lora(
     double_quant: bool = True,
     progress: bool | None = None,
 ) -> nn.Module:
-    """Replace the matching Linear layers of `model` (see the module docstring) by `LoRALinearNF4`, in
-    place, and freeze every other parameter: afterwards only the adapters require grad. PEFT's LoRA layers
-    keep their own adapters (r, lora_alpha, ... apply to the other layers only). Returns `model`."""
+    """Replace matching layers (module docstring) by `LoRALinearNF4` in place, freezing all but adapters;
+    returns `model`. Arguments as `LoRALinearNF4` (PEFT layers keep theirs); `progress` as `nf4.progress`.
+    ValueError if nothing matches or already FSDP2-sharded; RuntimeError for PEFT without `nf4.hf`."""
     lora = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
     return _replace(model, target_modules, LoRALinearNF4, "apply_lora", progress, blocksize, double_quant, **lora)
 
@@ -237,6 +217,5 @@ def quantize_model(
     double_quant: bool = True,
     progress: bool | None = None,
 ) -> nn.Module:
-    """Replace the matching Linear layers of `model` (see the module docstring) by `LinearNF4` (inference),
-    in place; every parameter but PEFT's adapters is frozen. Returns `model`."""
+    """`apply_lora` with `LinearNF4` (no new adapters): for inference. Returns `model`."""
     return _replace(model, target_modules, LinearNF4, "quantize_model", progress, blocksize, double_quant)

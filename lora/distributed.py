@@ -1,34 +1,13 @@
-"""Several GPUs: torch's FSDP2 (`torch.distributed.fsdp.fully_shard`) shards nf4 models as they are.
+"""Several GPUs: FSDP2's `fully_shard` shards nf4 models as they are.
 
-The design (why nothing nf4-specific wraps FSDP2): the bulk of an NF4 weight is stored in integer
-parameters (`LinearNF4.weight`, the packed codes, uint8 [(n + 1) // 2, 1]; `weight_absmax`, uint8 codes or
-the float32 absmax as its int32 bits), so FSDP2 shards them on dim 0 like any parameter (padding uneven
-sizes; a block may straddle two shards, which does not matter: the forward sees the all-gathered whole),
-all-gathers them in 4 bits (0.516 bytes per weight at blocksize 64 with double quantization: 0.5 of codes
-+ 1/64 of absmax codes) and never casts them: a `MixedPrecisionPolicy` casts floating parameters only. The
-small pieces (the NF4 table, the nested absmax and offset, the 256-entry map) are persistent buffers, which
-FSDP2 neither shards nor casts. The alternatives were worse: a tensor subclass with `fsdp_pre_all_gather` /
-`fsdp_post_all_gather` (torchao's NF4Tensor) must divide evenly by the world size and is invisible to
-bitsandbytes' state-dict layout; a container caching the whole tensor keeps it alive and silently defeats
-sharding; float pieces stored as parameters are rounded by `param_dtype=bf16`.
-
-What users see is unchanged: `apply_lora`, the fused ops (which read the unsharded parameters FSDP2 puts in
-place during forward and backward), bitsandbytes' state-dict keys and bytes (`get_model_state_dict` with
-`full_state_dict=True` gives the unsharded model's state dict; `torch.distributed.checkpoint` saves and
-loads the sharded one at any world size), `nf4.lora.save_adapter` (every rank calls it, rank 0 writes).
-
-A checkpoint saved with `torch.distributed.checkpoint` loads into a model built the same way (the same
-base weights quantized, e.g. with `from_pretrained` or `apply_lora`): each weight's quant-state entry is
-bitsandbytes' JSON, whose length depends on the stored offset, and DCP refuses an entry of another length
-with a "Size mismatch" error rather than load it.
-
-    from torch.distributed.fsdp import fully_shard
-    model = apply_lora(model, ...)                    # or from_pretrained(..., NF4Config()) + PEFT
-    for layer in nf4_layers(model):                   # each NF4 layer (with its adapter) one FSDP2 group
+    for layer in nf4_layers(model):     # one FSDP2 group per NF4 layer with its adapter
         fully_shard(layer)
-    fully_shard(model)
+    fully_shard(model)                  # = shard_model(model, **kwargs)
 
-`shard_model(model, **kwargs)` does exactly that; `AllGatherBytes` counts what the collectives move.
+The bulk of an NF4 weight is integer parameters: FSDP2 shards them (padded; a block may straddle shards,
+the forward sees the gathered whole), all-gathers 4 bits, never casts them; small pieces are buffers
+(tests/test_distributed.py). A tensor subclass
+would need sizes divisible by the world size and hide bitsandbytes' state-dict layout.
 """
 
 from __future__ import annotations
@@ -42,8 +21,7 @@ from nf4.lora.modules import LinearNF4
 
 
 def nf4_layers(model: nn.Module) -> list[nn.Module]:
-    """The modules to shard one by one: each NF4 layer, or the PEFT LoRA layer wrapping it (so that its
-    adapter shares the layer's all-gather), outermost first."""
+    """Each NF4 layer, or the PEFT layer wrapping it (its adapter shares the all-gather), outermost first."""
     found, taken = [], set()
     for _, module in model.named_modules():
         base = getattr(module, "base_layer", None)
@@ -56,8 +34,7 @@ def nf4_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_model(model: nn.Module, **fsdp_kwargs) -> nn.Module:
-    """`fully_shard` every NF4 layer of `model` (see `nf4_layers`), then the root, with the same keyword
-    arguments (mesh, mp_policy, offload_policy, reshard_after_forward, ...). Returns `model`."""
+    """`fully_shard` each of `nf4_layers(model)`, then the root, all with `fsdp_kwargs`; returns `model`."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in nf4_layers(model):
@@ -67,12 +44,12 @@ def shard_model(model: nn.Module, **fsdp_kwargs) -> nn.Module:
 
 
 def local_bytes(model: nn.Module) -> int:
-    """Bytes this rank stores for the model's parameters and buffers (a sharded parameter: its shard)."""
+    """Bytes of parameters and buffers this rank stores (a sharded parameter: its shard)."""
     return sum(_local(t).numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def nf4_local_bytes(model: nn.Module) -> int:
-    """Bytes of the NF4 weights (codes, absmax, tables) this rank stores: adapters and biases left out."""
+    """Bytes of the NF4 weights (codes, absmax, tables) this rank stores."""
     total = 0
     for m in model.modules():
         if isinstance(m, LinearNF4):
@@ -86,15 +63,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class AllGatherBytes(contextlib.ContextDecorator):
-    """Counts the bytes that all-gathers deliver to this rank (the gathered output's size) while active:
-
-        with AllGatherBytes() as counted:
-            loss = model(x).sum(); loss.backward()
-        counted.bytes
-
-    It wraps the collectives FSDP2 calls (`all_gather_single` in torch >= 2.12, `all_gather_into_tensor`
-    before); nothing else changes.
-    """
+    """While active, counts what all-gathers deliver to this rank (`.bytes`, `.calls`, `.sizes`)."""
 
     _NAMES = ("all_gather_single", "all_gather_into_tensor")
 

@@ -1,20 +1,11 @@
 """The NF4 linear layer with a LoRA adapter as one differentiable function.
 
-    y = x @ dequant(W)^T + scaling * (x_d @ A^T) @ B^T + bias          x_d = x * mask / (1 - p)
+    y  = x @ dequant(W)^T + scaling * (x_d @ A^T) @ B^T + bias          x_d = x * mask / (1 - p)
+    dx = dy @ dequant(W) + (g @ A) * mask / (1 - p),   g = scaling * dy @ B
+    dA = g^T @ x_d,   dB = scaling * dy^T @ (x_d @ A^T) (saved from forward),   dbias = sum_rows dy
 
-x [..., K], W an NF4Tensor [N, K] (frozen), A [r, K], B [N, r], bias [N], mask the dropout mask (none
-when not training or p = 0). Backward, with g = scaling * dy @ B  [M, r]:
-
-    dx    = dy @ dequant(W) + (g @ A) * mask / (1 - p)      one fused matmul, W decoded tile by tile
-    dA    = g^T @ x_d                                        [r, K]
-    dB    = scaling * dy^T @ (x_d @ A^T)                     [N, r]   (x_d @ A^T saved from forward)
-    dbias = sum over rows of dy
-
-W gets no gradient and no dequantized copy of it is kept. The low-rank products run in the activation
-dtype (float32 accumulation), the adapter cast to it; dA, dB come back in the adapter's dtype. Both
-passes are one op, `nf4::matmul` (`nf4.lora.ops`): the fused Triton kernel on CUDA, the fp32 reference
-elsewhere (float64 too, for gradcheck). Nothing reads a value back from the device, so a converted
-model can be captured in a CUDA graph (tests/test_sync.py).
+W [N, K] is frozen, never dequantized whole. Low-rank products run in x's dtype. No device read-back
+(tests/test_sync.py).
 """
 
 from __future__ import annotations
@@ -27,11 +18,7 @@ from nf4.tensor import NF4Tensor
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """`y = x @ dequant(W)^T + scaling * (x_d @ A^T) @ B^T + bias` with the backward above.
-
-    `apply(x, weight, lora_A, lora_B, bias, scaling, mask, keep_scale)`: `weight` an NF4Tensor, `mask` a
-    bool keep-mask shaped like x (or None) and `keep_scale` = 1 / (1 - p). Inputs are not checked
-    (`lora_linear` checks them)."""
+    """The header's math; `mask` a bool keep-mask or None, `keep_scale` 1 / (1 - p); inputs unchecked."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, mask, keep_scale):
@@ -72,19 +59,15 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 def _unviewed(y2: Tensor, x: Tensor) -> Tensor:
-    """The [M, N] result as [..., N], and not a view: autograd refuses in-place ops (`y += 1`, `relu_`,
-    which nn.Linear's output allows) on a view returned by a custom Function. `detach` gives a non-view on
-    the same storage, without a copy (tests/test_functional.py, test_output_can_be_modified_in_place)."""
+    """[..., N], not a view: in-place ops on a Function's view fail (tests/test_functional.py)."""
     return y2.reshape(*x.shape[:-1], y2.shape[-1]).detach()
 
 
 def _dropped(x2: Tensor, mask: Tensor | None, keep_scale: float) -> Tensor:
-    """x_d = x * mask * keep_scale in x's dtype (x itself without a mask)."""
     return x2 if mask is None else x2 * mask.reshape(x2.shape) * keep_scale
 
 
 def check_inputs(x, weight, lora_A=None, lora_B=None, bias=None, where: str = "lora_linear") -> None:
-    """Validate `lora_linear`'s arguments: TypeError / ValueError saying expected, got and what to do."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{where}: x must be a tensor, got {type(x).__name__}")
     if not isinstance(weight, NF4Tensor):
@@ -128,13 +111,9 @@ def lora_linear(
 ) -> Tensor:
     """`x @ dequant(weight)^T + scaling * (dropout(x) @ lora_A^T) @ lora_B^T + bias`, differentiable.
 
-    Args:
-        x: [..., K] activations (float32, float16, bfloat16; float64 on the reference path).
-        weight: the frozen NF4 weight [N, K]. lora_A: [r, K], lora_B: [N, r] (both or neither).
-        bias: [N] or None. dropout: probability p applied to x in the LoRA branch when `training`.
-        where: the caller's name in error messages.
-    Returns:
-        [..., N] in x's dtype. Raises TypeError / ValueError for mismatched shapes, dtypes or devices.
+    x [..., K] (fp32/fp16/bf16; fp64 on the reference path), weight [N, K], lora_A [r, K] and lora_B [N, r]
+    (both or neither), bias [N]; dropout when `training`; `where` names errors. Returns [..., N] in x's
+    dtype. TypeError / ValueError on bad shapes, dtypes or devices.
     """
     check_inputs(x, weight, lora_A, lora_B, bias, where)
     mask, keep_scale = dropout_mask(x, dropout, training and lora_A is not None)
@@ -148,7 +127,7 @@ def lora_linear(
 
 
 def dropout_mask(x: Tensor, p: float, active: bool) -> tuple[Tensor | None, float]:
-    """(bool keep-mask shaped like x, 1 / (1 - p)), or (None, 1.0) when dropout is off."""
+    """(keep-mask, 1 / (1 - p)), or (None, 1.0)."""
     if not active or p == 0.0:
         return None, 1.0
     return torch.rand(x.shape, device=x.device) >= p, 1.0 / (1.0 - p)

@@ -1,10 +1,5 @@
-"""Merging adapters for export: exactly into 16-bit nn.Linear layers.
-
-`merge_and_unload(model)` replaces every LoRALinearNF4 by an ordinary nn.Linear whose weight is
-`dequant(W) + scaling * B @ A`, computed in float32 and rounded once to the chosen dtype: the fine-tune
-is kept exactly (up to that rounding), and the result loads anywhere. The other way,
-`LoRALinearNF4.merge()`, folds the adapter back into a 4-bit weight; that requantization loses much of
-the update (see its docstring, and `nf4 demo`, which measures both).
+"""Exact merge for export: `dequant(W) + scaling * B @ A` in fp32, rounded once into nn.Linear.
+(`LoRALinearNF4.merge()` requantizes to 4 bits instead, losing much of the update.)
 """
 
 from __future__ import annotations
@@ -17,7 +12,7 @@ from nf4.lora.modules import LinearNF4, LoRALinearNF4
 
 
 def merged_weight(layer: LinearNF4, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`dequant(W) [+ scaling * B @ A]` in float32, rounded once to `dtype` (default: W's dtype)."""
+    """`dequant(W) [+ scaling * B @ A]` in fp32, rounded once to `dtype` (default: W's dtype)."""
     weight = layer.nf4_weight
     w = dequantize(weight, torch.float32)
     if isinstance(layer, LoRALinearNF4) and not layer.merged:
@@ -26,9 +21,8 @@ def merged_weight(layer: LinearNF4, dtype: torch.dtype | None = None) -> torch.T
 
 
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, include_base: bool = True) -> nn.Module:
-    """Replace every LoRALinearNF4 (and, with `include_base`, every LinearNF4) of `model` by an nn.Linear
-    holding the merged 16-bit weight, in place; returns the model. `dtype` defaults to each weight's
-    original dtype. Biases are kept."""
+    """Replace each LoRALinearNF4 (LinearNF4 too if `include_base`) by an nn.Linear of `merged_weight`,
+    bias kept, in place; returns `model`."""
     targets = [
         (name, m)
         for name, m in model.named_modules()

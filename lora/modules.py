@@ -1,32 +1,15 @@
-"""Drop-in replacements for nn.Linear with an NF4 weight: `LinearNF4` and `LoRALinearNF4`.
+"""Drop-in nn.Linear replacements whose weight is stored as bitsandbytes' `Linear4bit` stores it:
 
-The quantized weight is stored the way bitsandbytes' `Linear4bit` stores it, so that every loader, wrapper
-and sharder that handles a bitsandbytes model handles these modules too:
+    weight                frozen Parameter, uint8 [(n + 1) // 2, 1]   packed codes
+    weight_absmax         frozen Parameter, uint8 [nblocks]           absmax codes, or fp32 absmax as int32
+    weight_code           fp32 buffer [16]                            the NF4 table
+    weight_nested_absmax  fp32 buffer [ceil(nblocks / 256)]           } double quantization only
+    weight_nested_offset  fp32 buffer []                              }
+    weight_nested_code    fp32 buffer [256]                           }
 
-    weight                frozen nn.Parameter, uint8 [(n + 1) // 2, 1]   the packed codes (bitsandbytes' bytes)
-    weight_absmax         frozen nn.Parameter, uint8 [nblocks]           double-quantized absmax codes, or the
-                                                                          float32 absmax viewed as int32 bits
-    weight_code           buffer, float32 [16]                          the NF4 table
-    weight_nested_absmax  buffer, float32 [ceil(nblocks / 256)]          } double quantization only
-    weight_nested_offset  buffer, float32 []                            } (None without)
-    weight_nested_code    buffer, float32 [256]                         }
-
-`module.nf4_weight` is the same bytes as one `NF4Tensor` (its `.shape` is [out_features, in_features]).
-Why this layout: the bulk (codes and absmax) is made of integer parameters, which torch's FSDP2 shards like
-any parameter and no mixed-precision policy casts (a float32 absmax is kept as its int32 bit pattern for
-that reason); the rest is small. The buffers are persistent, so loaders that reset non-persistent buffers
-(transformers does, after `from_pretrained`) leave them alone; `weight` is a real parameter, so loaders
-that resolve every expected state-dict key to a module attribute find it.
-
-The state dict holds the weight in bitsandbytes' serialized form (`weight`, `weight.absmax`,
-`weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`,
-`weight.quant_state.bitsandbytes__nf4`), so a checkpoint that transformers saved for a bitsandbytes 4-bit
-Linear loads into these modules and back. A module on the meta device (built with
-`torch.device("meta")`, before its weights are loaded) has no values for the quant state, so its state
-dict lists `weight` alone, as the meta tensor [out_features, in_features] of the original dtype that a
-loader should bring, as bitsandbytes' Linear4bit does before quantization; `load_state_dict(...,
-assign=True)` and `to_empty` work there. `.to(...)`, `.cuda()`, `.half()` move the quantized bytes but
-never cast or requantize them.
+FSDP2 shards integer parameters and no mixed-precision policy casts them. Buffers are persistent
+(transformers resets the others); `weight` is a parameter (loaders resolve keys to attributes). The
+state dict is bitsandbytes' form; on meta it lists `weight` alone, the float [out, in] to bring.
 """
 
 from __future__ import annotations
@@ -44,19 +27,18 @@ from nf4.lora.functional import lora_linear
 from nf4.tensor import NF4Tensor
 
 _PARAMS = {"weight": "packed", "weight_absmax": "absmax"}
-"""Module parameter name -> NF4Tensor piece: the bulk of the weight, frozen parameters (FSDP2 shards them)."""
+"""Parameter name -> NF4Tensor piece (the bulk)."""
 _BUFFERS = {
     "weight_code": "code",
     "weight_nested_absmax": "nested_absmax",
     "weight_nested_offset": "nested_offset",
     "weight_nested_code": "nested_code",
 }
-"""Module buffer name -> NF4Tensor piece: the small pieces, persistent buffers (never sharded or cast)."""
+"""Buffer name -> NF4Tensor piece (the small pieces)."""
 
 
 def _empty_nf4(out_features: int, in_features: int, blocksize: int, double_quant: bool, dtype, device) -> NF4Tensor:
-    """An all-zero quantized weight (codes 0x77, absmax 0), without quantizing anything. Every piece gets an
-    explicit dtype, so the default dtype (`torch.set_default_dtype`, transformers' load dtype) never leaks in."""
+    """All-zero; explicit dtypes keep the default dtype out."""
     n = out_features * in_features
     nblocks = -(-n // blocksize)
     packed = torch.full(((n + 1) // 2, 1), 0x77, dtype=torch.uint8, device=device)
@@ -76,12 +58,8 @@ def _empty_nf4(out_features: int, in_features: int, blocksize: int, double_quant
 
 
 class LinearNF4(nn.Module):
-    """`y = x @ dequant(W)^T + bias` with W frozen in NF4 (inference, or a frozen base under LoRA).
-
-    A drop-in for `nn.Linear(in_features, out_features, bias)`: the same call, input [..., in_features]
-    and output [..., out_features] in the input's dtype. The weight starts all-zero: build from a
-    trained layer with `LinearNF4.from_linear(linear)`, or load a (bitsandbytes-format) state dict.
-    """
+    """`y = x @ dequant(W)^T + bias`, W frozen in NF4, for nn.Linear. Starts all-zero: use `from_linear`
+    or load a state dict."""
 
     def __init__(
         self,
@@ -96,14 +74,11 @@ class LinearNF4(nn.Module):
     ):
         """
         Args:
-            in_features, out_features: sizes, as for nn.Linear (positive ints).
-            bias: whether to keep a (frozen) bias of shape [out_features].
-            blocksize: NF4 block size, one of `nf4.BLOCKSIZES` (64, what checkpoints use, by default).
-            double_quant: quantize the per-block absmax to 8 bits too (4.127 instead of 4.5 bits/param).
-            dtype: the original weight's dtype recorded in the format (what `dequantize_weight` returns)
-                and the bias's dtype: float32, float16 or bfloat16; torch's default dtype when None, as
-                for nn.Linear.
-            device: where the quantized weight and the bias live (the meta device too: no values).
+            in_features, out_features, bias: as nn.Linear (the bias frozen).
+            blocksize: one of `nf4.BLOCKSIZES`. double_quant: 8-bit absmax (4.127 bits/param, not 4.5).
+            dtype: the weight's original dtype (what `dequantize_weight` returns) and the bias's: float32,
+                float16 or bfloat16 (default: torch's default). device: may be meta.
+        Raises ValueError / TypeError for non-positive sizes or another dtype.
         """
         super().__init__()
         if in_features <= 0 or out_features <= 0:
@@ -121,7 +96,7 @@ class LinearNF4(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, **kwargs) -> LinearNF4:
-        """Quantize `linear`'s weight (on its device); the bias is copied and frozen."""
+        """Quantize `linear`'s weight on its device; the bias is copied, frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
@@ -142,7 +117,7 @@ class LinearNF4(nn.Module):
 
     # -- the quantized weight ------------------------------------------------------------------
     def set_weight(self, q: NF4Tensor) -> None:
-        """Store `q`'s pieces as this module's parameters and buffers (see the module docstring)."""
+        """Store `q`'s pieces as this module's parameters and buffers."""
         pieces, meta = q.flatten()
         if not meta.double_quant:  # float32 absmax as its bit pattern: no mixed-precision policy casts it
             pieces["absmax"] = pieces["absmax"].view(torch.int32)
@@ -155,8 +130,8 @@ class LinearNF4(nn.Module):
 
     @property
     def nf4_weight(self) -> NF4Tensor:
-        """The quantized weight [out_features, in_features] as an `NF4Tensor` (a view of the stored pieces)."""
-        params, buffers = self._parameters, self._buffers  # not getattr: nn.Module.__getattr__ costs ~0.4 µs
+        """The weight [out_features, in_features] as an NF4Tensor over the stored pieces."""
+        params, buffers = self._parameters, self._buffers  # not getattr: nn.Module.__getattr__ is slow here
         meta = self._weight_meta
         absmax = params["weight_absmax"]
         pieces = {piece: buffers[name] for name, piece in _BUFFERS.items()}
@@ -165,17 +140,16 @@ class LinearNF4(nn.Module):
 
     @property
     def nf4_meta(self) -> NF4Meta:
-        """The weight's shape, original dtype, blocksize and double_quant flag."""
+        """Shape, original dtype, blocksize, double_quant."""
         return self._weight_meta
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight as a float tensor [out_features, in_features] (the original dtype by default)."""
+        """The weight as floats [out_features, in_features], default its original dtype."""
         return dequantize(self.nf4_weight, dtype)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ dequant(W)^T + bias`: x [..., in_features] (float32, float16 or bfloat16; float64 on the
-        CPU) -> [..., out_features] in x's dtype. W stays frozen; x gets a gradient if it requires one."""
+        """x [..., in_features] (fp32/fp16/bf16; fp64 on CPU) -> [..., out_features] in x's dtype."""
         return lora_linear(x, self.nf4_weight, bias=self.bias, where=type(self).__name__)
 
     # -- state dict in bitsandbytes' form ------------------------------------------------------
@@ -229,10 +203,7 @@ class LinearNF4(nn.Module):
         self._weight_meta = q.meta
 
     def _quantize_arrival(self, weight) -> NF4Tensor | None:
-        """A 16-bit weight [out_features, in_features] arriving alone (the entry a meta module's state dict
-        lists, e.g. a layer converted on the meta device, loaded from the original checkpoint), quantized
-        with this module's blocksize and double quantization where it is, as bitsandbytes does; None for
-        anything else (bitsandbytes' packed codes)."""
+        """A float weight arriving alone, quantized in this module's format; None for packed codes."""
         if not (isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2):
             return None
         if tuple(weight.shape) != (self.out_features, self.in_features):
@@ -245,14 +216,11 @@ class LinearNF4(nn.Module):
         return quantize(weight.detach().to(device, meta.dtype), meta.blocksize, meta.double_quant)
 
     def _same_layout(self, q: NF4Tensor) -> bool:
-        """True when `q`'s pieces have the shapes and dtypes of this module's (a copy in place can load it)."""
         meta = self._weight_meta
         return (q.shape, q.blocksize, q.double_quant) == (meta.shape, meta.blocksize, meta.double_quant)
 
     def _fqn_modifiers(self) -> dict[str, str]:
-        """torch.distributed.checkpoint resolves every state-dict key as an attribute path from the root;
-        bitsandbytes' keys (`weight.absmax`, `weight.quant_state.bitsandbytes__nf4`, ...) are not attributes of
-        the `weight` parameter, so its walk goes through `_bnb_key_path` instead (the keys stay the same)."""
+        """DCP resolves keys as attribute paths: `weight.absmax` etc. via `_bnb_key_path`."""
         return {"weight": "_bnb_key_path"}
 
     @property
@@ -291,16 +259,8 @@ class LinearNF4(nn.Module):
 
 
 class LoRALinearNF4(LinearNF4):
-    """An NF4 base layer plus a trainable LoRA adapter (PEFT's conventions).
-
-        y = x @ dequant(W)^T + scaling * (dropout(x) @ lora_A^T) @ lora_B^T + bias
-
-    `lora_A` [r, in_features] is initialised kaiming-uniform (a = sqrt(5)) and `lora_B` [out_features, r]
-    to zeros, so a fresh adapter leaves the output unchanged; `scaling = lora_alpha / r`
-    (`lora_alpha / sqrt(r)` with `use_rslora`). The adapter is float32 unless `adapter_dtype` says
-    otherwise; the base weight and bias are frozen. Build one from a trained layer with
-    `LoRALinearNF4.from_linear(linear, r=16, lora_alpha=16)`.
-    """
+    """`y = x @ dequant(W)^T + scaling * (dropout(x) @ A^T) @ B^T + bias`: W frozen, A [r, in_features]
+    and B [out_features, r] trainable (PEFT's conventions)."""
 
     def __init__(
         self,
@@ -317,14 +277,10 @@ class LoRALinearNF4(LinearNF4):
     ):
         """
         Args:
-            in_features, out_features, bias: as nn.Linear.
-            r: the adapter's rank (a positive int).
-            lora_alpha: scale numerator: `scaling = lora_alpha / r` (or `/ sqrt(r)` with `use_rslora`).
-            lora_dropout: dropout probability in [0, 1) applied to the adapter's input while training.
-            use_rslora: rank-stabilized scaling, `lora_alpha / sqrt(r)`.
-            adapter_dtype: dtype of lora_A and lora_B (float32 by default).
-            **kwargs: the base layer's format and placement, as for `LinearNF4`: `blocksize` (64),
-                `double_quant` (True), `dtype` (the weight's original dtype, float32) and `device`.
+            r: rank (positive int). lora_alpha: `scaling = lora_alpha / r` (`/ sqrt(r)` with `use_rslora`).
+            lora_dropout: in [0, 1), on the adapter's input in training. adapter_dtype: of lora_A, lora_B.
+            in_features, out_features, bias, **kwargs (blocksize, double_quant, dtype, device): as `LinearNF4`.
+        Raises ValueError for a bad r or lora_dropout.
         """
         super().__init__(in_features, out_features, bias, **kwargs)
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
@@ -343,7 +299,7 @@ class LoRALinearNF4(LinearNF4):
         self._unmerged: NF4Tensor | None = None  # the weight before `merge`, for `unmerge`
 
     def reset_lora_parameters(self) -> None:
-        """PEFT's initialisation: A kaiming-uniform (a = sqrt(5)), B zero."""
+        """PEFT's: A kaiming-uniform (a = sqrt(5)), B zero."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
@@ -359,7 +315,7 @@ class LoRALinearNF4(LinearNF4):
         double_quant: bool = True,
         **kwargs,
     ) -> LoRALinearNF4:
-        """Quantize `linear` to NF4 and attach a fresh adapter (output unchanged until trained)."""
+        """Quantize `linear` and attach a fresh adapter."""
         return super().from_linear(
             linear,
             blocksize=blocksize,
@@ -372,9 +328,7 @@ class LoRALinearNF4(LinearNF4):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ dequant(W)^T + scaling * (dropout(x) @ lora_A^T) @ lora_B^T + bias`, one fused op with a
-        hand-written backward: x [..., in_features] -> [..., out_features] in x's dtype. Dropout is
-        active in training mode only; after `merge()` the adapter is inside W and skipped here."""
+        """One fused op; dropout in training mode only; no adapter once merged."""
         if self.merged:
             return super().forward(x)
         return lora_linear(x, self.nf4_weight, self.lora_A, self.lora_B, self.bias, self.scaling, self.lora_dropout,
@@ -383,22 +337,17 @@ class LoRALinearNF4(LinearNF4):
     # -- merging -------------------------------------------------------------------------------
     @property
     def merged(self) -> bool:
-        """True between `merge()` and `unmerge()`: the weight holds the adapter, which is skipped."""
+        """True between `merge()` and `unmerge()`."""
         return self._unmerged is not None
 
     def delta_weight(self) -> torch.Tensor:
-        """The adapter's update `scaling * lora_B @ lora_A`, float32 [out_features, in_features]."""
+        """`scaling * lora_B @ lora_A`, float32 [out_features, in_features]."""
         return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
     def merge(self) -> dict[str, float]:
-        """Fold the adapter into the NF4 weight: `W' = quantize(dequant(W) + scaling * B @ A)`.
-
-        Lossy: the update is usually smaller than the NF4 rounding step, so much of it is rounded away.
-        Returns the weight-space measurements: `update_norm` = ||dW||, `error_norm` =
-        ||dequant(W') - (dequant(W) + dW)||, and `update_lost` = their ratio (1.0 means the merged
-        weight is as far from the intended one as the whole update is large). `unmerge()` restores the
-        previous weight exactly; for an exact merge use `nf4.lora.merge_and_unload` (16-bit weights).
-        """
+        """`W' = quantize(dequant(W) + dW)`, dW = scaling * B @ A; lossy (dW is often below the NF4 step).
+        Returns `update_norm` ||dW||, `error_norm` ||dequant(W') - dequant(W) - dW||, `update_lost` (ratio).
+        RuntimeError if merged."""
         if self.merged:
             raise RuntimeError("this layer is already merged; unmerge() first")
         q = self.nf4_weight
@@ -413,7 +362,7 @@ class LoRALinearNF4(LinearNF4):
         return {"update_norm": update, "error_norm": err, "update_lost": err / update if update else 0.0}
 
     def unmerge(self) -> None:
-        """Restore the weight from before `merge()`, byte for byte (the adapter was never changed)."""
+        """Restore the weight from before `merge()`, byte for byte."""
         if not self.merged:
             raise RuntimeError("this layer is not merged")
         self.set_weight(self._unmerged)

@@ -1,9 +1,7 @@
-"""The one custom op, `nf4::matmul` (schema and fake), and the switch that decides when calls go through it.
+"""The custom op `nf4::matmul` (schema, fake) and when calls go through it.
 
-`torch.compile`, `torch.export`, fake tensors and dispatch modes see `nf4::matmul`, never its body. The op
-takes the weight's pieces and metadata (`NF4Tensor.flatten`): a schema cannot name a Python object.
-Plain eager calls skip the dispatcher's wrapping of custom ops and run `nf4.dispatch.matmul` directly;
-the results are bit-identical (tests/test_functional.py, test_eager_calls_match_the_custom_op).
+It takes the weight's pieces (`NF4Tensor.flatten`): a schema cannot name a Python object. Plain eager
+calls skip it, bit-identically (tests/test_functional.py, test_eager_calls_match_the_custom_op).
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ def _matmul_op(
     lora_scale: float,
     a: Tensor | None,
 ) -> Tensor:
-    """`nf4.dispatch.matmul` on the weight rebuilt from its pieces (trusted: checked when it was built)."""
+    """`nf4.dispatch.matmul` on the weight rebuilt from its pieces (checked when first built)."""
     pieces = dict(zip(PIECES, (packed, absmax, code, nested_absmax, nested_offset, nested_code), strict=True))
     q = NF4Tensor.unflatten(pieces, NF4Meta(torch.Size(shape), dtype, blocksize, double_quant))
     return dispatch.matmul(x, q, trans, u, v, bias, mask, lora_scale, a=a)
@@ -50,7 +48,7 @@ def _(x, packed, absmax, code, nested_absmax, nested_offset, nested_code, shape,
 
 
 def matmul(x2, q: NF4Tensor, trans=False, u=None, v=None, bias=None, mask=None, lora_scale=1.0, a=None) -> Tensor:
-    """`nf4.dispatch.matmul(x2, q, ...)`: directly in plain eager mode, else through `nf4::matmul`."""
+    """`nf4.dispatch.matmul`: directly in plain eager mode, else through `nf4::matmul`."""
     if eager(x2):
         return dispatch.matmul(x2, q, trans, u, v, bias, mask, lora_scale, a=a)
     pieces, meta = q.decodable().flatten()  # a 16-bit nested absmax is decoded first: the schema has no flag
@@ -60,11 +58,8 @@ def matmul(x2, q: NF4Tensor, trans=False, u=None, v=None, bias=None, mask=None, 
 
 
 def eager(x: Tensor) -> bool:
-    """True when nothing traces or intercepts a call on `x`: no compile or export, no `jit.trace`, no
-    dispatch mode (fake tensors, make_fx, FlopCounterMode), no functorch transform, no tensor subclass.
-
-    NOTE: the dispatcher's wrapping of a custom op costs more than a kernel launch in eager mode, which is
-    why eager calls skip it (bench_launch.py measures the cost per call)."""
+    """Nothing traces or intercepts `x`. NOTE: in eager mode the op's wrapping costs more than a launch
+    (benchmarks/bench_launch.py)."""
     return (
         type(x) is Tensor
         and not torch.compiler.is_compiling()

@@ -1,6 +1,5 @@
-"""Public `quantize` / `dequantize`: validation at the boundary, then kernels or reference.
-
-`nf4.dispatch` picks the path; both produce the same bytes and values bit for bit.
+"""Public `quantize` / `dequantize`: validation at the boundary, then `nf4.dispatch` (kernels and
+reference give the same bytes and values, bit for bit).
 """
 
 from __future__ import annotations
@@ -38,15 +37,15 @@ def quantize(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
     """Quantize a float tensor to NF4 in blocks of `blocksize` consecutive (row-major) elements.
 
     Args:
-        tensor: float32, float16 or bfloat16, any shape (a view is read in logical order), finite,
-            non-empty. Not modified; its autograd history is ignored.
-        blocksize: one of 32, 64, ..., 4096 (bitsandbytes' set; 64 is what checkpoints use).
-        double_quant: also quantize the per-block absmax to 8 bits (QLoRA's double quantization):
-            4.127 instead of 4.5 bits per parameter at blocksize 64.
-
+        tensor: float32, float16 or bfloat16, any shape, finite, non-empty; not modified, no autograd.
+        blocksize: one of `BLOCKSIZES` (32 ... 4096; checkpoints use 64).
+        double_quant: 8-bit absmax too (QLoRA): 4.127 instead of 4.5 bits per parameter at blocksize 64.
     Returns:
-        An `NF4Tensor` on the tensor's device, byte-compatible with bitsandbytes' `quantize_4bit(...,
+        An `NF4Tensor` on the tensor's device, the bytes of bitsandbytes' `quantize_4bit(...,
         quant_type="nf4", compress_statistics=double_quant)`.
+    Raises:
+        TypeError for another dtype; ValueError for a bad blocksize, an empty tensor, NaN / inf, or an
+        absmax that double quantization would overflow.
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"quantize expects a torch.Tensor, got {type(tensor).__name__}")
@@ -85,17 +84,15 @@ def quantize(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
 
 
 def decode_absmax(q: NF4Tensor) -> torch.Tensor:
-    """The float32 [nblocks] absmax of `q`, decoding double quantization where present."""
+    """The float32 [nblocks] absmax of `q`, decoded if double-quantized."""
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"decode_absmax expects an NF4Tensor (from nf4.quantize), got {type(q).__name__}")
     return reference.decoded_absmax(q)
 
 
 def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize `q` to a tensor of its original shape, in `dtype` (default: its original dtype).
-
-    Each value is `NF4[code] * absmax` computed in float32 and rounded once to `dtype`.
-    """
+    """`q` as a tensor of its original shape in `dtype` (default: the original dtype): `NF4[code] * absmax`
+    in float32, rounded once. TypeError for a non-NF4Tensor or another dtype."""
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"dequantize expects an NF4Tensor (from nf4.quantize), got {type(q).__name__}")
     dtype = q.dtype if dtype is None else dtype

@@ -1,23 +1,13 @@
-"""`nf4 quantize IN OUT`: quantize a safetensors checkpoint's weights into bitsandbytes' NF4 form.
+"""`nf4 quantize IN OUT`: a safetensors checkpoint's weights into bitsandbytes' serialized NF4 pieces
+(`<name>`, `<name>.absmax`, ..., `<name>.quant_state.bitsandbytes__nf4`); other tensors copied as they are.
 
-Every selected weight `<name>` (2-D, floating point) is replaced by bitsandbytes' serialized pieces
-(`<name>`, `<name>.absmax`, `<name>.quant_map`, `<name>.nested_absmax`, `<name>.nested_quant_map`,
-`<name>.quant_state.bitsandbytes__nf4`); other tensors are copied unchanged.
+Which weights: those matching `pattern` (a regex, searched); else, with a config.json transformers
+understands (in IN or beside it), its nn.Linear weights but the head, as transformers' 4-bit loading
+picks; else every 2-D float weight. `Summary.selection` says which rule applied.
 
-Which weights: those whose names match `pattern` (a regular expression, searched) when given; else, when
-a config.json that transformers understands describes the model (in the directory IN, or beside the file
-IN), the weights of its nn.Linear layers except the output head (what transformers' 4-bit loading
-quantizes), so a model and its model.safetensors alone get the same selection; else every 2-D floating
-point weight, embeddings included. `Summary.selection` says which rule applied and why.
-
-For a directory, OUT is a directory too: everything in IN but the weight files is copied (config,
-tokenizer, subfolders such as sentence-transformers' `1_Pooling/`; hidden folders such as `.git` are not),
-and config.json gets the `quantization_config` transformers needs to load the result in 4 bits.
-
-Input problems are refused before anything is written, with a ValueError (FileNotFoundError for a missing
-IN) that names the argument: an existing OUT (unless `overwrite`), OUT of the wrong kind (a file for a
-directory IN, a directory for a file IN), a bad `pattern` or `blocksize`. Files are read with safetensors
-only; a truncated or corrupted file is refused with a clear error.
+A directory OUT gets IN's other files (config, tokenizer, subfolders; not hidden folders or other weight
+files), and config.json the `quantization_config` that loads it in 4 bits. Files are read with
+safetensors only. Bad input is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -65,8 +55,7 @@ def _open(path: Path):
 
 
 def _linear_weights(config_dir: Path) -> tuple[set[str] | None, str]:
-    """(names of the weights transformers' 4-bit loading would quantize, how they were found), or
-    (None, why they could not be)."""
+    """(weights transformers' 4-bit loading would quantize, how found), or (None, why not)."""
     config_path = config_dir / "config.json"
     if not config_path.is_file():
         return None, f"no config.json in {config_dir} to tell nn.Linear layers from embeddings"
@@ -92,7 +81,7 @@ def _linear_weights(config_dir: Path) -> tuple[set[str] | None, str]:
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
-    """Refuse, before anything is read or written, the IN/OUT combinations that cannot work."""
+    """Refuse IN/OUT combinations that cannot work, before anything is read or written."""
     if not src.exists():
         raise FileNotFoundError(f"IN {src} does not exist; pass a .safetensors file or a model directory")
     if src.is_dir() and not (src / WEIGHTS).is_file():
@@ -127,8 +116,10 @@ def quantize_checkpoint(
     progress: bool | None = None,
     overwrite: bool = False,
 ) -> Summary:
-    """Quantize the checkpoint at `src` (a .safetensors file, or a directory holding model.safetensors)
-    into `dst` (a file, or a directory for a directory); see the module docstring."""
+    """Quantize `src` (a .safetensors file, or a directory with model.safetensors) into `dst` (of the same
+    kind); returns the `Summary`. `pattern`: module docstring; `blocksize`, `double_quant`: as
+    `nf4.quantize`. ValueError for an existing `dst` (unless `overwrite`), a wrong kind, a bad pattern,
+    blocksize or file; FileNotFoundError for a missing `src`."""
     src, dst = Path(src), Path(dst)
     _check_paths(src, dst, overwrite)
     if blocksize not in BLOCKSIZES:
@@ -206,8 +197,7 @@ def quantize_checkpoint(
 
 
 def _transformers_config(blocksize: int, double_quant: bool) -> dict:
-    """What transformers reads to load bitsandbytes 4-bit weights (each weight's quant state carries
-    its own blocksize)."""
+    """What transformers reads to load bitsandbytes 4-bit weights (blocksize: in each quant state)."""
     return {
         "quant_method": "bitsandbytes",
         "load_in_4bit": True,

@@ -1,16 +1,15 @@
-"""Code tables: NormalFloat (NF4 and its k-bit family), bitsandbytes' FP4, and the signed 8-bit
-dynamic map used to double-quantize the absmax constants.
+"""Code tables (float32): NormalFloat (NF4 and its k-bit family), bitsandbytes' FP4, and the signed 8-bit
+dynamic map that double-quantizes the absmax.
 
-Every table is float32. The NF4 table ships as literals (`NF4_CODE`) and `normal_float_code(4)`
-re-derives it with scipy exactly as bitsandbytes does, bit for bit (the tests compare the two):
+`NF4_CODE` ships as literals; `normal_float_code(4)` re-derives it as bitsandbytes does, bit for bit
+(tests/test_codebook.py):
 
     p_pos = linspace32(offset, 0.5, 2**(k-1) + 1)[:-1]      2**(k-1) positive quantiles
     p_neg = linspace32(offset, 0.5, 2**(k-1))[:-1]          2**(k-1) - 1 negative quantiles
     values = sort(float32(norm.ppf(p_pos)) ++ [0] ++ float32(-norm.ppf(p_neg)))
     code = values / max(values)                              (float32 division)
 
-`linspace32` is torch's float32 linspace (the first half as `start + i*step`, the second half as
-`end - (steps-1-i)*step`); `np.linspace` or a float64 division would be off by one ulp in places.
+`linspace32` is torch's float32 linspace; `np.linspace` or a float64 division is an ulp off in places.
 """
 
 from __future__ import annotations
@@ -43,24 +42,19 @@ _NF4_LITERALS = (
 )
 
 NF4_CODE = torch.tensor(_NF4_LITERALS, dtype=torch.float32)
-"""The 16 NF4 values, float32 [16]; the 4-bit code of a value is its index. Read-only by convention."""
+"""The 16 NF4 values; a value's 4-bit code is its index. Read-only by convention."""
 
 # Magnitudes of bitsandbytes' FP4 codes 0..7 (sign bit 8 makes codes 8..15 negative).
 _FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 
 FP4_CODE = torch.tensor([m / 12.0 for m in _FP4_MAGNITUDES] + [-m / 12.0 for m in _FP4_MAGNITUDES], dtype=torch.float32)
-"""bitsandbytes' FP4 values, float32 [16], indexed by code (for comparisons; not a storage format here)."""
+"""bitsandbytes' FP4 values by code (for comparisons only)."""
 
 
 def linspace32(start: float, end: float, steps: int) -> np.ndarray:
-    """float32 linspace computed the way torch computes it on the CPU (see module docstring).
-
-    NOTE: torch's compiled loop contracts `start + step * i` into one fused multiply-add (one
-    rounding); a product of a float32 and a small integer is exact in float64, so a float64 sum
-    rounded once to float32 reproduces it (with two float32 roundings, 13 points from 0 to 2.5063145
-    differ from torch at index 9). This matches torch on the points the derivations use (tested);
-    elsewhere torch's rounding depends on which SIMD code path its kernel takes.
-    """
+    """torch's CPU float32 linspace: the first half `start + i*step`, the second `end - (steps-1-i)*step`.
+    NOTE: torch fuses each into one FMA (one rounding), reproduced by a float64 sum rounded once; matches
+    torch on the derivations' points (tests/test_codebook.py), elsewhere torch's SIMD path decides."""
     if steps < 2:
         raise ValueError(f"linspace32 needs at least 2 steps, got {steps}")
     start32, end32 = np.float32(start), np.float32(end)
@@ -73,10 +67,7 @@ def linspace32(start: float, end: float, steps: int) -> np.ndarray:
 
 
 def normal_float_offset(bits: int) -> float:
-    """QLoRA's outermost quantile for k-bit NormalFloat: 1 - (1/(2(2^k - 1)) + 1/(2 * 2^k)) / 2.
-
-    For k = 4 this is 0.96770833..., which bitsandbytes (and `NF4_OFFSET`) round to 0.9677083.
-    """
+    """QLoRA's outermost quantile, 1 - (1/(2(2^k - 1)) + 1/(2 * 2^k)) / 2 (k = 4: `NF4_OFFSET` unrounded)."""
     levels = 2**bits
     return 1.0 - 0.5 * (1.0 / (2 * (levels - 1)) + 1.0 / (2 * levels))
 
@@ -94,11 +85,8 @@ def _normal_float_code(bits: int, offset: float) -> tuple[float, ...]:
 
 
 def normal_float_code(bits: int = 4, offset: float | None = None) -> torch.Tensor:
-    """k-bit NormalFloat table (QLoRA), float32 [2**bits], sorted, with an exact zero and max 1.0.
-
-    `bits` in 2..8. `offset` defaults to `NF4_OFFSET` for 4 bits (bitsandbytes' constant) and to
-    `normal_float_offset(bits)` otherwise.
-    """
+    """k-bit NormalFloat table [2**bits], sorted, exact zero, max 1.0; `bits` in 2..8. `offset` defaults
+    to `NF4_OFFSET` for 4 bits, else `normal_float_offset(bits)`. ValueError out of range."""
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
     if offset is None:
@@ -110,11 +98,9 @@ def normal_float_code(bits: int = 4, offset: float | None = None) -> torch.Tenso
 
 @functools.cache
 def _dynamic_map() -> tuple[float, ...]:
-    # NOTE: torch.linspace, not linspace32: for 65 points torch's CPU linspace takes a vectorized
-    # path whose rounding depends on the SIMD width (16 of 65 values differ from the scalar formula
-    # on an AVX-512 machine). bitsandbytes builds this map with torch.linspace, so doing the same
-    # keeps the map, and with it the nested codes, bit-identical to bitsandbytes' on any machine.
-    # The map travels with every double-quantized tensor, so loaders never depend on this.
+    # NOTE: torch.linspace, not linspace32, as bitsandbytes builds it: at 65 points torch's rounding
+    # depends on the SIMD width, and the same call keeps the map bit-identical to bitsandbytes' on any
+    # machine (tests/test_codebook.py). The map travels with every tensor: loaders never rebuild it.
     values = [0.0, 1.0]
     for i in range(7):
         bounds = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
@@ -126,23 +112,14 @@ def _dynamic_map() -> tuple[float, ...]:
 
 
 def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map, float32 [256], sorted.
-
-    For decade i = 0..6, the 2**i midpoints of linspace(0.1, 1, 2**i + 1) times +-10**(i-6), plus 0.0
-    and 1.0: 127 negatives (min -0.99296874), 0.0 at index 127, 127 positives, 1.0 at index 255.
-    """
+    """bitsandbytes' signed 8-bit dynamic map [256], sorted: for i = 0..6 the midpoints of
+    linspace(0.1, 1, 2**i + 1) times +-10**(i-6), plus 0.0 (index 127) and 1.0 (index 255)."""
     return torch.tensor(_dynamic_map(), dtype=torch.float32)
 
 
 def nearest_thresholds(code: torch.Tensor) -> torch.Tensor:
-    """Thresholds for exact round-to-nearest onto a sorted float32 table, ties to the lower entry.
-
-    Returns float32 [len(code) - 1]: `t[j]` is the float64 midpoint of `code[j]` and `code[j+1]`
-    rounded DOWN to float32, so for any float32 v, `v > t[j]` holds exactly when v is strictly nearer
-    `code[j+1]` than `code[j]`. The nearest index is then the count of thresholds below v.
-    NOTE: a plain float32 midpoint `(a + b) / 2` rounds to nearest and can sit one ulp above the
-    exact midpoint, sending a value that is nearer the upper entry to the lower one.
-    """
+    """[len(code) - 1] thresholds: the nearest entry of sorted `code` to v (ties low) is the count below v.
+    NOTE: exact midpoints rounded down; a float32 `(a + b) / 2` can misround (tests/test_codebook.py)."""
     c = code.detach().cpu().to(torch.float64).numpy()
     mid = (c[:-1] + c[1:]) / 2.0
     down = mid.astype(np.float32)
@@ -152,9 +129,5 @@ def nearest_thresholds(code: torch.Tensor) -> torch.Tensor:
 
 
 def nf4_midpoints() -> torch.Tensor:
-    """The 15 float32 midpoints `(c[i] + c[i+1]) / 2` of the NF4 table, as bitsandbytes computes them.
-
-    The code of a scaled value xs is the number of midpoints strictly below xs (a tie goes to the
-    lower code).
-    """
+    """The 15 float32 midpoints of the NF4 table, as bitsandbytes computes them (ties go low)."""
     return (NF4_CODE[:-1] + NF4_CODE[1:]) / 2

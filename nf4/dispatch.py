@@ -1,13 +1,8 @@
 """The one place that decides whether an operation runs the Triton kernels or the torch code.
 
-CUDA tensors run the Triton kernels. CPU tensors run the torch reference (or its faster compiled CPU
-forms in `nf4.cpu`), unless `TRITON_INTERPRET=1` was set in the environment before `nf4` was imported:
-then they run the same Triton kernels through Triton's CPU interpreter (how the test suite checks the
-kernels without a GPU). Callers (`nf4.api`, `nf4.lora`) validate their inputs, then call one of the
-functions below; `nf4.kernels` is imported here and nowhere else in `nf4`.
-
-Every function takes the quantized weight as one `NF4Tensor` handle and reads its metadata
-(`q.double_quant`, `q.blocksize`, `q.shape`) from it.
+CUDA tensors run the kernels; CPU tensors the torch reference or `nf4.cpu`, or with `TRITON_INTERPRET=1`
+the kernels in Triton's interpreter (how tests check kernels without a GPU). Callers validate inputs;
+`nf4.kernels` is imported here and nowhere else in `nf4`. The weight comes as one NF4Tensor.
 """
 
 from __future__ import annotations
@@ -21,11 +16,11 @@ from nf4.codebook import dynamic_map, nearest_thresholds
 from nf4.env import INTERPRET
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-"""Activation dtypes the matmul kernel takes (float64 runs the reference, e.g. for gradcheck)."""
+"""Activation dtypes the matmul kernel takes (float64 runs the reference, for gradcheck)."""
 
 
 def use_kernels(device: torch.device) -> bool:
-    """True when tensors on `device` run the Triton kernels, False for the torch code."""
+    """True when tensors on `device` run the Triton kernels."""
     if device.type == "cuda":
         return True
     return INTERPRET and device.type == "cpu"
@@ -42,8 +37,7 @@ def tables(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def quantize_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed uint8 [(n + 1) // 2, 1], absmax float32 [nblocks]) of float `x`; a block holding a NaN or
-    inf gets a NaN or inf absmax (the caller checks)."""
+    """(packed, absmax) of `x`; a NaN or inf makes its block's absmax so (the caller checks)."""
     if use_kernels(x.device):
         from nf4.kernels import quantize_nf4
 
@@ -52,7 +46,7 @@ def quantize_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torc
 
 
 def double_quantize(absmax: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes uint8 [nb], nested absmax float32 [ceil(nb / 256)]) of `absmax - offset`."""
+    """(uint8 codes, nested absmax) of `absmax - offset`."""
     thresholds = tables(absmax.device)["thresholds"]
     if use_kernels(absmax.device):
         from nf4.kernels import quantize_absmax
@@ -62,7 +56,7 @@ def double_quantize(absmax: torch.Tensor, offset: torch.Tensor) -> tuple[torch.T
 
 
 def dequantize(q, dtype: torch.dtype) -> torch.Tensor:
-    """`q` (an NF4Tensor) as a `dtype` tensor of its shape."""
+    """`q` as a `dtype` tensor of its shape."""
     q = q.decodable()
     if use_kernels(q.device):
         from nf4.kernels import dequantize_nf4
@@ -79,9 +73,8 @@ def dequantize(q, dtype: torch.dtype) -> torch.Tensor:
 
 
 def matmul(x2, q, trans=False, u=None, v=None, bias=None, mask=None, lora_scale: float = 1.0, a=None) -> torch.Tensor:
-    """`x2 @ W^T` (`x2 @ W` with `trans`) + `(u @ v) * lora_scale [* mask]` + `bias`, W = dequant(q) [N, K];
-    see `nf4.kernels.matmul.nf4_matmul` for the shapes. `a` [r, IN] instead of u means u = x2 @ a^T
-    (computed inside the decode kernel where that runs, else first, with torch in x2's dtype)."""
+    """`x2 @ W^T (x2 @ W if trans) + (u @ v) * lora_scale [* mask] + bias`, W = dequant(q) [N, K] (shapes:
+    `nf4_matmul`). `a` [r, IN] instead of u: u = x2 @ a^T, in the decode kernel where it runs."""
     q = q.decodable()
     if use_kernels(x2.device) and x2.dtype in KERNEL_DTYPES:
         from nf4.kernels.matmul import nf4_matmul

@@ -1,7 +1,5 @@
-"""Settings read once from the environment, at import.
-
-`TRITON_INTERPRET=1` runs the Triton kernels through Triton's CPU interpreter (and CPU tensors take the
-kernels instead of the torch reference). Triton reads it when first imported, so set it before `nf4`.
+"""Settings read once, at import. `TRITON_INTERPRET=1` runs the Triton kernels in Triton's CPU
+interpreter, for CPU tensors too; Triton reads it on first import, so set it before importing `nf4`.
 """
 
 import os

@@ -1,9 +1,6 @@
-"""The NF4 format's constants and small types: a leaf module every layer may import.
+"""The NF4 format's constants and small types: a leaf module (tests/test_import_graph.py keeps it one).
 
-Arrows run one way: `nf4.lora` -> `nf4.kernels` -> this module (and `nf4.codebook`); nothing here imports
-another part of the package. `tests/test_import_graph.py` keeps it so.
-
-A quantized weight is a set of named pieces (`PIECES`, always in this order) plus its metadata (`NF4Meta`):
+A quantized weight is named pieces (`PIECES`, in this order) plus metadata (`NF4Meta`):
 
     packed         uint8   [(n + 1) // 2, 1]        two codes per byte, element 2k in the high nibble
     absmax         float32 [nblocks]                (plain), or uint8 [nblocks] (double-quantized codes)
@@ -12,9 +9,8 @@ A quantized weight is a set of named pieces (`PIECES`, always in this order) plu
     nested_offset  float32 []                       }   nested_code[q] * nested_absmax[b // 256]
     nested_code    float32 [256]                    }   + nested_offset
 
-`NF4Meta.nested_dtype` is the dtype that decode rounds through (bitsandbytes' `nested_dtype`): float32 for
-everything nf4 writes; bitsandbytes writes bfloat16 or float16 (the weight's dtype) when it repacks a layer
-for its CPU kernel and undoes it, and then decodes `d(d(map[q] * absmax2) + offset)`, rounded to d twice.
+`NF4Meta.nested_dtype`: what that decode rounds through (d), fp32 unless a bitsandbytes checkpoint
+records bf16 / fp16: then `d(d(map[q] * absmax2) + offset)`.
 """
 
 from __future__ import annotations
@@ -25,25 +21,22 @@ from typing import NamedTuple
 import torch
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-"""Block sizes the format allows (bitsandbytes' set; checkpoints from transformers use 64)."""
+"""bitsandbytes' block sizes (transformers' checkpoints use 64)."""
 
 NESTED_BLOCKSIZE = 256
-"""Block size of the second-level (double) quantization of the absmax constants."""
+"""Block size of the absmax's double quantization."""
 
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-"""Original dtypes a quantized tensor may have, by the names bitsandbytes serializes."""
+"""Original dtypes, by bitsandbytes' serialized names."""
 
 PIECES = ("packed", "absmax", "code", "nested_absmax", "nested_offset", "nested_code")
-"""The tensors of a quantized weight, in their one canonical order (the last three: double quant only)."""
+"""A weight's tensors in canonical order (the last three: double quant only)."""
 
 NESTED_PIECES = PIECES[3:]
 
 
 class NF4Meta(NamedTuple):
-    """What a quantized weight is, besides its tensors: the original shape and dtype, the blocksize,
-    whether the absmax constants are double-quantized (the nested pieces are present), and the dtype
-    their decode rounds to (see the module docstring; float32 unless a bitsandbytes checkpoint says
-    otherwise)."""
+    """A weight's metadata: original shape and dtype, blocksize, double quantization, nested_dtype."""
 
     shape: torch.Size
     dtype: torch.dtype
@@ -53,7 +46,7 @@ class NF4Meta(NamedTuple):
 
 
 def check_blocksize(blocksize) -> int:
-    """`blocksize` as an int if it is one of `BLOCKSIZES` (ints, numpy ints), else ValueError."""
+    """`blocksize` as an int if in `BLOCKSIZES`, else ValueError."""
     if not isinstance(blocksize, bool):
         try:
             value = operator.index(blocksize)

@@ -7,12 +7,9 @@ import time
 
 
 class Progress:
-    """`Progress(total, label)`, then `.step(what)` per item.
-
-    On a terminal (stderr is a tty) a bar redrawn in place. Elsewhere (CI logs, `| tee`, notebooks) a
-    plain line every `interval` seconds, and a last one at the end if any was printed: a loop that ends
-    within `interval` stays silent. `enabled=True` forces the bar, `enabled=False` silences both.
-    """
+    """`Progress(total, label)`, then `.step(what)` per item: on a tty a bar redrawn in place, elsewhere a
+    line every `interval` seconds (none for a loop shorter than that). `enabled` True forces the bar,
+    False silences both."""
 
     def __init__(self, total: int, label: str, enabled: bool | None = None, width: int = 30, interval: float = 5.0):
         self.total, self.label, self.width, self.interval, self.done = max(total, 1), label, width, interval, 0

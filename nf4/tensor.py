@@ -1,11 +1,9 @@
 """`NF4Tensor`: the one handle for a quantized weight, in bitsandbytes' NF4 layout, and its serialized form.
 
-A container, not a `torch.Tensor` subclass: it holds the pieces bitsandbytes stores (`nf4.format.PIECES`),
-unchanged, so a bitsandbytes checkpoint loads without requantizing and ours loads into bitsandbytes. Like
-torchao's `NF4Tensor.__tensor_flatten__` it comes apart into named tensors and metadata (`flatten`) and is
-rebuilt from them without re-checking (`unflatten`): that is how it crosses `torch.library` ops (as keyword
-arguments), module buffers and devices. The public constructor and `from_bnb_state_dict` validate; nothing
-else builds one from unchecked pieces.
+A container, not a `torch.Tensor` subclass: it holds bitsandbytes' pieces (`nf4.format.PIECES`)
+unchanged, so checkpoints load both ways without requantizing. `flatten` / `unflatten` take it apart and
+rebuild it unchecked, to cross custom ops, module buffers and devices. Only the constructor and
+`from_bnb_state_dict` build one from outside pieces, and they validate.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ __all__ = ["BLOCKSIZES", "FLOAT_DTYPES", "NF4Tensor", "check_blocksize"]
 _DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
 _QS_KEY = "quant_state.bitsandbytes__nf4"
 _OFFSET_WIDTH = len(repr(-2.2250738585072014e-308))
-"""The most characters a float's JSON form takes (`repr`: 17 significant digits, sign, 3-digit exponent)."""
+"""The most characters a float's JSON form takes."""
 _SERIALIZED = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", _QS_KEY)
 
 
@@ -42,13 +40,11 @@ def _describe(t: torch.Tensor) -> str:
 
 
 class NF4Tensor:
-    """A tensor quantized to NF4 in blocks, optionally with double-quantized absmax constants.
+    """A tensor quantized to NF4 in blocks, optionally with double-quantized absmax.
 
-    Build one with `nf4.quantize(tensor)`, `NF4Tensor.from_bnb_state_dict(...)`, or this constructor
-    (which checks every piece against the shape and blocksize); turn it back into a float tensor with
-    `nf4.dequantize(q)`. Moving it between devices (`.to`, `.cuda()`, `.cpu()`) moves the stored bytes;
-    nothing is requantized. Instances are immutable by convention: operations return new ones and never
-    modify the stored tensors.
+    Build with `nf4.quantize`, `from_bnb_state_dict`, or this constructor (pieces as `nf4.format` lays
+    them out, checked: ValueError / TypeError naming the piece); back to floats with `nf4.dequantize`.
+    Device moves move the bytes, never requantize. Immutable by convention.
     """
 
     __slots__ = (*PIECES, "meta")
@@ -76,13 +72,12 @@ class NF4Tensor:
 
     # -- the handle: pieces and metadata ----------------------------------------------------------
     def flatten(self) -> tuple[dict[str, torch.Tensor | None], NF4Meta]:
-        """(the pieces by name, in `PIECES` order, None where absent; the metadata)."""
+        """(pieces by name in `PIECES` order, None where absent; metadata)."""
         return {name: getattr(self, name) for name in PIECES}, self.meta
 
     @classmethod
     def unflatten(cls, pieces: Mapping[str, torch.Tensor | None], meta: NF4Meta) -> NF4Tensor:
-        """Rebuild from `flatten()`'s output without re-checking (the pieces come from a checked
-        NF4Tensor: module buffers, custom-op arguments, a device move)."""
+        """Rebuild from `flatten()`'s output, unchecked (the pieces come from a checked NF4Tensor)."""
         q = cls.__new__(cls)
         for name in PIECES:
             setattr(q, name, pieces[name])
@@ -96,7 +91,7 @@ class NF4Tensor:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The original tensor's dtype: what `nf4.dequantize` returns by default."""
+        """The original dtype (`nf4.dequantize`'s default)."""
         return self.meta.dtype
 
     @property
@@ -105,19 +100,17 @@ class NF4Tensor:
 
     @property
     def double_quant(self) -> bool:
-        """True when the absmax constants are double-quantized (8-bit codes + nested float32)."""
+        """True when the absmax is double-quantized."""
         return self.meta.double_quant
 
     @property
     def nested_dtype(self) -> torch.dtype:
-        """The dtype the double-quantized absmax decode rounds to: float32, or the bfloat16 / float16 of a
-        bitsandbytes checkpoint that says so (`nf4.format`). Kept as stored and written back."""
+        """The dtype the nested absmax decode rounds to (`nf4.format`); kept and written back."""
         return self.meta.nested_dtype
 
     def decodable(self) -> NF4Tensor:
-        """This weight as the kernels decode it: itself, or, where the nested absmax decode rounds to
-        bfloat16 / float16 (which the kernels do not do), the same codes with the float32 absmax that
-        decode gives (bitsandbytes' values exactly; nblocks * 4 bytes, made on each call, not stored)."""
+        """Itself, or with a 16-bit `nested_dtype` (the kernels decode in fp32 only) the same codes with
+        the decoded fp32 absmax (bitsandbytes' values; made per call, not stored)."""
         if not self.double_quant or self.meta.nested_dtype == torch.float32:
             return self
         pieces = dict.fromkeys(PIECES)
@@ -136,12 +129,11 @@ class NF4Tensor:
         return self.packed.device
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        """The pieces that are present, by name."""
         return {k: v for k, v in self.flatten()[0].items() if v is not None}
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored: packed codes, absmax (and nested absmax, offset) and the code tables."""
+        """Bytes stored, code tables included."""
         return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
     @property
@@ -151,7 +143,7 @@ class NF4Tensor:
 
     # -- conversions -------------------------------------------------------------------------------
     def to(self, device: torch.device | str, non_blocking: bool = False) -> NF4Tensor:
-        """The same quantized bytes on `device` (no requantization)."""
+        """The same bytes on `device`."""
         device = torch.device(device)
         pieces, meta = self.flatten()
         moved = {k: None if v is None else v.to(device, non_blocking=non_blocking) for k, v in pieces.items()}
@@ -172,16 +164,12 @@ class NF4Tensor:
 
     # -- bitsandbytes' serialized form ---------------------------------------------------------------
     def to_bnb_state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
-        """bitsandbytes' serialized form (what transformers saves for a 4-bit Linear's weight).
+        """bitsandbytes' serialized form, as transformers saves a 4-bit Linear's weight.
 
-        Keys: `prefix`, `prefix.absmax`, `prefix.quant_map`, `prefix.quant_state.bitsandbytes__nf4`
-        (UTF-8 JSON as uint8) and, with double quantization, `prefix.nested_absmax` and
-        `prefix.nested_quant_map`. Tables are copies, so no two entries share memory (safetensors
-        refuses shared tensors). With double quantization the JSON ends in spaces, up to a length fixed
-        by the layout (shape, dtypes, blocksize) and not by the offset's digits: a checkpoint of
-        `torch.distributed.checkpoint`, which needs every entry to have the size the loading model
-        expects, loads into any model of the same architecture. JSON parsers (bitsandbytes' too) skip
-        the spaces.
+        Keys: `prefix`, `.absmax`, `.quant_map`, `.quant_state.bitsandbytes__nf4` (UTF-8 JSON as uint8) and,
+        double-quantized, `.nested_absmax`, `.nested_quant_map`. Tables are copies (safetensors refuses
+        shared memory). NOTE: the JSON is space-padded to a length fixed by the layout, not the offset's
+        digits: DCP needs it (tests/test_distributed.py, test_dcp_checkpoint_loads_into_a_skeleton_...).
         """
         state = {"quant_type": "nf4", "blocksize": self.blocksize}
         state.update(dtype=_DTYPE_NAMES[self.dtype], shape=list(self.shape))
@@ -207,13 +195,9 @@ class NF4Tensor:
 
     @classmethod
     def from_bnb_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "weight") -> NF4Tensor:
-        """Load bitsandbytes' serialized NF4 weight stored under `prefix` in `state_dict`.
-
-        Every piece is checked (presence, dtype, shape, byte count against the shape, blocksize,
-        quant_type, the NF4 table); a mismatch raises `ValueError` naming the key. Keys outside
-        `prefix` are ignored. The packed bytes may be stored as any dtype (bitsandbytes'
-        `quant_storage`); they are reinterpreted as uint8, not converted.
-        """
+        """Load bitsandbytes' serialized NF4 weight under `prefix` (other keys ignored). Every piece is
+        checked; a mismatch or an FP4 state raises ValueError naming the key. Packed bytes of any dtype
+        (`quant_storage`) are reinterpreted as uint8."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of str to tensors, got {type(state_dict)}")
         mine = {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
@@ -265,7 +249,7 @@ class NF4Tensor:
         return q
 
     def _validate(self, prefix: str) -> None:
-        """Check every piece against the shape and blocksize; ValueError naming the piece."""
+        """Check every piece against the metadata; ValueError naming it."""
 
         def name(key):
             if key is None:  # the packed codes: bitsandbytes stores them under the bare prefix
@@ -334,7 +318,7 @@ class NF4Tensor:
 
 
 def _parse_quant_state(blob: torch.Tensor, key: str) -> dict:
-    """Decode and check the JSON quant state stored as a uint8 tensor."""
+    """Decode and check the uint8 JSON quant state."""
     if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
         got = _describe(blob) if isinstance(blob, torch.Tensor) else type(blob).__name__
         raise ValueError(f"{key}: expected a 1-D uint8 tensor of UTF-8 JSON, got {got}")

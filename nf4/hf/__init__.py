@@ -7,15 +7,9 @@
     model.save_pretrained(out)                     # the adapter, in PEFT's format
     peft.PeftModel.from_pretrained(base, out)      # back onto an nf4 model (or base.load_adapter(out))
 
-Stock PEFT calls work on nf4 layers through the wrappers in `nf4.hf.compat` (the one place nf4 changes
-PEFT's and transformers' code); bitsandbytes is never imported. `nf4.hf.lora_config` and
-`nf4.hf.load_adapter` remain as conveniences.
-
-A checkpoint already in bitsandbytes' serialized 4-bit form (saved by transformers + bitsandbytes, by
-`nf4 quantize`, or by an nf4 model's `save_pretrained`) loads without requantizing through
-`nf4.hf.from_pretrained(AutoModelForCausalLM, path)`, which also quantizes a 16-bit checkpoint.
-
-Needs the optional extra: `pip install 'nf4[hf]'` (transformers and peft). `import nf4` never imports it.
+Stock PEFT calls work through `nf4.hf.compat`; bitsandbytes is never imported. `nf4.hf.from_pretrained`
+also loads bitsandbytes' serialized 4-bit checkpoints without requantizing. Needs `pip install
+'nf4[hf]'`; `import nf4` never imports this.
 """
 
 from __future__ import annotations
@@ -58,18 +52,10 @@ _CONFIG_KWARGS += ("trust_remote_code",)
 def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, quantization_config=None, **kwargs):
     """`model_class.from_pretrained(...)` with every Linear layer in nf4, whatever the checkpoint holds.
 
-    - A 16-bit checkpoint: quantized on the fly with `quantization_config` (default `NF4Config()`), as
-      `model_class.from_pretrained(path, quantization_config=NF4Config())` does.
-    - A checkpoint in bitsandbytes' serialized 4-bit NF4 form (its config.json records bitsandbytes'
-      `quantization_config`: saved by transformers + bitsandbytes, by `nf4 quantize` or by an nf4 model):
-      read as it is, nothing requantized. transformers alone would hand it to bitsandbytes' layers (and
-      refuses an NF4Config for it), so this call swaps the recorded config for the equivalent NF4Config.
-      `quantization_config`, if given, only sets the blocksize every weight must have (default: any).
-      FP4 and 8-bit checkpoints are refused with a ValueError.
-
-    `quantization_config` is an `NF4Config`, or bitsandbytes' 4-bit NF4 `BitsAndBytesConfig`, read as the
-    NF4Config giving the same bytes (`nf4.hf.quantizer.as_nf4_config`); FP4 and 8-bit configs are refused
-    with a ValueError. Other arguments go to `model_class.from_pretrained` (dtype, device_map, ...).
+    A 16-bit checkpoint is quantized with `quantization_config` (an NF4Config or NF4 `BitsAndBytesConfig`;
+    default `NF4Config()`). A bitsandbytes NF4 checkpoint is read as it is (its recorded config swapped
+    for an NF4Config; `quantization_config` only pins the blocksize). FP4 and 8-bit raise ValueError.
+    Other arguments go to `model_class.from_pretrained`.
     """
     quantization_config = as_nf4_config(quantization_config)
     config = kwargs.pop("config", None)

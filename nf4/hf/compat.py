@@ -1,27 +1,16 @@
-"""The one place where `import nf4.hf` changes PEFT's and transformers' own code, so that their stock calls
-work on nf4 models exactly as on bitsandbytes models. PEFT and transformers recognize a 4-bit layer by
-bitsandbytes' classes (`Linear4bit`, `Params4bit`), which nf4 neither subclasses nor imports; each wrapper
-below adds nf4's layer next to them and leaves every model without nf4 layers to the original code.
+"""The one place where `import nf4.hf` changes PEFT's and transformers' code, so their stock calls work on
+nf4 models as on bitsandbytes models. They recognize 4-bit layers by bitsandbytes' classes, which nf4
+neither subclasses nor imports; each wrapper adds nf4's layer and leaves models without one alone.
 
-- `peft.tuners.lora.LoraModel._prepare_model` (PEFT's hook "modify the model before the adapter is
-  applied", run by every LoRA injection: `get_peft_model`, `PeftModel.from_pretrained`,
-  `AutoPeftModelFor*.from_pretrained`, `PeftModel.load_adapter`, transformers' `model.load_adapter`, TRL's
-  `peft_config=`): on a model holding `nf4.lora.LinearNF4` layers it registers `PeftLinearNF4` for them
-  through PEFT's custom-layer API (`LoraConfig._register_custom_module`), and resolves
-  `target_modules="all-linear"` with nf4's layers counted as linear layers (PEFT's rule otherwise: every
-  nn.Linear / Conv1D but the output head).
-- `transformers.PreTrainedModel.num_parameters` and `peft.PeftModel.get_nb_trainable_parameters`: on a
-  model holding nf4 layers, each layer's packed 4-bit `weight` counts twice its bytes (two weights per
-  byte, as both count bitsandbytes' `Params4bit`) and its quantization constants (`weight_absmax`) count
-  nothing (bitsandbytes keeps them outside the parameters). Without this, transformers imports
-  bitsandbytes for any model with `is_loaded_in_4bit` (which nf4 models set, so that PEFT and TRL treat
-  them as k-bit models) and the counts miss half of each weight.
+- `LoraModel._prepare_model` (run by every LoRA injection: `get_peft_model`, `PeftModel.from_pretrained`,
+  `load_adapter`, TRL's `peft_config=`): registers `PeftLinearNF4` for `LinearNF4` through PEFT's
+  custom-layer API, and counts nf4's layers as linear for `target_modules="all-linear"`.
+- `PreTrainedModel.num_parameters`, `PeftModel.get_nb_trainable_parameters`: a packed `weight` counts two
+  per byte, as bitsandbytes' `Params4bit`, and `weight_absmax` none. Otherwise transformers imports
+  bitsandbytes for `is_loaded_in_4bit` models (nf4 sets it for PEFT and TRL) and counts half.
 
-`get_memory_footprint` is left alone: it sums the bytes of parameters and buffers, and nf4's count is the
-true one, bitsandbytes' plus the quantization constants bitsandbytes keeps outside them.
-
-Written against peft 0.22 and transformers 5.25 (tests/test_hf_peft.py checks each wrapper there); each
-original is looked up by name at install time, and a missing one fails `import nf4.hf` with the name.
+`get_memory_footprint` stays: nf4's byte count is already true. Written against peft 0.22 and
+transformers 5.25 (tests/test_hf_peft.py); a missing original fails `import nf4.hf` naming it.
 """
 
 from __future__ import annotations
@@ -40,7 +29,7 @@ def has_nf4_layers(model: nn.Module) -> bool:
 
 
 def _multipliers(model: nn.Module) -> dict[int, int]:
-    """id(parameter) -> how many model parameters one element is, for the nf4 layers' stored pieces."""
+    """id(parameter) -> weights per element, for nf4 layers' pieces."""
     out = {}
     for m in model.modules():
         if isinstance(m, LinearNF4):
@@ -59,7 +48,7 @@ def _count(param: nn.Parameter, multipliers: dict[int, int]) -> int:
 
 
 def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-    """transformers' count, with nf4's layers counted like bitsandbytes' (see the module docstring)."""
+    """transformers' count, nf4's layers counted like bitsandbytes'."""
     embeddings = set()
     if exclude_embeddings:
         embeddings = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, nn.Embedding)}
@@ -72,7 +61,7 @@ def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool 
 
 
 def get_nb_trainable_parameters(self) -> tuple[int, int]:
-    """PEFT's (trainable, all) count, with nf4's layers counted like bitsandbytes' (see the module docstring)."""
+    """PEFT's (trainable, all) count, nf4's layers counted like bitsandbytes'."""
     multipliers = _multipliers(self)
     trainable = total = 0
     for _, param in self.named_parameters():
@@ -85,8 +74,7 @@ def get_nb_trainable_parameters(self) -> tuple[int, int]:
 
 
 def all_linear_names(model: nn.Module) -> set[str]:
-    """The nf4 layers `target_modules="all-linear"` adds: all but the output head and those already inside a
-    PEFT layer (PEFT's own exclusions for nn.Linear)."""
+    """nf4 layers for "all-linear": all but the head and those inside a PEFT layer (PEFT's exclusions)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -138,7 +126,7 @@ def _wrap_prepare(original):
 
 
 def install() -> None:
-    """Wrap the three methods (idempotent: a second call changes nothing)."""
+    """Wrap the three methods (idempotent)."""
     from peft import PeftModel
     from peft.tuners.lora import LoraModel
     from transformers import PreTrainedModel

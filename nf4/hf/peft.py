@@ -1,25 +1,14 @@
-"""PEFT's LoRA on nf4 layers: with `nf4.hf` imported, `peft.get_peft_model` (and every other way PEFT
-injects LoRA, see `nf4.hf.compat`) wraps each targeted `nf4.lora.LinearNF4` in `PeftLinearNF4`, which keeps
-PEFT's semantics and runs nf4's fused op.
+"""PEFT's LoRA on nf4 layers: with `nf4.hf` imported, every PEFT injection wraps each targeted `LinearNF4`
+in `PeftLinearNF4`, which keeps PEFT's semantics and runs nf4's fused op.
 
-- One active adapter (the training case): one call of `nf4.lora.lora_linear` (the NF4 matmul with the
-  LoRA term fused, nf4's hand-written backward, dropout inside the op). Several active adapters: the base
-  layer's fused NF4 matmul, plus each adapter's term as PEFT computes it. `adapter_names=` (a mixed batch),
-  `set_adapter`, `disable_adapter()`, `delete_adapter`, several adapters per layer: PEFT's own code.
-- Numerics: the fused op computes the low-rank product in the activation dtype with the adapter cast to it
-  (float32 accumulation), as torch's GEMMs do; PEFT casts the activations to the adapter's dtype instead.
-  Adapters may be float32 (PEFT's default) or bfloat16 (TRL casts them for 4-bit models); their gradients
-  come back in their own dtype.
-- Merging: `merge()` / `merge_and_unload()` fold the update into the NF4 weight by requantizing
-  `dequant(W) + scaling * B @ A`, like PEFT on bitsandbytes: **lossy** (the update is mostly below the
-  rounding step of NF4). `unmerge()` restores the weight from before the merge byte for byte (PEFT on
-  bitsandbytes subtracts and requantizes again). For an exact merge, `nf4.hf.merge_and_unload(model)`
-  returns the base model as a plain 16-bit model holding `dequant(W) + scaling * B @ A`.
-- Saving: PEFT's `save_pretrained` (the adapter only, PEFT's format). Loading it back onto an nf4 model:
-  PEFT's and transformers' stock loaders (`PeftModel.from_pretrained`, `model.load_adapter`, ...), or
-  `load_adapter(model, path)`.
-- Not supported (refused with ValueError when the adapter is added): DoRA, lora_bias, fan_in_fan_out and
-  PEFT's other LoRA variants (aLoRA, Arrow, ...).
+- One active adapter: one `lora_linear` call (fused matmul, nf4's backward, dropout inside). Several: the
+  base's fused matmul plus each adapter's term as PEFT computes it. `adapter_names=`, `set_adapter`,
+  `disable_adapter()`, `delete_adapter`: PEFT's own code.
+- Numerics: the low-rank product runs in the activation dtype, the adapter cast to it (PEFT casts the
+  activations instead). Adapters may be fp32 or bf16 (TRL); gradients come back in their dtype.
+- `merge()` requantizes `dequant(W) + scaling * B @ A`, like PEFT on bitsandbytes: lossy. `unmerge()`
+  restores the weight byte for byte. `nf4.hf.merge_and_unload(model)` merges exactly into 16 bits.
+- Refused with ValueError: DoRA, lora_bias, fan_in_fan_out, other LoRA variants (aLoRA, Arrow, ...).
 """
 
 from __future__ import annotations
@@ -38,7 +27,7 @@ from nf4.lora.modules import LinearNF4
 
 
 class PeftLinearNF4(nn.Module, LoraLayer):
-    """PEFT's LoRA layer over an `nf4.lora.LinearNF4` base (see the module docstring)."""
+    """PEFT's LoRA layer over a `LinearNF4` base."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: float = 1, **kwargs):  # fmt: skip
@@ -66,7 +55,7 @@ class PeftLinearNF4(nn.Module, LoraLayer):
         return super().resolve_lora_variant(config=config, **kwargs)
 
     def _get_base_layer_device_and_dtype(self, base_layer):
-        """The adapter goes where the NF4 bytes are; its dtype is left as PEFT made it (float32)."""
+        """The adapter goes where the NF4 bytes are, in PEFT's dtype."""
         return base_layer.weight.device, None
 
     # -- forward -------------------------------------------------------------------------------
@@ -98,8 +87,7 @@ class PeftLinearNF4(nn.Module, LoraLayer):
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
-        """`adapter_names[i]` picks the adapter of row i (`"__base__"`: none), as PEFT does; the base output
-        is a fresh tensor here (the fused op's output may be a view, which autograd forbids editing)."""
+        """`adapter_names[i]` picks row i's adapter, as PEFT does; the base output is cloned to be edited."""
         result = self.get_base_layer()(x, *args, **kwargs).clone()
         for name in set(adapter_names) - {"__base__"}:
             if name not in self.lora_A:
@@ -156,9 +144,8 @@ def _dispatch_mapping() -> dict:
 
 
 def lora_config(model: nn.Module | None = None, **kwargs) -> LoraConfig:
-    """`peft.LoraConfig(**kwargs)`, with nf4's LoRA layer registered on it (what `import nf4.hf` does for
-    every LoraConfig at injection time, see `nf4.hf.compat`). With `model`, target names that match no
-    layer are refused here, naming the layers there are."""
+    """`peft.LoraConfig(**kwargs)` with nf4's layer registered (as `nf4.hf.compat` does at injection).
+    With `model`, `target_modules` matching no layer raise ValueError naming the layers there are."""
     targets = kwargs.get("target_modules")
     all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
     if model is not None and targets is not None and not all_linear:
@@ -190,11 +177,8 @@ def _check_targets(model: nn.Module, targets) -> None:
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", is_trainable: bool = False,
                  **kwargs) -> PeftModel:  # fmt: skip
-    """Load a PEFT LoRA adapter saved with `save_pretrained` onto an nf4 model; returns the PeftModel.
-
-    `model` is the base model (`PeftModel.from_pretrained(model, path, ...)`) or a PeftModel already
-    (`model.load_adapter(path, adapter_name, ...)`: the adapter is added under `adapter_name`). Other kwargs
-    go to PEFT."""
+    """Load a PEFT LoRA adapter onto an nf4 model; returns the PeftModel. `model`: the base model, or a
+    PeftModel that gets the adapter under `adapter_name`. Other kwargs go to PEFT."""
     if isinstance(model, PeftModel):
         model.load_adapter(str(path), adapter_name, is_trainable=is_trainable, **kwargs)
         return model
@@ -203,13 +187,11 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 
 
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Exact merge into a plain 16-bit model: every `PeftLinearNF4` becomes an nn.Linear holding
-    `dequant(W) + sum of the active adapters' scaling * B @ A` (float32, rounded once to `dtype`, default
-    the weight's original dtype), every other nf4 layer its dequantized nn.Linear (GPT-2's Conv1D layers
-    come back as Conv1D), PEFT's other layers are merged and unloaded by PEFT, and the 4-bit markers go
-    (`config.quantization_config`, `is_loaded_in_4bit`, `hf_quantizer`, `quantization_method`): the
-    result's `save_pretrained` writes a 16-bit checkpoint that stock transformers loads as one.
-    Returns the base model (a PeftModel is unwrapped); works in place."""
+    """Exact merge into a plain 16-bit model, in place; returns the base model (PeftModel unwrapped).
+
+    `PeftLinearNF4` -> nn.Linear of `dequant(W) + sum of active scaling * B @ A` in fp32, rounded once to
+    `dtype` (default: original); other nf4 layers dequantized; PEFT merges its own; 4-bit markers go, so
+    `save_pretrained` writes a plain 16-bit checkpoint."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     for name, layer in [(n, m) for n, m in base.named_modules() if isinstance(m, PeftLinearNF4)]:
         inner = layer.get_base_layer()
@@ -226,8 +208,7 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 
 def dense_layer(layer: LinearNF4, weight: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Module:
-    """The 16-bit layer the nf4 `layer` stands for, holding `weight` [out, in] (rounded once to `dtype`,
-    default the original dtype): nn.Linear, or transformers' Conv1D where the checkpoint stored it so."""
+    """nn.Linear (or Conv1D, as the checkpoint stored it) holding `weight` [out, in] as `dtype`."""
     dtype = dtype or layer.nf4_meta.dtype
     weight = weight.to(dtype)
     if getattr(layer, "transposed_checkpoint", False):  # GPT-2: Conv1D, weight [in, out], always a bias
@@ -247,8 +228,7 @@ def dense_layer(layer: LinearNF4, weight: torch.Tensor, dtype: torch.dtype | Non
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Every nf4 layer of `model` as its dequantized 16-bit layer (`dense_layer`), in place; a transformers
-    model with no 4-bit layer left loses its 4-bit markers (`drop_4bit_markers`). Returns `model`."""
+    """Every nf4 layer as its `dense_layer`, in place, then `drop_4bit_markers`; returns `model`."""
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LinearNF4)]:
         model.set_submodule(name, dense_layer(layer, layer.dequantize_weight(torch.float32), dtype))
     drop_4bit_markers(model)
@@ -256,8 +236,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 
 def drop_4bit_markers(model: nn.Module) -> None:
-    """Remove what marks `model` as 4-bit (transformers' quantization config and quantizer, PEFT's and TRL's
-    `is_loaded_in_4bit`), unless a 4-bit layer (nf4's or bitsandbytes') is still in it."""
+    """Remove transformers' quantization config and quantizer and `is_loaded_in_4bit`, unless a 4-bit
+    layer remains."""
     if any(isinstance(m, LinearNF4) or type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules()):
         return
     quantizer = getattr(model, "hf_quantizer", None)
@@ -274,8 +254,8 @@ def drop_4bit_markers(model: nn.Module) -> None:
 
 
 def convert_peft_layer(layer: nn.Module, base: LinearNF4) -> PeftLinearNF4:
-    """PEFT's LoRA layer `layer` (e.g. over bitsandbytes' Linear4bit) as a `PeftLinearNF4` over `base`: the
-    same adapters (the same Parameter objects: an optimizer keeps its state), active adapter, scaling."""
+    """PEFT's `layer` as a `PeftLinearNF4` over `base`, with the same Parameter objects (optimizer state
+    stays). ValueError if merged or not plain LoRA."""
     if layer.merged:
         raise ValueError("this PEFT layer has adapters merged into its base weight; unmerge() them first")
     variants = getattr(layer, "lora_variant", {})

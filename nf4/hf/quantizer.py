@@ -1,27 +1,16 @@
 """transformers' quantizer for nf4: `from_pretrained(..., quantization_config=NF4Config())`.
 
-How a load goes (transformers 5): the model is built on the meta device under the load dtype; the quantizer
-replaces its `nn.Linear` layers (all but the output head, tied and keep-in-fp32 modules: what bitsandbytes
-skips) by `nf4.lora.LinearNF4` on meta; then each checkpoint tensor is read, one at a time, and
+A load (transformers 5): the model is built on meta; its nn.Linear layers (not the head, tied or
+keep-in-fp32 modules, as bitsandbytes skips) become `LinearNF4` on meta; then tensor by tensor:
+- 16-bit checkpoint: `NF4Quantize` quantizes each weight where it was loaded (bitsandbytes' bytes) and
+  drops the 16-bit tensor: the 16-bit model never exists in memory;
+- bitsandbytes' serialized NF4: each weight's pieces are collected by name and `NF4Deserialize` checks
+  and stores them, nothing requantized.
+Bad layers (FP4, another blocksize, a corrupt quant state, a missing layer) raise one ValueError at the
+end naming each: transformers would only log them and leave the layer on meta.
 
-- a 16-bit checkpoint (on-the-fly quantization): every weight of a converted layer passes through
-  `NF4Quantize`, which quantizes it where it was loaded (the Triton kernel on CUDA, the torch path on
-  the CPU; the bytes are `nf4.quantize`'s, which are bitsandbytes'), stores the NF4 pieces in the layer
-  and drops the 16-bit tensor: the 16-bit model never exists in memory;
-- a checkpoint in bitsandbytes' serialized NF4 form: the pieces of each weight (`weight`, `weight.absmax`,
-  ..., `weight.quant_state.bitsandbytes__nf4`) are collected by name and `NF4Deserialize` checks them
-  and stores them as they are (nothing is requantized).
-
-Problems with a layer's tensors (an FP4 quant state, another blocksize than the config, a corrupted or
-truncated quant state, a layer missing from the checkpoint) are collected while loading and raised
-together at the end as one `ValueError` naming each layer, what was expected and what was found:
-transformers would otherwise log them and leave the layer on the meta device.
-
-What is saved: `save_pretrained` writes each layer in bitsandbytes' serialized form, and the config
-records bitsandbytes' own 4-bit `quantization_config` (quant_method "bitsandbytes", nf4, the double-quant
-flag, the modules left unconverted), so stock transformers + bitsandbytes loads the result. nf4 loads
-such checkpoints (its own, or any transformers + bitsandbytes NF4 checkpoint) with
-`nf4.hf.from_pretrained(AutoModelForCausalLM, path)`.
+`save_pretrained` writes bitsandbytes' serialized form and its 4-bit `quantization_config`, so stock
+transformers + bitsandbytes loads it; `nf4.hf.from_pretrained` reads such checkpoints.
 """
 
 from __future__ import annotations
@@ -58,15 +47,11 @@ class NF4Config(QuantizationConfigMixin):
     """How `from_pretrained` quantizes a model to NF4 (`quant_method="nf4"`).
 
     Args:
-        blocksize: NF4 block size for on-the-fly quantization, one of `nf4.BLOCKSIZES` (64, what
-            bitsandbytes and every published 4-bit checkpoint use). A pre-quantized checkpoint must use it
-            too; None accepts whatever each weight's quant state records.
-        double_quant: quantize the absmax constants to 8 bits too (QLoRA's double quantization: 4.127
-            instead of 4.5 bits per parameter).
-        modules_to_not_convert: module names (or patterns, transformers' rules) kept in 16 bits, besides the
-            model's keep-in-fp32 modules. None: what bitsandbytes skips by default (the output head, tied
-            weights). A list replaces that default, as bitsandbytes' `llm_int8_skip_modules` does: name
-            "lm_head" in it to keep the head 16-bit.
+        blocksize: one of `nf4.BLOCKSIZES` (64, as published checkpoints). A pre-quantized checkpoint must
+            match; None accepts any.
+        double_quant: 8-bit absmax too (4.127 instead of 4.5 bits per parameter).
+        modules_to_not_convert: names or patterns kept in 16 bits, besides keep-in-fp32 modules. None: what
+            bitsandbytes skips (head, tied weights); a list replaces that: name "lm_head" to keep it.
     """
 
     def __init__(
@@ -98,8 +83,7 @@ class NF4Config(QuantizationConfigMixin):
         }
 
     def bitsandbytes_dict(self, compute_dtype: torch.dtype, skipped: list[str] | None) -> dict[str, Any]:
-        """bitsandbytes' 4-bit `quantization_config` for the same weights: what `save_pretrained` writes
-        (through `BitsAndBytesConfig.from_dict`, which sets quant_method "bitsandbytes" itself)."""
+        """bitsandbytes' 4-bit `quantization_config` for the same weights (what `save_pretrained` writes)."""
         return {
             "load_in_4bit": True,
             "load_in_8bit": False,
@@ -112,8 +96,8 @@ class NF4Config(QuantizationConfigMixin):
 
     @classmethod
     def from_bitsandbytes(cls, config: dict, blocksize: int | None = None) -> NF4Config:
-        """The NF4Config that reads a checkpoint saved with bitsandbytes' 4-bit `quantization_config`
-        (a dict, as in config.json); ValueError for one that nf4 cannot read (FP4, 8-bit)."""
+        """The NF4Config reading a checkpoint of bitsandbytes' `quantization_config` dict; ValueError for
+        FP4 or 8-bit."""
         bnb = config.get("quant_method") == "bitsandbytes" or config.get("load_in_4bit") or config.get("load_in_8bit")
         if not bnb:
             raise ValueError(f"not a bitsandbytes quantization_config: {config}")
@@ -136,7 +120,7 @@ class NF4Config(QuantizationConfigMixin):
 
 
 class NF4HfQuantizer(HfQuantizer):
-    """transformers' hooks for `NF4Config` (see the module docstring)."""
+    """transformers' hooks for `NF4Config`."""
 
     requires_calibration = False
     quantization_config: NF4Config
@@ -155,8 +139,7 @@ class NF4HfQuantizer(HfQuantizer):
             raise ValueError("nf4 layers cannot be offloaded to disk; pass a device_map with GPUs and/or 'cpu'")
 
     def update_device_map(self, device_map):
-        """Like bitsandbytes: without a device_map, load onto the current CUDA device (quantizing there with
-        the Triton kernels), else onto the CPU."""
+        """As bitsandbytes: no device_map loads onto the current CUDA device, else the CPU."""
         if device_map is None:
             device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
         return device_map
@@ -208,9 +191,8 @@ class NF4HfQuantizer(HfQuantizer):
         return NF4Quantize(self)
 
     def get_weight_conversions(self):
-        """For a pre-quantized checkpoint: collect each weight's serialized pieces into one `NF4Deserialize`.
-        (Spelled out rather than left to `serialized_names` + `get_load_operations`, which transformers
-        before 5.2x does not read.)"""
+        """Pre-quantized: each weight's pieces into one `NF4Deserialize` (explicit: transformers before 5.2x
+        ignores `serialized_names`)."""
         from transformers.core_model_loading import WeightConverter
 
         if not self.pre_quantized:
@@ -218,7 +200,7 @@ class NF4HfQuantizer(HfQuantizer):
         return [WeightConverter(list(SERIALIZED_NAMES), "weight", [NF4Deserialize(self)])]
 
     def _store(self, model, weight_key: str, build, missing_keys) -> None:
-        """Put the NF4Tensor `build()` returns into the LinearNF4 owning `weight_key`, or record why not."""
+        """Store `build(module)` in the LinearNF4 owning `weight_key`, or record why not."""
         module_name = weight_key.rpartition(".")[0]
         module = model.get_submodule(module_name)
         try:
@@ -277,16 +259,14 @@ class NF4HfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model, dtype=None):
-        """`model.dequantize()`: every LinearNF4 becomes the 16-bit layer it stands for, holding its
-        dequantized weight, and `is_loaded_in_4bit` goes (transformers removes the rest of the 4-bit config)."""
+        """`model.dequantize()`: `nf4.hf.peft.dequantize_model`."""
         from nf4.hf.peft import dequantize_model
 
         return dequantize_model(model, dtype)
 
 
 class _QuantizerOp(ConversionOps):
-    """An op that reports to the quantizer of this load. transformers deep-copies a converter (and so its
-    ops) for every weight; the copies must share the quantizer, which collects what each layer did."""
+    """Reports to this load's quantizer: transformers deep-copies ops per weight, the copies share it."""
 
     def __init__(self, hf_quantizer: NF4HfQuantizer):
         self.hf_quantizer = hf_quantizer
@@ -296,7 +276,7 @@ class _QuantizerOp(ConversionOps):
 
 
 class NF4Quantize(_QuantizerOp):
-    """One 16-bit weight of a LinearNF4 -> its NF4 pieces, stored in the module; the 16-bit tensor is dropped."""
+    """A LinearNF4's 16-bit weight -> NF4 pieces stored in the module; the 16-bit tensor dropped."""
 
     def convert(self, input_dict, full_layer_name=None, model=None, missing_keys=None, **kwargs):
         quantizer = self.hf_quantizer
@@ -316,7 +296,7 @@ class NF4Quantize(_QuantizerOp):
 
 
 class NF4Deserialize(_QuantizerOp):
-    """bitsandbytes' serialized pieces of one weight -> an NF4Tensor stored in the LinearNF4, as it is."""
+    """One weight's serialized pieces -> an NF4Tensor stored in the LinearNF4 as it is."""
 
     def convert(self, input_dict, full_layer_name=None, model=None, missing_keys=None, **kwargs):
         module = model.get_submodule(full_layer_name.rpartition(".")[0])
@@ -343,11 +323,9 @@ class NF4Deserialize(_QuantizerOp):
 
 
 def as_nf4_config(config) -> NF4Config | None:
-    """`quantization_config=` of `nf4.hf.from_pretrained` as an NF4Config: an NF4Config or None as it is,
-    bitsandbytes' 4-bit NF4 `BitsAndBytesConfig` as the NF4Config that quantizes to the same bytes
-    (blocksize 64, its double-quant flag and skipped modules; nf4 computes in the activation dtype, so
-    `bnb_4bit_compute_dtype` has no counterpart: pass `dtype=` for the model's). FP4, 8-bit and other
-    configs are refused: nf4 would not give what they ask for."""
+    """NF4Config or None as is; a 4-bit NF4 `BitsAndBytesConfig` as the NF4Config giving the same bytes
+    (`bnb_4bit_compute_dtype` has no counterpart: nf4 computes in the activation dtype). TypeError /
+    ValueError for FP4, 8-bit or other configs."""
     if config is None or isinstance(config, NF4Config):
         return config
     from transformers import BitsAndBytesConfig
@@ -377,7 +355,7 @@ def as_nf4_config(config) -> NF4Config | None:
 
 
 def nf4_config_for(quantization_config: dict | None, blocksize: int | None) -> NF4Config | None:
-    """The NF4Config for a checkpoint's recorded `quantization_config` (None: a 16-bit checkpoint)."""
+    """The NF4Config for a checkpoint's recorded `quantization_config` (None: 16-bit)."""
     if quantization_config is None:
         return None
     if not isinstance(quantization_config, dict):
