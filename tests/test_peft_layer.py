@@ -7,6 +7,7 @@ test_hf_peft.py; merged bytes are compared exactly with `nf4.quantize` of PEFT's
 """
 
 import copy
+import itertools
 import warnings
 
 import peft
@@ -320,6 +321,27 @@ def test_an_adapter_this_layer_lacks_leaves_its_output_alone(x):
         warnings.simplefilter("error")  # nothing to merge here: no requantization warning
         mine.merge(adapter_names=["third"])
     assert not mine.merged
+
+
+def test_a_mixed_batch_applies_the_adapters_after_one_this_layer_lacks(x):
+    """The adapter `block.proj` lacks comes first in the batch's names, both in the list and in the set the
+    layer walks (its order follows the string hash seed, so the name is picked to come first): the adapters
+    after it still apply, as in PEFT's layer."""
+    rows = ["default", "__base__", "other", "default"]
+    candidates = (f"absent{i}" for i in itertools.count())
+    missing = next(name for name in candidates if next(iter(set([name, *rows]) - {"__base__"})) == name)
+    names = [missing, *rows]
+    ours, theirs = models()
+    ours.add_adapter(missing, nf4.hf.lora_config(r=2, target_modules=["other"]))
+    theirs.add_adapter(missing, LoraConfig(r=2, target_modules=["other"]))
+    ours.eval()
+    theirs.eval()
+    mine, ref = layers(ours, theirs)
+    assert missing not in mine.lora_A and missing in ours.base_model.model.block.other.lora_A
+    mixed, base = mine(x, adapter_names=names), mine.base_layer(x)
+    assert close(mixed, ref(x, adapter_names=names))
+    assert torch.equal(mixed[[0, 2]], base[[0, 2]])
+    assert all(not torch.equal(mixed[i], base[i]) for i in (1, 3, 4))
 
 
 def test_one_adapter_runs_one_fused_call_and_checks_its_input(monkeypatch, x):
