@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from hf_helpers import TARGETS, load_nf4
+from hf_helpers import TARGETS, load_bnb, load_nf4
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -239,17 +239,37 @@ def test_a_16_bit_weight_of_another_shape_is_refused_by_name(tmp_path, tiny32):
         load_nf4(out)
 
 
-def test_gpt2_conv1d_weights_are_transposed_before_quantizing(tmp_path):
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A tiny random GPT-2 saved in float32: Conv1D layers, each with a bias."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=64, n_layer=1, n_head=2)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4Config(), dtype=torch.float32)
-    original = load_file(tmp_path / "model.safetensors")
+    path = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=64, n_layer=1, n_head=2)).save_pretrained(path)
+    return path
+
+
+def test_gpt2_conv1d_weights_are_transposed_before_quantizing(gpt2):
+    model = AutoModelForCausalLM.from_pretrained(gpt2, quantization_config=NF4Config(), dtype=torch.float32)
+    original = load_file(gpt2 / "model.safetensors")
     found = nf4_layers(model)
     assert sorted(found) == [f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
     for name, layer in found.items():
         w = original[name + ".weight"]  # Conv1D: [in, out]
         assert layer.transposed_checkpoint and (layer.out_features, layer.in_features) == (w.shape[1], w.shape[0])
         assert same_bytes(layer.nf4_weight, nf4.quantize(w.t(), 64, True)), name
+
+
+def test_the_trainable_parameters_after_a_load_are_bitsandbytes_own(gpt2):
+    """What a load leaves trainable (before PEFT freezes the base model; training the biases alone needs them):
+    the checkpoint's float tensors, the NF4 layers' biases among them, as with bitsandbytes; no NF4 piece."""
+    ours = AutoModelForCausalLM.from_pretrained(gpt2, quantization_config=NF4Config(), dtype=torch.float32)
+    theirs = load_bnb(gpt2)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, layer in nf4_layers(ours).items():
+        assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"bias"}, name
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == sum(
+        p.numel() for p in theirs.parameters() if p.requires_grad
+    )
