@@ -7,7 +7,9 @@ test_hf_peft.py; merged bytes are compared exactly with `nf4.quantize` of PEFT's
 """
 
 import copy
+import itertools
 import warnings
+from types import SimpleNamespace
 
 import peft
 import pytest
@@ -17,7 +19,14 @@ from torch import nn
 
 import nf4
 import nf4.hf
-from nf4.hf.peft import PeftLinearNF4, convert_peft_layer, load_adapter
+from nf4.hf.peft import (
+    PeftLinearNF4,
+    convert_peft_layer,
+    dense_layer,
+    dequantize_model,
+    drop_4bit_markers,
+    load_adapter,
+)
 from nf4.lora import LinearNF4
 
 K, N = 64, 48
@@ -287,15 +296,18 @@ def test_convert_peft_layer_refuses_merged_and_variant_layers_and_keeps_the_rest
     plain = peft.get_peft_model(Net(nn.Linear(K, N)), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
     layer = plain.base_model.model.block.proj
     layer.set_adapter("default")
-    new = convert_peft_layer(layer, LinearNF4.from_linear(layer.base_layer))
+    q = LinearNF4.from_linear(layer.base_layer)
+    new = convert_peft_layer(layer, q)
     assert isinstance(new, PeftLinearNF4) and new.lora_A is layer.lora_A and new.scaling == layer.scaling
+    assert new.base_layer is q and new.get_base_layer() is q and type(layer.base_layer) is nn.Linear
     assert new.active_adapters == ["default"] and not new.merged and new._nf4_before_merge is None
     layer.merge()
     with pytest.raises(ValueError, match=r"merged into its base weight; unmerge\(\) them first"):
         convert_peft_layer(layer, LinearNF4.from_linear(layer.base_layer))
-    dora = peft.get_peft_model(Net(nn.Linear(K, N)), LoraConfig(r=2, use_dora=True, target_modules=["proj"]))
-    with pytest.raises(ValueError, match="plain LoRA only"):
-        convert_peft_layer(dora.base_model.model.block.proj, LinearNF4.from_linear(nn.Linear(K, N)))
+    for variant in ({"use_dora": True}, {"lora_bias": True}):
+        other = peft.get_peft_model(Net(nn.Linear(K, N)), LoraConfig(r=2, target_modules=["proj"], **variant))
+        with pytest.raises(ValueError, match="plain LoRA only"):
+            convert_peft_layer(other.base_model.model.block.proj, LinearNF4.from_linear(nn.Linear(K, N)))
 
 
 def with_third(ours):
@@ -320,6 +332,27 @@ def test_an_adapter_this_layer_lacks_leaves_its_output_alone(x):
         warnings.simplefilter("error")  # nothing to merge here: no requantization warning
         mine.merge(adapter_names=["third"])
     assert not mine.merged
+
+
+def test_a_mixed_batch_applies_the_adapters_after_one_this_layer_lacks(x):
+    """The adapter `block.proj` lacks comes first in the batch's names, both in the list and in the set the
+    layer walks (its order follows the string hash seed, so the name is picked to come first): the adapters
+    after it still apply, as in PEFT's layer."""
+    rows = ["default", "__base__", "other", "default"]
+    candidates = (f"absent{i}" for i in itertools.count())
+    missing = next(name for name in candidates if next(iter(set([name, *rows]) - {"__base__"})) == name)
+    names = [missing, *rows]
+    ours, theirs = models()
+    ours.add_adapter(missing, nf4.hf.lora_config(r=2, target_modules=["other"]))
+    theirs.add_adapter(missing, LoraConfig(r=2, target_modules=["other"]))
+    ours.eval()
+    theirs.eval()
+    mine, ref = layers(ours, theirs)
+    assert missing not in mine.lora_A and missing in ours.base_model.model.block.other.lora_A
+    mixed, base = mine(x, adapter_names=names), mine.base_layer(x)
+    assert close(mixed, ref(x, adapter_names=names))
+    assert torch.equal(mixed[[0, 2]], base[[0, 2]])
+    assert all(not torch.equal(mixed[i], base[i]) for i in (1, 3, 4))
 
 
 def test_one_adapter_runs_one_fused_call_and_checks_its_input(monkeypatch, x):
@@ -400,3 +433,54 @@ def test_exact_merge_dequantizes_the_other_nf4_layers_too():
     want = other.dequantize_weight()
     base = nf4.hf.merge_and_unload(pm)
     assert type(base.block.other) is nn.Linear and torch.equal(base.block.other.weight, want)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_dense_layer_keeps_the_mode_and_gpt2s_conv1d_layout(x, training):
+    from transformers.pytorch_utils import Conv1D
+
+    q = LinearNF4.from_linear(nn.Linear(K, N)).train(training)
+    w = q.dequantize_weight(torch.float32)
+    linear = dense_layer(q, w)
+    assert type(linear) is nn.Linear and torch.equal(linear.weight, w) and torch.equal(linear.bias, q.bias)
+    assert linear.training == training
+    q.transposed_checkpoint = True  # how the quantizer marks GPT-2's Conv1D layers: weight stored [in, out]
+    conv = dense_layer(q, w)
+    assert type(conv) is Conv1D and torch.equal(conv.weight, w.t()) and torch.equal(conv.bias, q.bias)
+    assert conv.training == training and close(conv(x), linear(x))
+
+
+def test_4bit_markers_go_only_with_the_last_4bit_layer():
+    """What transformers, PEFT and TRL read as "this model is 4-bit" stays while an nf4 or bitsandbytes layer
+    is left, and goes with the last one (transformers' quantizer cleanup called, then the rest removed)."""
+    import bitsandbytes as bnb
+
+    class Quantizer:
+        def __init__(self):
+            self.cleaned = []
+
+        def remove_quantization_config(self, model):
+            self.cleaned.append(model)
+
+    def marked(layer):
+        model = nn.Sequential(layer)
+        model.config = SimpleNamespace(quantization_config={"load_in_4bit": True})
+        model.hf_quantizer = Quantizer()
+        model.is_loaded_in_4bit, model.quantization_method, model.is_quantized = True, "bitsandbytes", True
+        return model
+
+    for layer in (LinearNF4.from_linear(nn.Linear(K, N)), bnb.nn.Linear4bit(K, N), bnb.nn.Linear8bitLt(K, N)):
+        model = marked(layer)
+        drop_4bit_markers(model)
+        assert model.hf_quantizer.cleaned == [] and model.config.quantization_config == {"load_in_4bit": True}
+        assert (model.is_loaded_in_4bit, model.quantization_method, model.is_quantized) == (True, "bitsandbytes", True)
+    model = marked(LinearNF4.from_linear(nn.Linear(K, N)))
+    quantizer = model.hf_quantizer
+    assert dequantize_model(model) is model and type(model[0]) is nn.Linear
+    assert quantizer.cleaned == [model] and not hasattr(model.config, "quantization_config")
+    assert "is_loaded_in_4bit" not in vars(model) and "quantization_method" not in vars(model)
+    assert model.is_quantized is False
+    bare = nn.Sequential(nn.Linear(K, N))
+    bare.config = SimpleNamespace()  # a config without quantization_config: nothing to remove
+    drop_4bit_markers(bare)
+    assert vars(bare.config) == {} and not hasattr(bare, "is_quantized")

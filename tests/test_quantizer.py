@@ -3,10 +3,11 @@ quantizer's device-map and parameter hooks, what a load stores (bytes against `n
 config's blocksize), what it records for saving, and the errors it collects."""
 
 import copy
+import json
 
 import pytest
 import torch
-from hf_helpers import TARGETS, load_nf4
+from hf_helpers import TARGETS, load_bnb, load_nf4
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -14,7 +15,14 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import nf4
 import nf4.hf
 from nf4.checkpoint import quantize_checkpoint
-from nf4.hf.quantizer import SERIALIZED_NAMES, NF4Config, NF4Deserialize, NF4HfQuantizer, nf4_config_for
+from nf4.hf.quantizer import (
+    SERIALIZED_NAMES,
+    NF4Config,
+    NF4Deserialize,
+    NF4HfQuantizer,
+    as_nf4_config,
+    nf4_config_for,
+)
 from nf4.lora import LinearNF4
 
 
@@ -78,6 +86,31 @@ def test_from_bitsandbytes_reads_nf4_and_refuses_the_rest():
             NF4Config.from_bitsandbytes(eight)
     with pytest.raises(ValueError, match="not a bitsandbytes quantization_config"):
         NF4Config.from_bitsandbytes({"quant_method": "gptq", "bits": 4})
+
+
+def test_as_nf4_config_reads_bitsandbytes_nf4_and_refuses_the_rest():
+    """`nf4.hf.from_pretrained(..., quantization_config=)`: bitsandbytes' NF4 config becomes the NF4Config
+    with the same bytes (blocksize 64, its double-quant flag and skipped modules); anything else is refused."""
+    from transformers import GPTQConfig
+
+    mine = NF4Config(blocksize=128)
+    assert as_nf4_config(None) is None and as_nf4_config(mine) is mine
+    for double_quant in (True, False):
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                                 llm_int8_skip_modules=["lm_head", "q_proj"])  # fmt: skip
+        assert as_nf4_config(bnb).to_dict() == {"quant_method": "nf4", "blocksize": 64, "double_quant": double_quant,
+                                                "modules_to_not_convert": ["lm_head", "q_proj"]}  # fmt: skip
+    eight_bit = r"asks for bitsandbytes' 8-bit LLM.int8, which nf4 does not .*=nf4.hf.NF4Config\(\)"
+    cases = [
+        (BitsAndBytesConfig(load_in_8bit=True), ValueError, eight_bit),
+        (BitsAndBytesConfig(), ValueError, eight_bit),  # neither 4 nor 8 bits: no NF4 asked for either
+        (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4"), ValueError,
+         r"bnb_4bit_quant_type='fp4'\) asks for bitsandbytes' FP4.*pass quantization_config=nf4.hf.NF4Config\(\)"),
+        (GPTQConfig(bits=4), TypeError, r"must be nf4.hf.NF4Config .* got GPTQConfig; pass quantization_config="),
+    ]  # fmt: skip
+    for config, error, message in cases:
+        with pytest.raises(error, match=message):
+            as_nf4_config(config)
 
 
 def test_nf4_config_for_each_recorded_config():
@@ -221,6 +254,13 @@ def test_pre_quantized_layer_problems_name_the_layer(tmp_path, tiny32):
     with pytest.raises(ValueError, match=rf"could not load 1 layer\(s\):\n  {layer}: expected NF4, the checkpoint's "
                                          r"quant state is bitsandbytes' FP4"):  # fmt: skip
         nf4.hf.from_pretrained(AutoModelForCausalLM, tmp_path / "q")
+    # the packed bytes alone, their quant state lost: refused as such, never quantized again
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{layer}.weight.")}
+    save_file(tensors, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
+    missing = rf"\['{layer}.weight.absmax', '{layer}.weight.quant_map'"
+    with pytest.raises(ValueError, match=rf"could not load 1 layer\(s\):\n  {layer}: not a bitsandbytes NF4 state "
+                                         rf"dict: missing {missing}"):  # fmt: skip
+        nf4.hf.from_pretrained(AutoModelForCausalLM, tmp_path / "q")
     quantize_checkpoint(tiny32, tmp_path / "q128", blocksize=128, progress=False)
     with pytest.raises(ValueError, match=r"(?s)could not load 14 layer\(s\).*expected blocksize 64 \(the quantization_"
                                          r"config's\), the checkpoint's quant state has 128; load it with "
@@ -239,17 +279,58 @@ def test_a_16_bit_weight_of_another_shape_is_refused_by_name(tmp_path, tiny32):
         load_nf4(out)
 
 
-def test_gpt2_conv1d_weights_are_transposed_before_quantizing(tmp_path):
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A tiny random GPT-2 saved in float32: Conv1D layers, each with a bias."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=64, n_layer=1, n_head=2)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4Config(), dtype=torch.float32)
-    original = load_file(tmp_path / "model.safetensors")
+    path = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=64, n_layer=1, n_head=2)).save_pretrained(path)
+    return path
+
+
+def test_gpt2_conv1d_weights_are_transposed_before_quantizing(gpt2):
+    model = AutoModelForCausalLM.from_pretrained(gpt2, quantization_config=NF4Config(), dtype=torch.float32)
+    original = load_file(gpt2 / "model.safetensors")
     found = nf4_layers(model)
     assert sorted(found) == [f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
     for name, layer in found.items():
         w = original[name + ".weight"]  # Conv1D: [in, out]
         assert layer.transposed_checkpoint and (layer.out_features, layer.in_features) == (w.shape[1], w.shape[0])
         assert same_bytes(layer.nf4_weight, nf4.quantize(w.t(), 64, True)), name
+
+
+def test_the_16_bit_conv1d_weights_of_a_pre_quantized_checkpoint_are_transposed_too(tmp_path, gpt2):
+    """A pre-quantized GPT-2 checkpoint whose c_fc and attn.c_proj were saved in 16 bits (both shapes: a
+    wide one and a square one, which would load untransposed without an error): loaded with them converted,
+    they are quantized from the transposed Conv1D weight, as an on-the-fly load does."""
+    kept = ["transformer.h.0.mlp.c_fc", "transformer.h.0.attn.c_proj"]
+    config = NF4Config(modules_to_not_convert=["c_fc", "attn.c_proj", "lm_head"])
+    partly = AutoModelForCausalLM.from_pretrained(gpt2, quantization_config=config, dtype=torch.float32)
+    partly.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert [n for n in kept if stored[n + ".weight"].dtype == torch.float32] == kept
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    recorded["quantization_config"]["llm_int8_skip_modules"] = ["lm_head"]
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    model = nf4.hf.from_pretrained(AutoModelForCausalLM, tmp_path, dtype=torch.float32)
+    original = load_file(gpt2 / "model.safetensors")
+    found = nf4_layers(model)
+    assert len(found) == 4
+    for name, layer in found.items():
+        assert same_bytes(layer.nf4_weight, nf4.quantize(original[name + ".weight"].t(), 64, True)), name
+
+
+def test_the_trainable_parameters_after_a_load_are_bitsandbytes_own(gpt2):
+    """What a load leaves trainable (before PEFT freezes the base model; training the biases alone needs them):
+    the checkpoint's float tensors, the NF4 layers' biases among them, as with bitsandbytes; no NF4 piece."""
+    ours = AutoModelForCausalLM.from_pretrained(gpt2, quantization_config=NF4Config(), dtype=torch.float32)
+    theirs = load_bnb(gpt2)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, layer in nf4_layers(ours).items():
+        assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"bias"}, name
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == sum(
+        p.numel() for p in theirs.parameters() if p.requires_grad
+    )
