@@ -10,7 +10,7 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     setup = [line for line in readme.splitlines() if line.startswith("python3 -m venv")]
     assert len(setup) == 2, setup  # exactly two: the main job and the tests
-    tests = [line for line in setup if line.endswith("pytest")]
+    tests = [line for line in setup if ".venv/bin/pytest" in line.split("&&")[-1]]
     assert len(tests) == 1 and tests[0] in ci.splitlines()
     assert any(line.endswith("nf4 demo") for line in setup)
 
