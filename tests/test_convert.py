@@ -346,3 +346,67 @@ def test_a_weight_of_another_shape_is_refused_on_arrival():
         RuntimeError, match=r"0.weight: the checkpoint's weight has shape \[48, 63\], this module expects \[48, 64\]"
     ):
         model.load_state_dict(sd, assign=True)
+
+
+def test_a_meta_model_keeps_the_asked_format_the_dtype_and_the_mode(reference_path):
+    """On the meta device the layers are built with the blocksize and double quantization asked for, the
+    original weight's dtype and the layer's train/eval mode; the bytes then match converting the loaded
+    model with the same settings."""
+    torch.manual_seed(0)
+    src = _mlp().to(torch.bfloat16).eval()
+    expected = quantize_model(copy.deepcopy(src), blocksize=128, double_quant=False)
+    with torch.device("meta"):
+        model = _mlp().to(torch.bfloat16).eval()
+    quantize_model(model, blocksize=128, double_quant=False)
+    layer = model[0]
+    assert (layer.nf4_meta.blocksize, layer.nf4_meta.double_quant, layer.nf4_meta.dtype) == (128, False, torch.bfloat16)
+    assert not layer.training and not model[2].training
+    model.load_state_dict(src.state_dict(), assign=True)
+    got, want = model.state_dict(), expected.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("compress_statistics", [False, True], ids=["plain", "dq"])
+def test_a_bitsandbytes_layer_on_meta_keeps_its_own_settings(compress_statistics):
+    """bitsandbytes' Linear4bit built on meta (not quantized yet) converts with its own blocksize,
+    compress_statistics and 16-bit dtype, whatever quantize_model is asked: bitsandbytes would quantize
+    the arriving weight that way."""
+    with torch.device("meta"):
+        model = nn.Sequential(bnb.nn.Linear4bit(K, 32, quant_type="nf4", compress_statistics=compress_statistics,
+                                                quant_storage=torch.uint8, compute_dtype=torch.bfloat16))  # fmt: skip
+        model[0].weight = bnb.nn.Params4bit(torch.empty(32, K, dtype=torch.bfloat16), requires_grad=False,
+                                            blocksize=128, compress_statistics=compress_statistics,
+                                            quant_type="nf4")  # fmt: skip
+    model.train(False)
+    quantize_model(model, blocksize=64, double_quant=not compress_statistics)
+    layer = model[0]
+    assert type(layer) is LinearNF4 and layer.weight.device.type == "meta" and not layer.training
+    meta = layer.nf4_meta
+    assert (meta.blocksize, meta.double_quant, meta.dtype) == (128, compress_statistics, torch.bfloat16)
+
+
+def test_a_model_sharded_first_is_refused_untouched(tmp_path):
+    """fully_shard, then convert: refused with the order to follow, before any layer is replaced or
+    frozen (a one-process gloo group is enough to make DTensor parameters)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(K, K), nn.ReLU(), nn.Linear(K, K))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        for convert in (apply_lora, quantize_model):
+            with pytest.raises(ValueError, match=r"already sharded with FSDP2.*convert first, then shard"):
+                convert(model)
+        assert type(model[0]) is nn.Linear and all(p.requires_grad for p in model.parameters())
+        # a DTensor weight without FSDP2 (tensor parallel's layout) is refused the same way
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        plain = nn.Sequential(nn.Linear(K, K))
+        weight = distribute_tensor(plain[0].weight.detach(), init_device_mesh("cpu", (1,)), [Replicate()])
+        plain[0].weight = nn.Parameter(weight)
+        with pytest.raises(ValueError, match=r"already sharded"):
+            quantize_model(plain)
+    finally:
+        dist.destroy_process_group()
