@@ -98,7 +98,7 @@ import dataclasses, sys, torch
 from harness import Timer
 import nf4
 from nf4.kernels import gemv
-cases, device, quick, min_seconds = torch.load(sys.argv[1])
+cases, device, quick, min_seconds = torch.load(sys.argv[1], weights_only=True)
 timer = Timer(torch.device(device), quick)
 done = []
 for w, x, a, v in cases:
@@ -116,7 +116,7 @@ def base_decode(rev: str, cases: list, device: torch.device, quick: bool, min_se
     with tempfile.TemporaryDirectory() as tmp:
         torch.save((cases, str(device), quick, min_seconds), f"{tmp}/in.pt")
         revision.python(rev, _BASE_DECODE, f"{tmp}/in.pt", f"{tmp}/out.pt", path=(str(Path(__file__).parent),))
-        return [(out, Timing(**t)) for out, t in torch.load(f"{tmp}/out.pt")]
+        return [(out, Timing(**t)) for out, t in torch.load(f"{tmp}/out.pt", weights_only=True)]
 
 
 def run(device: torch.device, quick: bool, results: Results, base: str = revision.BASE) -> list[dict]:

@@ -4,6 +4,7 @@ requires_grad), and the bitsandbytes and PEFT paths. Outputs are compared with `
 computed here in float64: float32 sums over K = 64 at the output's scale."""
 
 import copy
+import datetime
 import importlib
 
 import bitsandbytes as bnb
@@ -392,7 +393,8 @@ def test_a_model_sharded_first_is_refused_untouched(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
     try:
         model = nn.Sequential(nn.Linear(K, K), nn.ReLU(), nn.Linear(K, K))
         fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
