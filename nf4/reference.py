@@ -174,3 +174,15 @@ def matmul_epilogue(y, u=None, v=None, bias=None, mask=None, lora_scale: float =
     if bias is not None:
         y = y + bias.to(ct)
     return y
+
+
+def adapter_rows_ref(
+    x2: torch.Tensor, a_bank: torch.Tensor, v_bank: torch.Tensor, scales: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """float32 [M, N]: row m's `scales[i] * (x2[m] @ a_bank[i]^T) @ v_bank[i]`, i = index[m]; 0 where
+    index[m] < 0 (a base-only row). a_bank [S, R, K], v_bank [S, R, N] (B^T per slot), scales [S].
+    A gather per row: the oracle of the adapter-bank paths (small shapes)."""
+    slot = index.long().clamp(min=0)
+    u = torch.einsum("mk,mrk->mr", x2.float(), a_bank.float()[slot])
+    y = torch.einsum("mr,mrn->mn", u, v_bank.float()[slot]) * scales.float()[slot][:, None]
+    return torch.where(index[:, None] >= 0, y, 0.0)
