@@ -131,3 +131,64 @@ def dropout_mask(x: Tensor, p: float, active: bool) -> tuple[Tensor | None, floa
     if not active or p == 0.0:
         return None, 1.0
     return torch.rand(x.shape, device=x.device) >= p, 1.0 / (1.0 - p)
+
+
+def multi_lora_linear(
+    x: Tensor,
+    weight: NF4Tensor,
+    a_bank: Tensor,
+    v_bank: Tensor,
+    scales: Tensor,
+    index: Tensor,
+    bias: Tensor | None = None,
+    *,
+    where: str = "multi_lora_linear",
+) -> Tensor:
+    """Each row its own adapter, in one fused call: `x @ dequant(weight)^T + bias` plus, for a row whose
+    slot i = index >= 0, `scales[i] * (x_row @ a_bank[i]^T) @ v_bank[i]`.
+
+    x [..., K]; weight [N, K]; a_bank [S, R, K], v_bank [S, R, N] (B^T per slot, ranks below R
+    zero-padded), scales [S]: one `nf4.lora.AdapterBank`'s tensors. index: integer, shape a prefix of
+    x.shape[:-1] (per sequence [B] for x [B, T, K], or per token), -1 for the base alone. Returns [..., N]
+    in x's dtype. No dropout (an inference path, as PEFT's `adapter_names`). Where a gradient is needed
+    (x or bias requiring it) it runs a differentiable per-row gather instead: memory M x R x K.
+    An index value outside [-1, S) raises RuntimeError: at once on the CPU, at the next synchronisation on
+    a GPU (an asynchronous device assert: no host read)."""
+    check_inputs(x, weight, bias=bias, where=where)
+    n, k = weight.shape
+    if not all(isinstance(t, Tensor) for t in (a_bank, v_bank, scales, index)):
+        raise TypeError(f"{where}: a_bank, v_bank, scales and index must be tensors")
+    s = a_bank.shape[0] if a_bank.dim() == 3 else -1
+    r = a_bank.shape[1] if a_bank.dim() == 3 else -1
+    if a_bank.dim() != 3 or a_bank.shape[2] != k or tuple(v_bank.shape) != (s, r, n) or tuple(scales.shape) != (s,):
+        raise ValueError(
+            f"{where}: expected a_bank [S, R, {k}], v_bank [S, R, {n}] and scales [S], got {list(a_bank.shape)}, "
+            f"{list(v_bank.shape)} and {list(scales.shape)}"
+        )
+    for name, t in (("a_bank", a_bank), ("v_bank", v_bank), ("scales", scales)):
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{where}: {name} must be floating point, got {t.dtype}")
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise TypeError(f"{where}: index must be an integer tensor of slots, got {index.dtype}")
+    lead = x.shape[:-1]
+    if index.dim() > len(lead) or tuple(lead[: index.dim()]) != tuple(index.shape):
+        raise ValueError(
+            f"{where}: index must have a leading shape of x's rows {list(lead)} (per sequence or per token), "
+            f"got {list(index.shape)}"
+        )
+    for name, t in (("a_bank", a_bank), ("v_bank", v_bank), ("scales", scales), ("index", index)):
+        if t.device != x.device:
+            raise ValueError(f"{where}: {name} is on {t.device} but x is on {x.device}; move one of them")
+    rows = index.reshape(*index.shape, *[1] * (len(lead) - index.dim())).expand(lead).reshape(-1)
+    if rows.numel():  # raises at once on the CPU, at the next synchronisation on a GPU (no host read)
+        torch._assert_async(((rows >= -1) & (rows < s)).all(), f"{where}: index values must lie in [-1, {s}) "
+                            "(-1: no adapter)")  # fmt: skip
+    x2 = x.reshape(-1, k)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, a_bank, v_bank, scales, bias)):
+        base = LoRALinearFunction.apply(x2, weight, None, None, bias, 1.0, None, 1.0)
+        slot = rows.long().clamp(min=0)
+        u = torch.einsum("mk,mrk->mr", x2, a_bank[slot].to(x.dtype)) * scales[slot].to(x.dtype)[:, None]
+        lora = torch.einsum("mr,mrn->mn", u, v_bank[slot].to(x.dtype))
+        y = base + torch.where(rows[:, None] >= 0, lora, 0.0).to(base.dtype)
+        return y.reshape(*lead, n)
+    return _unviewed(ops.matmul_adapters(x2, weight, a_bank, v_bank, scales, rows, bias), x)

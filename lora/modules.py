@@ -23,7 +23,8 @@ from torch import nn
 from nf4.api import dequantize, quantize
 from nf4.codebook import dynamic_map
 from nf4.format import FLOAT_DTYPES, NF4Meta
-from nf4.lora.functional import lora_linear
+from nf4.lora.bank import AdapterBank
+from nf4.lora.functional import lora_linear, multi_lora_linear
 from nf4.tensor import NF4Tensor
 
 _PARAMS = {"weight": "packed", "weight_absmax": "absmax"}
@@ -373,3 +374,42 @@ class LoRALinearNF4(LinearNF4):
             f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
             f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}" + (", merged=True" if self.merged else "")
         )
+
+
+class MultiLoRALinearNF4(LinearNF4):
+    """An NF4 layer serving many LoRA adapters at once: row i of a batch adds the adapter of slot
+    `adapter_index[i]` (-1: none), all rows in one fused call (`multi_lora_linear`). Inference: adapters
+    are buffers of `self.bank` (an `AdapterBank`), filled with `add_adapter`; train them with
+    `LoRALinearNF4` or PEFT."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, slots: int = 8,
+                 max_rank: int = 16, adapter_dtype: torch.dtype = torch.float32, **kwargs):  # fmt: skip
+        """slots, max_rank: the bank's capacity; adapter_dtype: its dtype. Others as `LinearNF4`."""
+        super().__init__(in_features, out_features, bias, **kwargs)
+        self.bank = AdapterBank(in_features, out_features, slots, max_rank, adapter_dtype, self.weight.device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    **kwargs) -> MultiLoRALinearNF4:  # fmt: skip
+        """Quantize `linear`, with an empty bank (`slots`, `max_rank`, `adapter_dtype` in kwargs)."""
+        return super().from_linear(linear, blocksize=blocksize, double_quant=double_quant, **kwargs)
+
+    def add_adapter(self, name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> int:
+        """Fill a slot (`AdapterBank.add`); returns it. `scaling`: lora_alpha / r (or / sqrt(r))."""
+        return self.bank.add(name, lora_A, lora_B, scaling)
+
+    def remove_adapter(self, name: str) -> int:
+        """Empty `name`'s slot (`AdapterBank.remove`); returns it."""
+        return self.bank.remove(name)
+
+    def adapter_index(self, names) -> torch.Tensor:
+        """Slots of `names` (None or "__base__": -1) on the layer's device, for `forward`."""
+        return self.bank.index(names, self.weight.device)
+
+    def forward(self, x: torch.Tensor, adapter_index: torch.Tensor | None = None) -> torch.Tensor:
+        """`adapter_index`: slots per sequence ([B] for x [B, T, in]) or per row; None: the base alone."""
+        if adapter_index is None:
+            return super().forward(x)
+        bank = self.bank
+        return multi_lora_linear(x, self.nf4_weight, bank.a, bank.v, bank.scales, adapter_index, self.bias,
+                                 where=type(self).__name__)  # fmt: skip

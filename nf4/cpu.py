@@ -141,3 +141,26 @@ def add_lora_and_bias_(y, u=None, v=None, bias=None, mask=None, lora_scale: floa
     if bias is not None:
         y.add_(bias.to(y.dtype))
     return y
+
+
+def add_adapter_rows_(y, x2, a_bank, v_bank, scales, index) -> torch.Tensor:
+    """`y[m] += scales[i] * (x2[m] @ a_bank[i]^T) @ v_bank[i]`, i = index[m] >= 0, in place, in y's dtype.
+
+    A segmented gather-matmul (SGMV's order on the CPU): rows sorted by slot, each slot present padded to
+    the largest group, two batched matmuls, one scatter-add; the slots of no row are never read. Reads the
+    group sizes on the host (free on the CPU; on a GPU `nf4.kernels.adapters` runs instead)."""
+    rows = torch.nonzero(index >= 0).flatten()
+    if rows.numel() == 0:
+        return y
+    slots, dense = torch.unique(index[rows], return_inverse=True)  # sorted slots; row -> its group
+    counts = torch.bincount(dense, minlength=slots.numel())
+    order = torch.argsort(dense, stable=True)
+    rows, dense = rows[order], dense[order]
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.numel(), device=y.device) - starts[dense]  # the row's place within its group
+    grouped = y.new_zeros((slots.numel(), int(counts.max()), x2.shape[1]))
+    grouped[dense, pos] = x2[rows].to(y.dtype)
+    a = a_bank[slots].to(y.dtype)
+    u = torch.bmm(grouped, a.transpose(1, 2)).mul_(scales[slots].to(y.dtype)[:, None, None])
+    lora = torch.bmm(u, v_bank[slots].to(y.dtype))
+    return y.index_add_(0, rows, lora[dense, pos])

@@ -90,3 +90,12 @@ def matmul(x2, q, trans=False, u=None, v=None, bias=None, mask=None, lora_scale:
             return y
     w = dequantize(q, torch.float32)
     return reference.matmul_ref(x2, w, trans, u, v, bias, mask, lora_scale)
+
+
+def matmul_adapters(x2, q, a_bank, v_bank, scales, index, bias=None) -> torch.Tensor:
+    """Each row its own adapter: `y[m] = x2[m] @ W^T + bias + scales[i] * (x2[m] @ a_bank[i]^T) @ v_bank[i]`,
+    i = index[m] (none where index[m] < 0). a_bank [S, R, K], v_bank [S, R, N] (B^T per slot), scales [S],
+    index [M] in [-1, S) (unchecked here). On a GPU one fused call, no host read (`nf4.kernels.adapters`)."""
+    from nf4.cpu import add_adapter_rows_
+
+    return add_adapter_rows_(matmul(x2, q, bias=bias), x2, a_bank, v_bank, scales, index)

@@ -280,3 +280,19 @@ def trained_layer(in_features, out_features, use_rslora, double_quant=True, std=
     )
     nn.init.normal_(layer.lora_B, std=std)
     return layer
+
+
+def count_calls(monkeypatch, module, names) -> dict[str, int]:
+    """{name: calls} of `module`'s functions `names`, counted from now (the functions still run)."""
+    calls = dict.fromkeys(names, 0)
+
+    def counted(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for name in names:
+        monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
+    return calls

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 import nf4.hf
-from helpers import same_bnb_entry
+from helpers import count_calls, same_bnb_entry
 from nf4.hf import peft as nf4_peft
 from nf4.lora import LinearNF4, apply_lora, quantize_model
 
@@ -519,3 +519,61 @@ def test_dequantize_drops_the_4_bit_markers_too(tiny32):
     model.dequantize()
     assert getattr(model, "is_loaded_in_4bit", None) is None and getattr(model, "hf_quantizer", None) is None
     assert model.num_parameters() == LlamaForCausalLM.from_pretrained(tiny32).num_parameters()
+
+
+def two_adapters(model, seed=2):
+    """`adapted(model)` plus "other" (r 2, rsLoRA) on q_proj and down_proj, non-zero B everywhere."""
+    pm = adapted(model)
+    other = peft.LoraConfig(r=2, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "down_proj"])
+    pm.add_adapter("other", other)
+    randomize(pm, seed)
+    return pm.eval()
+
+
+def test_a_mixed_batch_equals_peft_on_bitsandbytes_in_one_call_per_layer(monkeypatch, tiny32, ids):
+    import bitsandbytes as bnb
+
+    from nf4.lora import ops
+
+    ours = two_adapters(load_nf4(tiny32, double_quant=False))
+    theirs = two_adapters(load_bnb(tiny32, double_quant=False))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.copy_(ours.get_parameter(name))
+    for layer in theirs.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = False  # bitsandbytes' generic path: dequantize, then matmul
+    calls = count_calls(monkeypatch, ops, ["matmul", "matmul_adapters"])
+    ids3 = torch.cat([ids, ids[:1].flip(1)])
+    names = ["other", "__base__", "default"]
+    with torch.no_grad():
+        a = ours(ids3, adapter_names=names).logits
+        assert calls == {"matmul": 8, "matmul_adapters": 6}  # 6 adapted layers: one fused call each
+        b = theirs(ids3, adapter_names=names).logits
+        assert close(a, b)
+        for row, name in enumerate(names):  # and each row as that adapter alone
+            if name == "__base__":
+                with ours.disable_adapter():
+                    alone = ours(ids3[row : row + 1]).logits
+            else:
+                ours.set_adapter(name)
+                alone = ours(ids3[row : row + 1]).logits
+            assert close(a[row], alone[0]), name
+
+
+def test_generate_with_adapter_names_gives_each_adapter_s_own_tokens(tiny32, ids):
+    pm = two_adapters(load_nf4(tiny32))
+    prompts = torch.cat([ids, ids[:1].flip(1), ids[1:]])
+    names = ["other", "__base__", "default", "other"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    mixed = pm.generate(input_ids=prompts, adapter_names=names, **kwargs)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                alone = pm.generate(input_ids=prompts[row : row + 1], **kwargs)
+        else:
+            pm.set_adapter(name)
+            alone = pm.generate(input_ids=prompts[row : row + 1], **kwargs)
+        assert torch.equal(mixed[row], alone[0]), (row, name)
+    assert len({tuple(t) for t in mixed[:3, prompts.shape[1] :].tolist()}) == 3  # the adapters change the tokens

@@ -19,6 +19,7 @@ from torch import nn
 
 import nf4
 import nf4.hf
+from helpers import count_calls
 from nf4.hf.peft import (
     PeftLinearNF4,
     convert_peft_layer,
@@ -87,6 +88,12 @@ def layers(ours, theirs):
     return ours.base_model.model.block.proj, theirs.base_model.model.block.proj
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_restored():
+    yield
+    torch.set_grad_enabled(True)
+
+
 @pytest.fixture
 def x():
     return torch.randn(5, K, generator=torch.Generator().manual_seed(7))
@@ -115,6 +122,38 @@ def test_several_active_adapters_each_keep_their_scaling(x):
     one = copy.deepcopy(ref)
     one.set_adapter("default")
     assert not close(mine(x), one(x))  # the second adapter counts
+
+
+def test_a_mixed_batch_at_inference_is_one_fused_call_equal_to_peft(monkeypatch, x):
+    from nf4.lora import ops
+
+    calls = count_calls(monkeypatch, ops, ["matmul", "matmul_adapters"])
+    ours, theirs = models()
+    ours.eval()
+    theirs.eval()
+    mine, ref = layers(ours, theirs)
+    names = ["other", "__base__", "default", "other", "default"]
+    with torch.no_grad():
+        assert close(mine(x, adapter_names=names), ref(x, adapter_names=names))
+        assert calls == {"matmul": 0, "matmul_adapters": 1}
+        assert close(ours(x, adapter_names=names), theirs(x, adapter_names=names))
+        bank = mine._nf4_bank[1]
+        assert calls["matmul_adapters"] == 2 and bank.adapters == {"default": 0, "other": 1}
+        assert mine(x, adapter_names=names) is not None and mine._nf4_bank[1] is bank  # kept while unchanged
+        for layer in (mine, ref):  # an optimizer step, in place: the bank follows
+            layer.lora_B["other"].weight.mul_(-3.0)
+        assert close(mine(x, adapter_names=names), ref(x, adapter_names=names)) and mine._nf4_bank[1] is not bank
+        for model in (ours, theirs):  # a new adapter, and one deleted
+            model.add_adapter("third", LoraConfig(r=3, lora_alpha=5, target_modules=["proj"]))
+            model.base_model.model.block.proj.lora_B["third"].weight.fill_(0.25)
+            model.delete_adapter("default")
+        mine.lora_A["third"].weight.copy_(ref.lora_A["third"].weight)
+        names = ["third", "other", "__base__", "third", "other"]
+        assert close(mine(x, adapter_names=names), ref(x, adapter_names=names))
+        assert mine._nf4_bank[1].adapters == {"other": 0, "third": 1} and mine._nf4_bank[1].max_rank == 3
+        with pytest.raises(ValueError, match="non-existing adapter"):
+            ours(x, adapter_names=["default"] * 5)  # PEFT's own check of the names
+    assert "_nf4_bank" not in "".join(ours.state_dict())  # a cache, not saved
 
 
 def test_mixed_batch_and_disabled_adapters_equal_peft(x):
@@ -318,7 +357,12 @@ def with_third(ours):
     return ours
 
 
-def test_an_adapter_this_layer_lacks_leaves_its_output_alone(x):
+GRAD_MODES = pytest.mark.parametrize("grad", [True, False], ids=["grad: PEFT's loop", "no grad: fused"])
+
+
+@GRAD_MODES
+def test_an_adapter_this_layer_lacks_leaves_its_output_alone(x, grad):
+    torch.set_grad_enabled(grad)  # restored by pytest's fixture below
     ours = with_third(models()[0])
     ours.eval()
     mine = ours.base_model.model.block.proj
@@ -334,7 +378,8 @@ def test_an_adapter_this_layer_lacks_leaves_its_output_alone(x):
     assert not mine.merged
 
 
-def test_a_mixed_batch_applies_the_adapters_after_one_this_layer_lacks(x):
+@GRAD_MODES
+def test_a_mixed_batch_applies_the_adapters_after_one_this_layer_lacks(x, grad):
     """The adapter `block.proj` lacks comes first in the batch's names, both in the list and in the set the
     layer walks (its order follows the string hash seed, so the name is picked to come first): the adapters
     after it still apply, as in PEFT's layer."""
@@ -342,6 +387,7 @@ def test_a_mixed_batch_applies_the_adapters_after_one_this_layer_lacks(x):
     candidates = (f"absent{i}" for i in itertools.count())
     missing = next(name for name in candidates if next(iter(set([name, *rows]) - {"__base__"})) == name)
     names = [missing, *rows]
+    torch.set_grad_enabled(grad)
     ours, theirs = models()
     ours.add_adapter(missing, nf4.hf.lora_config(r=2, target_modules=["other"]))
     theirs.add_adapter(missing, LoraConfig(r=2, target_modules=["other"]))

@@ -2,8 +2,11 @@
 in `PeftLinearNF4`, which keeps PEFT's semantics and runs nf4's fused op.
 
 - One active adapter: one `lora_linear` call (fused matmul, nf4's backward, dropout inside). Several: the
-  base's fused matmul plus each adapter's term as PEFT computes it. `adapter_names=`, `set_adapter`,
-  `disable_adapter()`, `delete_adapter`: PEFT's own code.
+  base's fused matmul plus each adapter's term as PEFT computes it. `set_adapter`, `disable_adapter()`,
+  `delete_adapter`: PEFT's own code.
+- A mixed batch (`adapter_names=` in forward or `generate`): one `multi_lora_linear` call per layer over a
+  cached `AdapterBank` copy of the layer's adapters (memory: their size again); PEFT's loop where a
+  gradient is needed.
 - Numerics: the low-rank product runs in the activation dtype, the adapter cast to it (PEFT casts the
   activations instead). Adapters may be fp32 or bf16 (TRL); gradients come back in their dtype.
 - `merge()` requantizes `dequant(W) + scaling * B @ A`, like PEFT on bitsandbytes: lossy. `unmerge()`
@@ -13,6 +16,7 @@ in `PeftLinearNF4`, which keeps PEFT's semantics and runs nf4's fused op.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -22,7 +26,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from nf4.api import quantize
-from nf4.lora.functional import lora_linear
+from nf4.lora.bank import BASE, AdapterBank
+from nf4.lora.functional import lora_linear, multi_lora_linear
 from nf4.lora.modules import LinearNF4
 
 
@@ -87,9 +92,22 @@ class PeftLinearNF4(nn.Module, LoraLayer):
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
-        """`adapter_names[i]` picks row i's adapter, as PEFT does; the base output is cloned to be edited."""
+        """`adapter_names[i]` picks row i's adapter, as PEFT does ("__base__", or an adapter this layer lacks:
+        the base alone). Inference: one fused call over an `AdapterBank` of this layer's adapters (built once,
+        rebuilt when an adapter's tensors change). Where a gradient is needed: PEFT's loop over adapters."""
+        base = self.get_base_layer()
+        params = [p for name in self.lora_A for p in (self.lora_A[name].weight, self.lora_B[name].weight)]
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, base.bias, *params)):
+            return self._looped_mixed_batch(x, *args, adapter_names=adapter_names, **kwargs)
+        bank = self._adapter_bank()
+        index = self._adapter_index(adapter_names, bank, x.device)
+        return multi_lora_linear(x, base.nf4_weight, bank.a, bank.v, bank.scales, index, base.bias,
+                                 where=type(self).__name__)  # fmt: skip
+
+    def _looped_mixed_batch(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        """PEFT's way: the base output cloned, each adapter's rows edited (differentiable)."""
         result = self.get_base_layer()(x, *args, **kwargs).clone()
-        for name in set(adapter_names) - {"__base__"}:
+        for name in set(adapter_names) - {BASE}:
             if name not in self.lora_A:
                 continue
             rows = [i for i, a in enumerate(adapter_names) if a == name]
@@ -97,6 +115,39 @@ class PeftLinearNF4(nn.Module, LoraLayer):
             sub = self._cast_input_dtype(x[rows], lora_A.weight.dtype)
             result[rows] += (lora_B(lora_A(self.lora_dropout[name](sub))) * self.scaling[name]).to(result.dtype)
         return result
+
+    def _adapter_bank(self) -> AdapterBank:
+        """Every adapter of this layer in a bank (a cached copy, not a submodule: no state-dict entries),
+        rebuilt when an adapter is added, removed, rescaled, moved or written in place."""
+        weights = {name: (self.lora_A[name].weight, self.lora_B[name].weight) for name in self.lora_A}
+        key = tuple(
+            (name, float(self.scaling[name]), a.data_ptr(), a._version, b.data_ptr(), b._version, a.dtype, b.dtype,
+             a.device) for name, (a, b) in weights.items()
+        )  # fmt: skip
+        cached = self.__dict__.get("_nf4_bank")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        a0 = next(iter(weights.values()))[0]
+        dtype = functools.reduce(torch.promote_types, [t.dtype for pair in weights.values() for t in pair])
+        bank = AdapterBank(self.in_features, self.out_features, len(weights),
+                           max(a.shape[0] for a, _ in weights.values()), dtype, a0.device)  # fmt: skip
+        for name, (a, b) in weights.items():
+            bank.add(name, a.detach(), b.detach(), self.scaling[name])
+        self.__dict__["_nf4_bank"] = (key, bank)
+        self.__dict__.pop("_nf4_index", None)
+        return bank
+
+    def _adapter_index(self, adapter_names: list[str], bank: AdapterBank, device: torch.device) -> torch.Tensor:
+        """Row slots on `device`, kept for the next call with the same names (`generate`'s steps): one copy
+        to the device per batch composition."""
+        key = (tuple(adapter_names), device)
+        cached = self.__dict__.get("_nf4_index")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        held = bank.adapters
+        index = torch.tensor([held.get(name, -1) for name in adapter_names], dtype=torch.int32, device=device)
+        self.__dict__["_nf4_index"] = (key, index)
+        return index
 
     # -- merging into the NF4 weight (lossy) ----------------------------------------------------
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
