@@ -95,3 +95,31 @@ def test_the_mutation_list_is_current():
     stale = [m.name for m in mutants.MUTANTS if (ROOT / m.path).read_text().count(m.old) != 1]
     missing = [t for m in mutants.MUTANTS for t in m.tests if not (ROOT / t).is_file()]
     assert len(mutants.MUTANTS) >= 40 and stale == [] and missing == []
+
+
+def test_bench_adapters_quick_runs_every_stack_and_derives_its_costs(tmp_path):
+    out = tmp_path / "r.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_adapters.py"), "--quick", "--out", str(out)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["impl"], r["distinct"]) for r in records} == {
+        (s, d) for s in ("nf4 fused", "nf4 loop", "bnb+peft") for d in (1, 4, 16) if d <= 4
+    }
+    for r in records:
+        one = next(o for o in records if o["impl"] == r["impl"] and o["distinct"] == 1)
+        assert (
+            r["layer_x1"] == r["layer_ms"] / one["layer_ms"]
+            and r["forward_adds_ms"] == r["forward_ms"] - one["forward_ms"]
+        )
+        assert r["generate_tok_s"] == r["seqs"] * r["new_tokens"] / r["generate_ms"] * 1e3 > 0
+    bnb4 = next(r for r in records if r["impl"] == "bnb+peft" and r["distinct"] == 4)
+    fused4 = next(r for r in records if r["impl"] == "nf4 fused" and r["distinct"] == 4)
+    assert bnb4["layer_adds_vs_fused"] == bnb4["layer_adds_ms"] / fused4["layer_adds_ms"]
+    assert "adds / fused's" in proc.stdout and "nf4 loop" in proc.stdout
