@@ -11,7 +11,8 @@
 # table-lookup microbenchmark with the decode kernel of 2d550bfb5869 beside the current one 60 s
 # (bench_lookup.py: checks the L1 model of benchmarks/static/sass.py), a whole Llama-3-8B-shaped model's QLoRA step
 # at 2048 tokens 120 s (bench_model.py: nf4, bitsandbytes + PEFT and 16-bit LoRA at batch 1, then nf4 and
-# bitsandbytes + PEFT at the largest batch up to 8 that nf4 trains at), static report 40 s. Cut to fit:
+# bitsandbytes + PEFT at the largest batch up to 8 that nf4 trains at), a mixed batch of 16 sequences over
+# 1/4/16 adapters 40 s (bench_adapters.py, preset small), static report 40 s. Cut to fit:
 # the model step runs with gradient checkpointing only (off is `bench_model.py --checkpointing both`) and
 # 3 timed steps; 16-bit LoRA is not rerun at the largest batch. Each step is stopped with SIGINT when over
 # (pytest still prints its summary line, run_all.py still writes what it measured, bench_model.py has
@@ -124,6 +125,13 @@ limit 80 "$PY" "$REPO/benchmarks/bench_model.py" $MODEL --batch 1 --checkpointin
   || { echo "model benchmark (batch 1) failed or timed out"; status=1; }
 limit 40 "$PY" "$REPO/benchmarks/bench_model.py" $MODEL --largest-batch 8 --stacks nf4,bnb+peft --checkpointing on \
   --out "$OUT/results.jsonl" || { echo "model benchmark (largest batch) failed or timed out"; status=1; }
+
+step "many adapters, one mixed batch (bench_adapters.py: nf4 fused / nf4 with PEFT's loop / bitsandbytes + PEFT)"
+if [ $DRY = 1 ]; then ADAPTERS="--quick"; else ADAPTERS="--preset small --new-tokens 16"; fi
+limit 40 "$PY" "$REPO/benchmarks/bench_adapters.py" $ADAPTERS --out "$OUT/results.jsonl" > "$OUT/adapters.txt" 2>&1 \
+  || { echo "adapters benchmark failed or timed out"; status=1; }
+cat "$OUT/adapters.txt" >> "$OUT/table.txt" && rm -f "$OUT/adapters.txt"
+tail -12 "$OUT/table.txt"
 
 step "static kernel report"
 MATCH=""
