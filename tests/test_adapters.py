@@ -183,10 +183,11 @@ def test_the_bank_fills_replaces_and_empties_slots_in_place():
     assert torch.equal(bank.a[0, :2], a) and torch.equal(bank.a[0, 2:], torch.zeros(2, K))
     assert torch.equal(bank.v[0, :2], b.t()) and torch.equal(bank.v[0, 2:], torch.zeros(2, N))
     assert bank.scales.tolist() == [0.5, 2.0, 0.0] and bank.ranks == [2, 4, 0]
-    a2 = torch.randn(3, K)
-    assert bank.add("x", a2, torch.randn(N, 3), 1.5) == 0  # replaced in its own slot
-    assert torch.equal(bank.a[0, :3], a2) and torch.equal(bank.a[0, 3:], torch.zeros(1, K)) and bank.ranks[0] == 3
-    assert bank.remove("x") == 0 and bank.adapters == {"y": 1}
+    a2, b2 = torch.randn(1, K), torch.randn(N, 1)
+    assert bank.add("y", a2, b2, 1.5) == 1  # replaced in its own slot, by a lower rank: the rest zeroed
+    assert torch.equal(bank.a[1, :1], a2) and torch.equal(bank.a[1, 1:], torch.zeros(3, K)) and bank.ranks[1] == 1
+    assert torch.equal(bank.v[1, :1], b2.t()) and torch.equal(bank.v[1, 1:], torch.zeros(3, N))
+    assert bank.remove("x") == 0 and bank.adapters == {"y": 1} and bank.scales[1] == 1.5
     assert not bank.a[0].any() and not bank.v[0].any() and bank.scales[0] == 0
     assert bank.add("z", a, b, 1.0) == 0  # the first free slot
     assert [t.data_ptr() for t in (bank.a, bank.v, bank.scales)] == storage  # same storage: nothing recompiles
@@ -201,6 +202,8 @@ def test_the_bank_refuses_what_it_cannot_hold():
         bank.add("y", torch.randn(2, K), torch.randn(N, 2), 1.0)
     with pytest.raises(ValueError, match="rank 3; this bank holds ranks 1..2"):
         bank.add("x", torch.randn(3, K), torch.randn(N, 3), 1.0)
+    with pytest.raises(ValueError, match="rank 0; this bank holds ranks 1..2"):
+        bank.add("x", torch.randn(0, K), torch.randn(N, 0), 1.0)
     with pytest.raises(ValueError, match=r"expected lora_A \[r, 64\] and lora_B \[48, r\]"):
         bank.add("x", torch.randn(2, K), torch.randn(N, 3), 1.0)
     for bad in ("", "__base__", 3):
