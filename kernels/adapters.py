@@ -8,37 +8,42 @@ index [M], values in [-1, S): the caller guarantees it (nothing reads index on t
 range reads another slot's memory or past the bank). Four steps, no host read (CUDA-graph capturable):
 1. the base, `nf4.kernels.matmul.nf4_matmul(x, W, bias=bias)` (its fused, GEMV or dequantize + GEMM path);
 2. `torch.sort(index)`: row positions grouped by slot (SGMV-style segments), base-only rows first;
-3. shrink: program (t, j, s) takes sorted positions [16 t, 16 t + 16), ranks [16 j, 16 j + 16), K slice s,
-   and for each distinct slot of its rows one `tl.dot` [16, BK] x [BK, 16] per K step over the rows of
-   that slot (the others masked to 0): u[s, p, :] = scales[i] * x[row] @ a_bank[i]^T, float32 [split, M, R];
-4. expand: program (t, n) loads y[rows, BN columns] once, adds, for each distinct slot of its rows,
-   sum_s u[s] @ v_bank[i][:, cols] (rank steps of 16), and stores it back in place.
+3. shrink: program (t, j, s) takes sorted positions [16 t, 16 t + 16), ranks [16 j, 16 j + 16), K slice s;
+   for each distinct slot of its rows, one `tl.dot` [16, BK] x [BK, 16] per K step over that slot's rows
+   (the other rows masked: not fetched) and a store of those rows: u[s, p, :] = scales[i] * x[row] @
+   a_bank[i]^T, float32 [split, M, R];
+4. expand: program (t, n) takes the same positions and BN columns; for each distinct slot of its rows,
+   acc = sum_s u[s] @ v_bank[i][:, cols] (rank steps of 16), then that slot's rows of y are read, added
+   to and written back in place. Base-only rows are never touched.
 
 Why segmented and not a per-row gather (BGMV): a gather reads a slot's A and B once per row, R (K + N)
-elements per row from L2 (16 x 8192 x 2 B = 256 KB per bf16 row at r = 16, 4096^2), and its dots are
-matrix-vector (no tensor cores). Sorted, a 16-row tile reads them once per distinct slot it holds: with
-c rows per adapter, min(c, 16) times fewer bytes, on tensor cores. The cost is one sort (a few small
-launches) and at most M / 16 + min(S, M) (tile, slot) pairs, each a dot padded to 16 rows.
+elements (16 x 8192 x 2 B = 256 KiB per row at r = 16, 4096^2, bf16) from L2, in matrix-vector products
+(no tensor cores). Sorted, a 16-row tile reads them once per distinct slot it holds: with c rows per
+adapter, min(c, 16) times fewer bytes, on tensor cores. The price: one sort, and at most
+ceil(M / 16) + min(S, M) - 1 (tile, slot) pairs, each a dot padded to 16 rows. The slots of a tile are
+walked by a loop (a tl.min over its 16 slot ids per step), so a tile of one slot costs one pass.
 
-Cost, M = 512 rows (16 sequences x 32 tokens), K = N = 4096, bf16 x and bank, r = R = 16; D = distinct
-adapters; base = the NF4 GEMM. Nothing here was measured (no GPU): bytes and counts from the code.
-- base: W 8 MiB NF4 + 0.5 MiB absmax, x 4 MiB, y 4 MiB; 2 M N K = 17.2 GFLOP; 1-2 launches.
-- sort: 512 int32 (2 KiB), 1-3 launches (one kernel for small M), no host read.
-- shrink: split 4 on 132 SMs (`split_for`: 32 row tiles x 4 = 128 programs, 16 BK=64 steps each);
-  x read once per distinct slot of a tile: 4 MiB (D = 1 or 16: the 32-row segments fill whole tiles);
-  A: 128 KiB per (tile, slot) pair from L2 = 4 MiB, of which D x 128 KiB from DRAM (2 MiB at D = 16,
-  128 KiB at D = 1); u partials written 4 x 512 x 16 x 4 B = 128 KiB. 2 M R K = 67 MFLOP (0.4 % of the
-  base) on tensor cores.
-- expand: 32 x 64 = 2048 programs; y read and written in place: 8 MiB (the base's own output again:
-  the biggest extra term, 2x the base's y traffic); V: 32 tiles x R N 2 B = 4 MiB from L2 (D x 128 KiB
-  from DRAM); u re-read per column tile: 64 x 128 KiB = 8 MiB from L2. 2 M R N x 2 (the hi/lo split
-  below) = 134 MFLOP on tensor cores.
-- total extra over the base: ~8.1 MiB of DRAM at D = 1 (y 8 MiB dominates), ~12 MiB at D = 16 (plus 4 MiB
-  of A and V) against the base's ~16.5 MiB; ~20 MiB of L2 reads either way; 0.2 GFLOP (1.2 %); 2 kernel
-  launches + the sort; a chain of 3 dependent kernels after the base (sort -> shrink -> expand), each with
-  a short chain of dependent loads (slot ids -> row ids -> x, A / y, V). D = 16 and D = 1 cost the same
-  apart from the D x 256 KiB of A and V from DRAM: with 32-row segments every tile holds one slot.
-  A per-row gather would read 512 x 256 KiB = 128 MiB of A and B from L2 instead of 8 MiB.
+Cost, M = 512 rows (16 sequences x 32 tokens), K = N = 4096, bf16 x and bank, r = R = 16, on 132 SMs;
+D distinct adapters (16, or 1). Counted from the code; nothing measured (no GPU).
+- base (`nf4_matmul`, M = 512: its 128x64 tiles, 256 programs, or dequantize + cuBLAS, chosen by timing):
+  W 8 MiB + 0.25 MiB absmax (double quant), x 4 MiB, y 4 MiB written; 2 M N K = 17.2 GFLOP.
+- sort: 2 KiB of int32 in, 6 KiB out; 1-3 small launches.
+- shrink: split = 4 (`split_for`): 32 tiles x 1 rank step x 4 = 128 programs of 16 K steps (BK = 64).
+  32 (tile, slot) pairs for D = 16 as for D = 1 (32-row segments fill whole tiles: one slot per tile).
+  x 4 MiB once (likely still in L2 after the base); A 32 pairs x 128 KiB = 4 MiB from L2, of which
+  D x 128 KiB from DRAM (2 MiB at D = 16, 128 KiB at D = 1); u written: 4 x 512 x 16 x 4 B = 128 KiB.
+  32 x 2 x 16 x 16 x 4096 = 67 MFLOP on tensor cores (0.4 % of the base).
+- expand: 32 tiles x 64 column tiles = 2048 programs. y 4 MiB read + 4 MiB written (the base's output
+  again: L2 hits while it stays resident, else 8 MiB of DRAM); V 32 x R N 2 B = 4 MiB from L2, D x 128
+  KiB from DRAM; u re-read per column tile, 64 x 128 KiB = 8 MiB from L2. 2 x 67 MFLOP (hi + lo dots).
+- extra over the base, D = 16: DRAM 4 MiB of A and V (+ up to 8 MiB of y); D = 1: 0.25 MiB (+ the same
+  y); L2 ~20 MiB either way; 0.2 GFLOP (1.2 %); 4-6 more launches, a chain of 3 dependent ones after the
+  base (sort -> shrink -> expand). Per program the dependent round trips are: slot and row ids, then the
+  K loop (16 steps, 3 stages: ~6-8 waits) in the shrink; slot ids, then u / V, then y, then the store in
+  the expand. D = 16 over D = 1 adds 3.75 MiB of DRAM (~1.1 us at 3.35 TB/s) and nothing else, so the
+  16-adapter call should cost about the one-adapter call; what both add over the base is the y round
+  trip and the three short launches (a few us each uncaptured), against an estimated base of 25-40 us.
+  A per-row gather would instead read 512 x 256 KiB = 128 MiB of A and B from L2.
 
 Numerics: low-rank products in float32 (fp32 operands: exact products, `ieee` dots; fp16/bf16 x and A:
 exact products on tensor cores). On tensor cores u is split into hi + lo in v's dtype (two dots, ~16
