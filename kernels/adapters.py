@@ -111,7 +111,7 @@ def _shrink_kernel(
     SOFT_BF16: tl.constexpr,
 ):
     """u[s, p, ranks] = scales[i] * x[order[p], slice s] @ a_bank[i][ranks, slice s]^T for the tile's
-    sorted positions p with slot i = slots[p] >= 0."""
+    positions p with slot i = slots[p] >= 0; slots sorted (`_distinct` counts runs)."""
     pos = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     in_m = pos < M
     slot = tl.load(slots_ptr + pos, mask=in_m, other=-1)

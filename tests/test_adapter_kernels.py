@@ -256,3 +256,20 @@ def test_configurations():
     names = [cfg.name for cfg in adapter_configs()]
     assert len(names) == len(set(names)) == 10
     assert set(names) <= {cfg.name for cfg in static_module("aot").all_configs()}
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_a_new_index():
+    """Captured once, the call replays with other slot ids written into the same index tensor."""
+    q, x, b = problem(512, 256, 512, torch.bfloat16, 12, torch.bfloat16)
+    a, v, scales = bank(16, 16, 512, 256, torch.bfloat16, 12)
+    q, x, b, a, v, scales = (t.cuda() for t in (q, x, b, a, v, scales))
+    index = torch.arange(512, device="cuda", dtype=torch.int32) // 32  # 16 sequences x 32 tokens
+    nf4_matmul_adapters(x, q, a, v, scales, index, bias=b)  # the first call of a shape may time candidates
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = nf4_matmul_adapters(x, q, a, v, scales, index, bias=b)
+    for new in (index.flip(0), torch.full_like(index, 3), torch.where(index % 2 == 0, -1, index)):
+        index.copy_(new)
+        graph.replay()
+        assert torch.equal(y, nf4_matmul_adapters(x, q, a, v, scales, index, bias=b))
