@@ -174,7 +174,8 @@ def _expand_kernel(
             for s in range(0, split):  # independent loads: in flight together
                 offs = (s * M + pos)[:, None] * R + rank[None, :]
                 u += tl.load(u_ptr + offs, mask=rows[:, None] & in_r[None, :], other=0.0)
-            v = tl.load(v_rows + rank[:, None].to(tl.int64) * N + cols[None, :], mask=in_r[:, None] & in_n[None, :])
+            v_tile = v_rows + rank[:, None].to(tl.int64) * N + cols[None, :]
+            v = tl.load(v_tile, mask=in_r[:, None] & in_n[None, :], other=0.0)  # ranks past R: 0, not NaN
             if DOT_F32:
                 acc = _dot(u, v, acc, True, SOFT_BF16)
             else:  # u = hi + lo in v's dtype: two tensor-core dots keep ~2x v's significand bits of u
