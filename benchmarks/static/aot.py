@@ -109,12 +109,20 @@ class CompileReport:
 
 def all_configs() -> list[LaunchConfig]:
     """Every kernel configuration the package can launch."""
+    from nf4.kernels.adapters import adapter_configs
     from nf4.kernels.dequantize import dequantize_configs, dequantize_lora_configs
     from nf4.kernels.gemv import gemv_configs
     from nf4.kernels.matmul import matmul_configs
     from nf4.kernels.quantize import quantize_configs
 
-    return quantize_configs() + dequantize_configs() + dequantize_lora_configs() + matmul_configs() + gemv_configs()
+    return (
+        quantize_configs()
+        + dequantize_configs()
+        + dequantize_lora_configs()
+        + matmul_configs()
+        + gemv_configs()
+        + adapter_configs()
+    )
 
 
 def _tool(name: str) -> str:
