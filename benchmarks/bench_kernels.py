@@ -1,12 +1,14 @@
 """Per-kernel GPU time of nf4's streaming kernels, L2 flushed: what a static speed model is scored on.
 
-Cases (bf16 weights [N, K], blocksize 64, double quantization): dequantize, quantize, and the decode call
-(M = 1, `nf4_gemv`) at r = 0 and at r = 16 with a float32 adapter (A [r, K] fused, B^T [r, N]: a
-LoRALinearNF4 decode call), at 8192 x 8192 and 4096 x 4096. Each case is called `CALLS` times after a
-warm-up, each call after a 256 MB write that evicts the 60 MB L2, under torch.profiler; a record per
-(case, kernel) holds the kernel's mean GPU time over the calls (`gpu_us`) and its launches per call.
-The flush's own kernel is left out. The decode records also hold the output's error over its bound
-(`error_over_bound`, <= 1 when right).
+Cases (bf16 weights [N, K], blocksize 64, double quantization): dequantize, quantize, and the decode
+call (M = 1, `nf4_gemv`) at r = 0 and at r = 16 with a float32 adapter (A [r, K] fused, B^T [r, N]: a
+LoRALinearNF4 decode call), at 8192 x 8192 and 4096 x 4096; and a mixed batch's decode call (issue 25):
+M = 16 rows on one adapter (`decode_m16_r16`) against the same 16 rows each on its own of 16 adapters
+(`decode_m16_bank16`, `nf4.kernels.adapters.nf4_matmul_adapters` over a float32 bank). Each case is
+called `CALLS` times after a warm-up, each call after a 256 MB write that evicts the 60 MB L2, under
+torch.profiler; a record per (case, kernel) holds the kernel's mean GPU time over the calls (`gpu_us`)
+and its launches per call. The flush's own kernel is left out. The decode records also hold the output's
+error over its bound (`error_over_bound`, <= 1 when right).
 
     python benchmarks/bench_kernels.py [--quick] [--out results.jsonl] [--ncu]
 
@@ -50,7 +52,27 @@ def cases(n: int, k: int, device: torch.device) -> dict[str, callable]:
         "quantize": (lambda: nf4.quantize(w, 64, True), None),
         "decode_r0": (lambda: nf4_gemv(x, q), lambda y: _error_over_bound(y, x, q)),
         f"decode_r{RANK}": (lambda: nf4_gemv(x, q, a=a, v=v), lambda y: _error_over_bound(y, x, q, a, v)),
+        **mixed_batch_cases(q, n, k, gen, device),
     }
+
+
+def mixed_batch_cases(q, n: int, k: int, gen, device: torch.device) -> dict[str, tuple]:
+    """16 rows on one adapter (the fused decode call), and 16 rows each on its own of 16 adapters (a bank)."""
+    from nf4.kernels.adapters import nf4_matmul_adapters
+
+    m = slots = 16
+    x = torch.randn(m, k, generator=gen).to(device=device, dtype=torch.bfloat16)
+    a_bank = (torch.randn(slots, RANK, k, generator=gen) / k**0.5).to(device)
+    v_bank = (torch.randn(slots, RANK, n, generator=gen) * 4).to(device)
+    scales = torch.ones(slots, device=device)
+    index = torch.arange(m, dtype=torch.int32, device=device)
+    return {
+        f"decode_m16_r{RANK}": (lambda: nf4_gemv(x, q, a=a_bank[0], v=v_bank[0]),
+                                lambda y: _error_over_bound(y, x, q, a_bank[0], v_bank[0])),
+        "decode_m16_bank16": (lambda: nf4_matmul_adapters(x, q, a_bank, v_bank, scales, index),
+                              lambda y: max(_error_over_bound(y[i : i + 1], x[i : i + 1], q, a_bank[i], v_bank[i])
+                                            for i in range(m))),
+    }  # fmt: skip
 
 
 def _error_over_bound(y, x, q, a=None, v=None) -> float:
@@ -111,11 +133,11 @@ def main(argv=None) -> int:
             for kernel, (us, launches) in sorted(profile_case(fn, device, CALLS).items()):
                 records.append({**base, "kernel": kernel, "gpu_us": round(us, 3), "launches_per_call": launches,
                                 "calls": CALLS, "l2_flushed": True})  # fmt: skip
-    print(f"{'case':<12} {'N x K':>11}  {'GPU us':>8}  {'err/bound':>9}  kernel")
+    print(f"{'case':<17} {'N x K':>11}  {'GPU us':>8}  {'err/bound':>9}  kernel")
     for r in records:
         us = f"{r['gpu_us']:8.2f}" if "gpu_us" in r else f"{'-':>8}"
         err = f"{r['error_over_bound']:9.3f}" if "error_over_bound" in r else f"{'':>9}"
-        print(f"{r['case']:<12} {r['n']:>5}x{r['k']:<5}  {us}  {err}  {r.get('kernel', '(no GPU: not timed)')[:80]}")
+        print(f"{r['case']:<17} {r['n']:>5}x{r['k']:<5}  {us}  {err}  {r.get('kernel', '(no GPU: not timed)')[:80]}")
     if args.out:
         with open(args.out, "a") as f:
             for r in records:

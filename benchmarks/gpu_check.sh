@@ -109,7 +109,7 @@ if command -v ncu >/dev/null 2>&1; then
   METRICS=$METRICS,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum
   METRICS=$METRICS,dram__throughput.avg.pct_of_peak_sustained_elapsed
   { echo; echo "# Nsight Compute (ncu --csv), bench_kernels.py --ncu: 2 calls per case"
-    limit 60 ncu --csv --metrics "$METRICS" -k "regex:_(nf4_gemv|quantize|dequantize)" \
+    limit 60 ncu --csv --metrics "$METRICS" -k "regex:_(nf4_gemv|quantize|dequantize|shrink|expand)" \
       "$PY" "$REPO/benchmarks/bench_kernels.py" --ncu $QUICK; } >> "$OUT/profile.txt" 2>&1 \
     || echo "ncu failed or timed out (see profile.txt; e.g. no access to the performance counters): not fatal"
 else

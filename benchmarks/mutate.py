@@ -43,9 +43,10 @@ SUITES = {
     "lora/distributed.py": ["tests/test_fsdp_helpers.py"],
     "lora/convert.py": ["tests/test_convert.py"],
     "nf4/checkpoint.py": ["tests/test_checkpoint.py"],
+    "lora/bank.py": ["tests/test_adapters.py"],
 }
 """Module -> the test files that guard it (the narrowest selection; `--all` runs these)."""
-FIRST = {"lora/distributed.py": ["-m", "not slow"]}
+FIRST = {"lora/distributed.py": ["-m", "not slow"], "lora/bank.py": ["-k", "not kernels"]}
 """Module -> pytest arguments of a quicker first run: a mutant it kills costs no more (the gloo ranks
 of test_fsdp_helpers.py take ~50 s to start); one it leaves is run against the whole selection."""
 

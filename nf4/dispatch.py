@@ -96,6 +96,15 @@ def matmul_adapters(x2, q, a_bank, v_bank, scales, index, bias=None) -> torch.Te
     """Each row its own adapter: `y[m] = x2[m] @ W^T + bias + scales[i] * (x2[m] @ a_bank[i]^T) @ v_bank[i]`,
     i = index[m] (none where index[m] < 0). a_bank [S, R, K], v_bank [S, R, N] (B^T per slot), scales [S],
     index [M] in [-1, S) (unchecked here). On a GPU one fused call, no host read (`nf4.kernels.adapters`)."""
+    q = q.decodable()
+    if use_kernels(x2.device) and x2.dtype in KERNEL_DTYPES:
+        from nf4.kernels.adapters import nf4_matmul_adapters
+
+        def kernel_dtype(t):  # the kernels read x's dtype or float32 as they are; others once as float32
+            return t if t is None or t.dtype in (x2.dtype, torch.float32) else t.float()
+
+        a_bank, v_bank, bias = (kernel_dtype(t) for t in (a_bank, v_bank, bias))
+        return nf4_matmul_adapters(x2, q, a_bank.contiguous(), v_bank.contiguous(), scales.float(), index, bias)
     from nf4.cpu import add_adapter_rows_
 
     return add_adapter_rows_(matmul(x2, q, bias=bias), x2, a_bank, v_bank, scales, index)

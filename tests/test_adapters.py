@@ -310,3 +310,14 @@ def test_the_custom_op_passes_opcheck():
     args = (torch.randn(3, K), *pieces.values(), list(meta.shape), meta.dtype, meta.blocksize, meta.double_quant,
             layer.bank.a, layer.bank.v, layer.bank.scales, torch.tensor([1, -1, 0]), layer.bias)  # fmt: skip
     torch.library.opcheck(torch.ops.nf4.matmul_adapters.default, args)
+
+
+def test_the_kernel_path_reads_nothing_back(kernel_device):
+    from test_sync import no_host_reads
+
+    layer = multi_layer(random_adapters(12, 3), device=kernel_device)
+    x, index = torch.randn(4, 2, K, device=kernel_device), layer.adapter_index(["task2", None, "task0", "task2"])
+    with torch.no_grad():
+        expect = layer(x, index)
+        with no_host_reads():
+            assert torch.equal(layer(x, index), expect)
