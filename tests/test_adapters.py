@@ -187,12 +187,15 @@ def test_the_bank_fills_replaces_and_empties_slots_in_place():
     assert bank.add("y", a2, b2, 1.5) == 1  # replaced in its own slot, by a lower rank: the rest zeroed
     assert torch.equal(bank.a[1, :1], a2) and torch.equal(bank.a[1, 1:], torch.zeros(3, K)) and bank.ranks[1] == 1
     assert torch.equal(bank.v[1, :1], b2.t()) and torch.equal(bank.v[1, 1:], torch.zeros(3, N))
-    assert bank.remove("x") == 0 and bank.adapters == {"y": 1} and bank.scales[1] == 1.5
+    assert bank.remove("x") == 0 and bank.adapters == {"y": 1} and bank.scales[1] == 1.5 and bank.ranks == [0, 1, 0]
     assert not bank.a[0].any() and not bank.v[0].any() and bank.scales[0] == 0
     assert bank.add("z", a, b, 1.0) == 0  # the first free slot
     assert [t.data_ptr() for t in (bank.a, bank.v, bank.scales)] == storage  # same storage: nothing recompiles
     assert bank.index(["y", None, "__base__", "z"]).tolist() == [1, -1, -1, 0]
-    assert bank.index(["y"]).dtype == torch.int32
+    assert bank.index(["y"]).dtype == torch.int32 and bank.index(["y"]).device.type == "cpu"
+    meta = AdapterBank(K, N, slots=1, max_rank=1, device="meta")
+    meta.names[0] = "m"
+    assert meta.index(["m"]).device.type == "meta" and meta.index(["m"], device="cpu").tolist() == [0]
 
 
 def test_the_bank_refuses_what_it_cannot_hold():
@@ -213,9 +216,10 @@ def test_the_bank_refuses_what_it_cannot_hold():
         bank.index(["x", "q"])
     with pytest.raises(KeyError, match="no adapter named 'q'"):
         bank.remove("q")
-    for kwargs in (dict(slots=0), dict(max_rank=0), dict(slots=True)):
-        with pytest.raises(ValueError, match="must be a positive int"):
-            AdapterBank(K, N, **dict(dict(slots=1, max_rank=1), **kwargs))
+    good = dict(in_features=K, out_features=N, slots=1, max_rank=1)
+    for name, bad in (("in_features", 0), ("out_features", -1), ("slots", 0), ("max_rank", 0), ("slots", True)):
+        with pytest.raises(ValueError, match=f"^{name} must be a positive int, got {bad!r}"):
+            AdapterBank(**dict(good, **{name: bad}))
     with pytest.raises(TypeError, match="floating point"):
         AdapterBank(K, N, 1, 1, dtype=torch.int32)
     assert bank.adapters == {"x": 0} and bank.ranks == [2]  # the refusals changed nothing
