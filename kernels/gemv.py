@@ -141,9 +141,9 @@ def _nf4_gemv_kernel(
     pid_n = tl.program_id(1)
     r_tiles = (r + 15) // 16
     if HAS_A:
-        a_tiles = r_tiles
-        if has_index:  # uniform per launch: one branch per program, outside every loop
-            a_tiles = r_tiles * M
+        # has_index 0 or 1; with an index, a rank tile per row. NOTE: written as a select of M, sm_80's
+        # "ones" compile of the pair-table path spilled a register (tests/test_compile.py)
+        a_tiles = r_tiles + has_index * (M - 1) * r_tiles
         is_a = pid_n < a_tiles
         pid_n = tl.where(is_a, pid_n, pid_n - a_tiles)
     else:
