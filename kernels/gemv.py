@@ -432,12 +432,15 @@ def _nf4_gemv_epilogue_kernel(
     in_n = offs_n < N
     inside = in_m[:, None] & in_n[None, :]
     tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    # the rows' slots (no load without an index): issued before the slices' sum, which hides their round trip
+    indexed = tl.full(in_m.shape, has_index, tl.int32) != 0  # a tensor: the interpreter rejects a bool
+    slot = tl.load(index_ptr + offs_m.to(tl.int64), mask=in_m & indexed, other=-1)
     acc = _sum_slices(partial_ptr, tile, inside, split, stride_split)
     xa_ptr = partial_ptr + (tl.zeros((), tl.int64) + split) * stride_split  # FUSED_U: u's slices follow W's
     if FUSED_U:
         if has_index:  # uniform per launch: one branch per program, outside the split loop
-            lora = _lora_rows(xa_ptr, index_ptr, scales_ptr, v_ptr, offs_m, in_m, offs_n, in_n, M, r, split,
-                              stride_vs, stride_vr, SOFT_BF16)  # fmt: skip
+            lora = _lora_rows(xa_ptr, slot, scales_ptr, v_ptr, offs_m, in_m, offs_n, in_n, M, r, split, stride_vs,
+                              stride_vr, SOFT_BF16)  # fmt: skip
         else:
             lora = _lora_shared(xa_ptr, u_ptr, v_ptr, offs_m, in_m, offs_n, in_n, M, r, split, stride_um,
                                 stride_ur, stride_vr, stride_vn, lora_scale, BN, SOFT_BF16, FUSED_U)  # fmt: skip
@@ -473,17 +476,16 @@ def _lora_shared(xa_ptr, u_ptr, v_ptr, offs_m, in_m, offs_n, in_n, M, r, split, 
 
 
 GATHER_RANKS = 8
-"""Ranks per step of `_lora_rows`: 8 gathered [16, EPILOGUE_BN] tiles of v in flight (64 registers a thread in
-float32; 16 took stack on sm_90 for unaligned tensors, tests/test_compile.py)."""
+"""Ranks per step of `_lora_rows` (its literal 8): 8 gathered [16, EPILOGUE_BN] tiles of v in flight, 64
+registers a thread in float32. NOTE: 16 took stack on sm_90 for unaligned tensors (tests/test_compile.py)."""
 
 
 @triton.jit
-def _lora_rows(xa_ptr, index_ptr, scales_ptr, v_ptr, offs_m, in_m, offs_n, in_n, M, r, split, stride_vs, stride_vr,
+def _lora_rows(xa_ptr, slot, scales_ptr, v_ptr, offs_m, in_m, offs_n, in_n, M, r, split, stride_vs, stride_vr,
                SOFT_BF16: tl.constexpr):  # fmt: skip
     """scales[i] * u[m] @ v_bank[i] per row m, i = index[m] (0 where i < 0: no read of v), [16, BN] fp32.
     Per GATHER_RANKS ranks: the gathered [16, BN] tiles of v issued first (no dependence between them), then u
     summed over the slices as `_lora_shared` does, split into its columns in registers, and FMA'd."""
-    slot = tl.load(index_ptr + offs_m.to(tl.int64), mask=in_m, other=-1)
     live = in_m & (slot >= 0)
     slot = tl.maximum(slot, 0).to(tl.int64)
     offs_r = tl.arange(0, 8)
@@ -500,7 +502,8 @@ def _lora_rows(xa_ptr, index_ptr, scales_ptr, v_ptr, offs_m, in_m, offs_n, in_n,
         v5 = _gathered_v(v_ptrs, 5, left, stride_vr, live, in_n, SOFT_BF16)
         v6 = _gathered_v(v_ptrs, 6, left, stride_vr, live, in_n, SOFT_BF16)
         v7 = _gathered_v(v_ptrs, 7, left, stride_vr, live, in_n, SOFT_BF16)
-        u = _sum_slices(xa_ptr + r0, xa_tile, live[:, None] & (offs_r < left)[None, :], split, M * r)
+        # base-only rows' u is 0 (`_lora_a_row`): the mask needs no slot
+        u = _sum_slices(xa_ptr + r0, xa_tile, in_m[:, None] & (offs_r < left)[None, :], split, M * r)
         # u's columns: rank 2i + b of a [16, 2c] tile is column i of its b-th half (`_halves`)
         e, o = _halves(u)
         ee, eo = _halves(e)
