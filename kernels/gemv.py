@@ -13,6 +13,17 @@ sums the slices, adds u @ v and bias, rounds once. A step is one `tl.dot` [BN, B
 - general (K % 32 != 0): each element decoded as `nf4.dequantize` does; not tuned.
 Given A (`fuses_a`), the first ceil(r/16) row tiles compute u = x @ A^T in exact fp32 (`_lora_a_slice`).
 
+Adapter bank (`launch_adapters`): the same compiled kernels, a runtime flag (has_index). Row m's
+x @ a_bank[index[m]]^T: M ceil(R/16) row tiles per slice, one row and 16 ranks each (`_lora_a_row`); its
+B^T and scale gathered by the epilogue, 8 ranks a step (`_lora_rows`). Cost at 8192^2, M = 16, 16 distinct
+adapters of R = 16, bf16 x, float32 bank, split 8, against one adapter (a model: nothing measured):
+- bytes: A 16 x 16 x 8192 x 4 = 8.4 MB, B^T as much (one adapter: 0.52 MB each): +15.7 MB, +3.8 us at 4.1 TB/s;
+- programs: 8 x (16 + 64) = 640 streaming (520), each low-rank one 8 steps of an 8 KB tile of A; 128 epilogue;
+- chain: the epilogue waits 4 round trips as with one adapter (the slices' sum with the slots' load in
+  flight; 2 steps of 8 gathered [16, 64] tiles of B^T, 32 KB a program, with u's sums; the store);
+- predicted: `memory_us` terms plus those bytes 16.1 -> 19.9 us (1.24x; a bf16 bank 1.12x); the per-pipe
+  model (benchmarks/static/today.py) 23.0 -> 21.5 us (its one-adapter x @ A^T programs are L1-bound).
+
 Numerics: fp32 accumulation, one rounding; fp16/bf16 NF4 values times an fp32 absmax (the error of
 `nf4.dequantize`'s rounding). Under the interpreter (`SOFT_BF16`) dots run on fp32 operands and PRMT is
 a table gather (tests/test_lookup.py compares them).

@@ -131,6 +131,15 @@ def test_base_only_rows_equal_the_base_call_bit_for_bit(kernel_device, dtype):
     assert not torch.equal(mixed[~base_rows], base[~base_rows])
 
 
+def test_int64_index_gives_the_int32_result(kernel_device):
+    index = [2, -1, 0, 1]
+    q, x, a_bank, v_bank, scales, idx, b = bank_problem(4, 40, 64, 3, 5, torch.bfloat16, torch.bfloat16, True, 64,
+                                                        False, index, seed=9)  # fmt: skip
+    y32 = run(kernel_device, q, x, a_bank, v_bank, scales, idx, b)
+    assert torch.equal(run(kernel_device, q, x, a_bank, v_bank, scales, idx.long(), b), y32)
+    check_rows(y32, q, x, a_bank, v_bank, scales, idx, b)
+
+
 class _Spy:
     """Records the grid and meta-parameters of a kernel's launches, then launches it."""
 

@@ -4,7 +4,8 @@
 
 Rows (issue 22): a LoRALinearNF4 decode call (bf16 x, double-quantized W, blocksize 64, float32 adapter
 of rank r, no bias, L2 flushed) at 8192 x 8192 M = 1 r = 16 and r = 0, M = 16 r = 16, 4096 x 4096 M = 1
-r = 16: the streaming kernel then the epilogue, plus `model.LAUNCH_US` per kernel; dequantize and
+r = 16, and (issue 25, `gemv.launch_adapters`) 8192 x 8192 M = 16 over 16 distinct float32 adapters of rank 16:
+the streaming kernel then the epilogue, plus `model.LAUNCH_US` per kernel; dequantize and
 quantize at 8192 x 8192. The streaming kernel's grid is (split, ceil(r / 16) + N / 128): the first
 ceil(r / 16) row tiles are low-rank programs (x @ A^T of one slice and 16 ranks, `gemv.A_BK` columns a
 step), the rest W programs (one 256-code chunk a step); each kind is walked along its own branch (its
