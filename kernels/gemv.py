@@ -13,6 +13,17 @@ sums the slices, adds u @ v and bias, rounds once. A step is one `tl.dot` [BN, B
 - general (K % 32 != 0): each element decoded as `nf4.dequantize` does; not tuned.
 Given A (`fuses_a`), the first ceil(r/16) row tiles compute u = x @ A^T in exact fp32 (`_lora_a_slice`).
 
+Adapter bank (`launch_adapters`): the same compiled kernels, a runtime flag (has_index). Row m's
+x @ a_bank[index[m]]^T: M ceil(R/16) row tiles per slice, one row and 16 ranks each (`_lora_a_row`); its
+B^T and scale gathered by the epilogue, 8 ranks a step (`_lora_rows`). Cost at 8192^2, M = 16, 16 distinct
+adapters of R = 16, bf16 x, float32 bank, split 8, against one adapter (a model: nothing measured):
+- bytes: A 16 x 16 x 8192 x 4 = 8.4 MB, B^T as much (one adapter: 0.52 MB each): +15.7 MB, +3.8 us at 4.1 TB/s;
+- programs: 8 x (16 + 64) = 640 streaming (520), each low-rank one 8 steps of an 8 KB tile of A; 128 epilogue;
+- chain: the epilogue waits 4 round trips as with one adapter (the slices' sum with the slots' load in
+  flight; 2 steps of 8 gathered [16, 64] tiles of B^T, 32 KB a program, with u's sums; the store);
+- predicted: `memory_us` terms plus those bytes 16.1 -> 19.9 us (1.24x; a bf16 bank 1.12x); the per-pipe
+  model (benchmarks/static/today.py) 23.0 -> 21.5 us (its one-adapter x @ A^T programs are L1-bound).
+
 Numerics: fp32 accumulation, one rounding; fp16/bf16 NF4 values times an fp32 absmax (the error of
 `nf4.dequantize`'s rounding). Under the interpreter (`SOFT_BF16`) dots run on fp32 operands and PRMT is
 a table gather (tests/test_lookup.py compares them).
@@ -86,7 +97,7 @@ def _dot(w, x, DOT_F32: tl.constexpr, SOFT_BF16: tl.constexpr):
         return tl.dot(w, tl.trans(x))
 
 
-@triton.jit(do_not_specialize=["M", "N"])
+@triton.jit(do_not_specialize=["M", "N", "has_index"])
 def _nf4_gemv_kernel(
     # pointers
     x_ptr,
@@ -99,6 +110,7 @@ def _nf4_gemv_kernel(
     code_ptr,
     partial_ptr,
     a_ptr,
+    index_ptr,
     # sizes
     M,
     N,
@@ -110,8 +122,10 @@ def _nf4_gemv_kernel(
     k_per_split,
     kb_per_split,
     r,
+    stride_as,
     stride_ar,
     stride_ak,
+    has_index,
     # meta-parameters
     ALIGNED: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
@@ -126,7 +140,9 @@ def _nf4_gemv_kernel(
     MMA_V2: tl.constexpr,
 ):
     """partial[s, :, rows] = x[:, slice s] @ dequant(W)[rows, slice s]^T; with HAS_A, row tiles
-    i < ceil(r / 16) compute x[:, slice s] @ A[16 i .. 16 i + 16, slice s]^T."""
+    i < ceil(r / 16) compute x[:, slice s] @ A[16 i .. 16 i + 16, slice s]^T; with has_index (a runtime
+    flag: one compiled kernel), row tiles i < M ceil(r / 16) compute row m = i // ceil(r / 16) of it with
+    A = a_bank[index[m]] (`_lora_a_row`)."""
     offs_m = tl.arange(0, 16)
     in_m = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
@@ -134,17 +150,26 @@ def _nf4_gemv_kernel(
     # first wave, their chain of loads under W's stream
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
+    r_tiles = (r + 15) // 16
     if HAS_A:
-        is_a = pid_n < (r + 15) // 16
-        pid_n = tl.where(is_a, pid_n, pid_n - (r + 15) // 16)
+        # has_index 0 or 1; with an index, a rank tile per row. NOTE: written as a select of M, sm_80's
+        # "ones" compile of the pair-table path spilled a register (tests/test_compile.py)
+        a_tiles = r_tiles + has_index * (M - 1) * r_tiles
+        is_a = pid_n < a_tiles
+        pid_n = tl.where(is_a, pid_n, pid_n - a_tiles)
     else:
         is_a = False
     pid_k = pid_k.to(tl.int64)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     if is_a:
-        _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, 16 * pid_n, k_start, k_end, M, N, r, stride_ar,
-                      stride_ak, A_BK if LUT and not MMA_V2 else A_BK // 2, SOFT_BF16)  # fmt: skip
+        if has_index:
+            _lora_a_row(x_ptr, stride_xm, index_ptr, a_ptr, partial_ptr, pid_k, pid_n // r_tiles,
+                        16 * (pid_n % r_tiles), k_start, k_end, M, N, r, stride_as, stride_ar,
+                        A_BK if LUT and not MMA_V2 else A_BK // 2, SOFT_BF16)  # fmt: skip
+        else:
+            _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, 16 * pid_n, k_start, k_end, M, N, r,
+                          stride_ar, stride_ak, A_BK if LUT and not MMA_V2 else A_BK // 2, SOFT_BF16)  # fmt: skip
     elif LUT:
         _w_slice_lut(x_rows, in_m, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, nested_code_ptr,
                      pairs_ptr, partial_ptr, pid_n.to(tl.int64), pid_k, M, N, KB, KB // 128, kb_per_split // 128,
@@ -177,6 +202,31 @@ def _lora_a_slice(x_rows, in_m, a_ptr, partial_ptr, pid_k, j0, k_start, k_end, M
         acc += tl.sum(tl.dot(a3, x3, input_precision="ieee"), axis=0)
     offs = (pid_k * M + offs_m[None, :]) * r + rank[:, None]
     tl.store(xa_ptr + offs, acc, mask=in_m[None, :] & in_j[:, None])
+
+
+@triton.jit
+def _lora_a_row(x_ptr, stride_xm, index_ptr, a_ptr, partial_ptr, pid_k, row, j0, k_start, k_end, M, N, r,
+                stride_as, stride_ar, STEP: tl.constexpr, SOFT_BF16: tl.constexpr):  # fmt: skip
+    """xa[pid_k][row, j0 .. j0 + 16] = x[row, slice] @ a_bank[index[row]][j0 .. j0 + 16, slice]^T, exact
+    fp32; 0 without a read of A where index[row] < 0. The same [16, STEP] tile of A per step as
+    `_lora_a_slice`, one row of x; products summed in place, reduced once after the loop."""
+    xa_ptr = partial_ptr + tl.num_programs(0).to(tl.int64) * M * N
+    row = row.to(tl.int64)
+    slot = tl.load(index_ptr + row)
+    k_stop = tl.where(slot >= 0, k_end, k_start)  # a base-only row: an empty loop, u = 0
+    rank = j0 + tl.arange(0, 16)
+    in_j = rank < r
+    a_rows = a_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_as + rank.to(tl.int64)[:, None] * stride_ar
+    x_row = x_ptr + row * stride_xm
+    acc = tl.zeros((16, STEP), dtype=tl.float32)  # [ranks, columns]
+    for k0 in tl.range(k_start, k_stop, STEP, num_stages=1):  # loads in flight together, no pipeliner
+        offs_k = k0 + tl.arange(0, STEP)
+        in_k = offs_k < k_end
+        a = tl.load(a_rows + offs_k[None, :], mask=in_j[:, None] & in_k[None, :], other=0.0)  # contiguous rows
+        x = tl.load(x_row + offs_k, mask=in_k, other=0.0)
+        acc += to_f32(a, SOFT_BF16) * to_f32(x, SOFT_BF16)[None, :]
+    offs = (pid_k * M + row) * r + rank
+    tl.store(xa_ptr + offs, tl.sum(acc, axis=1), mask=in_j)
 
 
 @triton.jit
@@ -357,12 +407,14 @@ def _sum_slices(ptr, tile, mask, split, stride_split):
     return total
 
 
-@triton.jit(do_not_specialize=["M", "has_bias"])
+@triton.jit(do_not_specialize=["M", "has_bias", "has_index"])
 def _nf4_gemv_epilogue_kernel(
     partial_ptr,
     u_ptr,
     v_ptr,
     bias_ptr,
+    index_ptr,
+    scales_ptr,
     out_ptr,
     M,
     N,
@@ -371,15 +423,18 @@ def _nf4_gemv_epilogue_kernel(
     stride_split,
     stride_um,
     stride_ur,
+    stride_vs,
     stride_vr,
     stride_vn,
     has_bias,
+    has_index,
     lora_scale,
     BN: tl.constexpr,
     SOFT_BF16: tl.constexpr,
     FUSED_U: tl.constexpr,
 ):
-    """out = sum_s partial[s] + (u @ v) * lora_scale + bias, rounded once (u from partial's tail with FUSED_U).
+    """out = sum_s partial[s] + (u @ v) * lora_scale + bias, rounded once (u from partial's tail with FUSED_U;
+    with FUSED_U and has_index, row m's v and scale are v_bank[index[m]] and scales[index[m]], `_lora_rows`).
     Latency-bound: SPLITS_PER_STEP slices and 16 ranks per step (`epilogue_round_trips`,
     tests/test_gemv.py::test_epilogue_keeps_the_split_loads_in_flight). N stays specialised: 16-byte loads."""
     offs_m = tl.arange(0, 16)
@@ -388,11 +443,34 @@ def _nf4_gemv_epilogue_kernel(
     in_n = offs_n < N
     inside = in_m[:, None] & in_n[None, :]
     tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    # the rows' slots (no load without an index): issued before the slices' sum, which hides their round trip
+    indexed = tl.full(in_m.shape, has_index, tl.int32) != 0  # a tensor: the interpreter rejects a bool
+    slot = tl.load(index_ptr + offs_m.to(tl.int64), mask=in_m & indexed, other=-1)
     acc = _sum_slices(partial_ptr, tile, inside, split, stride_split)
+    xa_ptr = partial_ptr + (tl.zeros((), tl.int64) + split) * stride_split  # FUSED_U: u's slices follow W's
+    if FUSED_U:
+        if has_index:  # uniform per launch: one branch per program, outside the split loop
+            lora = _lora_rows(xa_ptr, slot, scales_ptr, v_ptr, offs_m, in_m, offs_n, in_n, M, r, split, stride_vs,
+                              stride_vr, SOFT_BF16)  # fmt: skip
+        else:
+            lora = _lora_shared(xa_ptr, u_ptr, v_ptr, offs_m, in_m, offs_n, in_n, M, r, split, stride_um,
+                                stride_ur, stride_vr, stride_vn, lora_scale, BN, SOFT_BF16, FUSED_U)  # fmt: skip
+    else:
+        lora = _lora_shared(xa_ptr, u_ptr, v_ptr, offs_m, in_m, offs_n, in_n, M, r, split, stride_um, stride_ur,
+                            stride_vr, stride_vn, lora_scale, BN, SOFT_BF16, FUSED_U)  # fmt: skip
+    acc += lora
+    if has_bias:
+        acc += to_f32(tl.load(bias_ptr + offs_n, mask=in_n, other=0.0), SOFT_BF16)[None, :]
+    tl.store(out_ptr + tile, round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=inside)
+
+
+@triton.jit
+def _lora_shared(xa_ptr, u_ptr, v_ptr, offs_m, in_m, offs_n, in_n, M, r, split, stride_um, stride_ur, stride_vr,
+                 stride_vn, lora_scale, BN: tl.constexpr, SOFT_BF16: tl.constexpr, FUSED_U: tl.constexpr):  # fmt: skip
+    """(u @ v) * lora_scale [16, BN], v shared by the rows: 16 ranks per step."""
     offs_r = tl.arange(0, 16)
     v_ptrs = v_ptr + offs_r.to(tl.int64)[:, None] * stride_vr + offs_n[None, :] * stride_vn
     lora = tl.zeros((16, BN), dtype=tl.float32)  # its own accumulator: the dot's layout stays out of the sums
-    xa_ptr = partial_ptr + (tl.zeros((), tl.int64) + split) * stride_split  # FUSED_U: u's slices follow W's
     xa_tile = offs_m.to(tl.int64)[:, None] * r + offs_r[None, :]
     u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
     for r0 in range(0, r, 16):
@@ -405,10 +483,70 @@ def _nf4_gemv_epilogue_kernel(
         v = to_f32(tl.load(v_ptrs, mask=in_r[:, None] & in_n[None, :], other=0.0), SOFT_BF16)
         lora = tl.dot(u, v, lora, input_precision="ieee")
         v_ptrs += 16 * stride_vr
-    acc += lora * lora_scale
-    if has_bias:
-        acc += to_f32(tl.load(bias_ptr + offs_n, mask=in_n, other=0.0), SOFT_BF16)[None, :]
-    tl.store(out_ptr + tile, round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=inside)
+    return lora * lora_scale
+
+
+GATHER_RANKS = 8
+"""Ranks per step of `_lora_rows` (its literal 8): 8 gathered [16, EPILOGUE_BN] tiles of v in flight, 64
+registers a thread in float32. NOTE: 16 took stack on sm_90 for unaligned tensors (tests/test_compile.py)."""
+
+
+@triton.jit
+def _lora_rows(xa_ptr, slot, scales_ptr, v_ptr, offs_m, in_m, offs_n, in_n, M, r, split, stride_vs, stride_vr,
+               SOFT_BF16: tl.constexpr):  # fmt: skip
+    """scales[i] * u[m] @ v_bank[i] per row m, i = index[m] (0 where i < 0: no read of v), [16, BN] fp32.
+    Per GATHER_RANKS ranks: the gathered [16, BN] tiles of v issued first (no dependence between them), then u
+    summed over the slices as `_lora_shared` does, split into its columns in registers, and FMA'd."""
+    live = in_m & (slot >= 0)
+    slot = tl.maximum(slot, 0).to(tl.int64)
+    offs_r = tl.arange(0, 8)
+    v_ptrs = v_ptr + slot[:, None] * stride_vs + offs_n[None, :]  # a bank's rows are contiguous: vector loads
+    xa_tile = offs_m.to(tl.int64)[:, None] * r + offs_r[None, :]
+    lora = tl.zeros((16, offs_n.shape[0]), dtype=tl.float32)
+    for r0 in range(0, r, 8):
+        left = r - r0
+        v0 = _gathered_v(v_ptrs, 0, left, stride_vr, live, in_n, SOFT_BF16)
+        v1 = _gathered_v(v_ptrs, 1, left, stride_vr, live, in_n, SOFT_BF16)
+        v2 = _gathered_v(v_ptrs, 2, left, stride_vr, live, in_n, SOFT_BF16)
+        v3 = _gathered_v(v_ptrs, 3, left, stride_vr, live, in_n, SOFT_BF16)
+        v4 = _gathered_v(v_ptrs, 4, left, stride_vr, live, in_n, SOFT_BF16)
+        v5 = _gathered_v(v_ptrs, 5, left, stride_vr, live, in_n, SOFT_BF16)
+        v6 = _gathered_v(v_ptrs, 6, left, stride_vr, live, in_n, SOFT_BF16)
+        v7 = _gathered_v(v_ptrs, 7, left, stride_vr, live, in_n, SOFT_BF16)
+        # base-only rows' u is 0 (`_lora_a_row`): the mask needs no slot
+        u = _sum_slices(xa_ptr + r0, xa_tile, in_m[:, None] & (offs_r < left)[None, :], split, M * r)
+        # u's columns: rank 2i + b of a [16, 2c] tile is column i of its b-th half (`_halves`)
+        e, o = _halves(u)
+        ee, eo = _halves(e)
+        oe, oo = _halves(o)
+        u0, u4 = tl.split(ee)  # [16, 2] -> two [16]
+        u2, u6 = tl.split(eo)
+        u1, u5 = tl.split(oe)
+        u3, u7 = tl.split(oo)
+        lora += u0[:, None] * v0
+        lora += u1[:, None] * v1
+        lora += u2[:, None] * v2
+        lora += u3[:, None] * v3
+        lora += u4[:, None] * v4
+        lora += u5[:, None] * v5
+        lora += u6[:, None] * v6
+        lora += u7[:, None] * v7
+        v_ptrs += 8 * stride_vr
+    return lora * tl.load(scales_ptr + slot, mask=live, other=0.0)[:, None]
+
+
+@triton.jit
+def _halves(t):
+    """[rows, 2c] -> its columns 2i and 2i + 1, each [rows, c]."""
+    return tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
+
+
+@triton.jit
+def _gathered_v(v_ptrs, j: tl.constexpr, left, stride_vr, live, in_n, SOFT_BF16: tl.constexpr):
+    """Rank j of the step of v_bank[index[m]] for each row m, [16, BN] fp32 (0 past the `left` ranks remaining)."""
+    in_r = tl.full(live.shape, j, tl.int32) < left  # a tensor: the interpreter rejects a bool
+    inside = (live & in_r)[:, None] & in_n[None, :]
+    return to_f32(tl.load(v_ptrs + j * stride_vr, mask=inside, other=0.0), SOFT_BF16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,6 +565,7 @@ def _main_signature(dtype: torch.dtype, double_quant: bool, a_dtype: torch.dtype
         "code_ptr": "*fp32",
         "partial_ptr": "*fp32",
         "a_ptr": ptr_type(a_dtype),
+        "index_ptr": "*i32",
         "M": "i32",
         "N": "i32",
         "K": "i64",
@@ -437,8 +576,10 @@ def _main_signature(dtype: torch.dtype, double_quant: bool, a_dtype: torch.dtype
         "k_per_split": "i64",
         "kb_per_split": "i64",
         "r": "i32",
+        "stride_as": "i64",
         "stride_ar": "i64",
         "stride_ak": "i64",
+        "has_index": "i32",
     }
 
 
@@ -515,6 +656,8 @@ def _epilogue_signature(dtype: torch.dtype, v_dtype: torch.dtype, bias_dtype: to
         "u_ptr": act,
         "v_ptr": ptr_type(v_dtype),
         "bias_ptr": ptr_type(bias_dtype),
+        "index_ptr": "*i32",
+        "scales_ptr": "*fp32",
         "out_ptr": act,
         "M": "i32",
         "N": "i32",
@@ -523,9 +666,11 @@ def _epilogue_signature(dtype: torch.dtype, v_dtype: torch.dtype, bias_dtype: to
         "stride_split": "i64",
         "stride_um": "i64",
         "stride_ur": "i64",
+        "stride_vs": "i64",
         "stride_vr": "i64",
         "stride_vn": "i64",
         "has_bias": "i32",
+        "has_index": "i32",
         "lora_scale": "fp32",
     }
 
@@ -606,6 +751,7 @@ def _constants(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tens
         "pairs": pairs,
         "code": NF4_CODE.to(device=device, dtype=torch.float32),
         "none_f32": torch.empty(0, device=device),
+        "none_i32": torch.empty(0, dtype=torch.int32, device=device),
     }
 
 
@@ -785,6 +931,51 @@ def _plan(m, n, k, dtype, device, blocksize, double_quant, split, a_tiles) -> _P
 
 def launch(x, weight, u, v, bias, lora_scale, split=None, a=None) -> torch.Tensor:
     """`nf4_gemv` without its argument checks (for `nf4.kernels.matmul`, whose callers checked them)."""
+    return _launch(x, weight, u, v, bias, lora_scale, split, a)
+
+
+def adapters_fuse(x_dtype: torch.dtype, k: int) -> bool:
+    """Whether `launch_adapters` applies: fp16/bf16 x, K % 32 == 0 (`fuses_a`: the compiled kernels with
+    the low-rank programs)."""
+    return fuses_a(x_dtype, k % BK == 0)
+
+
+def launch_adapters(x, weight, a_bank, v_bank, scales, index, bias, split=None) -> torch.Tensor:
+    """y[m] = x[m] @ dequant(W)^T + bias + scales[i] * (x[m] @ a_bank[i]^T) @ v_bank[i], i = index[m] (the
+    last term 0 where i < 0), for M <= 16, in the two launches of `nf4_gemv` and no host read.
+
+    x [M, K] fp16/bf16 with K % 32 == 0 (`adapters_fuse`); a_bank [S, R, K] and v_bank [S, R, N] (B^T per
+    slot, ranks below R zero-padded), R >= 1, float32 or x's dtype; scales [S] float32; index [M] int32 or
+    int64 with values in [-1, S): the caller guarantees the range (nothing on the device checks it, and no
+    value is read back). Row m's x @ A^T are ceil(R / 16) more programs per K-slice (`_lora_a_row`), its
+    v and scale gathered in the epilogue (`_lora_rows`). Returns [M, N] in x's dtype."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if not adapters_fuse(x.dtype, k) or m > MAX_M:
+        raise ValueError(
+            f"launch_adapters takes fp16/bf16 x with K % {BK} == 0 and M <= {MAX_M}, got {x.dtype}, K = {k}, "
+            f"M = {m}; check adapters_fuse first and route other cases to the unfused path"
+        )
+    if a_bank.dim() != 3 or v_bank.dim() != 3 or a_bank.shape[2] != k or v_bank.shape[2] != n:
+        raise ValueError(f"expected a_bank [S, R, {k}] and v_bank [S, R, {n}], got {list(a_bank.shape)} and "
+                         f"{list(v_bank.shape)}")  # fmt: skip
+    if a_bank.shape[:2] != v_bank.shape[:2] or 0 in a_bank.shape[:2]:
+        raise ValueError(f"a_bank and v_bank must share S >= 1 and R >= 1, got {list(a_bank.shape)} and "
+                         f"{list(v_bank.shape)}")  # fmt: skip
+    for name, t in (("a_bank", a_bank), ("v_bank", v_bank)):
+        if t.dtype not in (torch.float32, x.dtype):
+            raise TypeError(f"{name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
+    if tuple(scales.shape) != (a_bank.shape[0],) or scales.dtype != torch.float32:
+        raise ValueError(f"expected scales float32 [{a_bank.shape[0]}], got {scales.dtype} {list(scales.shape)}")
+    if tuple(index.shape) != (m,) or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"expected index int32 or int64 [{m}], got {index.dtype} {list(index.shape)}")
+    # contiguous rows (the kernels read a bank's rows with unit stride); no copy where they already are
+    bank = (index.to(torch.int32).contiguous(), scales.contiguous())
+    return _launch(x, weight, None, v_bank.contiguous(), bias, 1.0, split, a_bank.contiguous(), bank)
+
+
+def _launch(x, weight, u, v, bias, lora_scale, split=None, a=None, bank=None) -> torch.Tensor:
+    """Both launches; `bank` (index int32 [M], scales [S]): a and v are a_bank [S, R, K] and v_bank [S, R, N]."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -792,17 +983,26 @@ def launch(x, weight, u, v, bias, lora_scale, split=None, a=None) -> torch.Tenso
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
+    constants = _constants(x.device, x.dtype)
+    if bank is not None:  # a_bank[index[m]] for row m: strides of one slot, the slot's stride apart
+        index, scales = bank
+        a_slot, v_slot = a, v
+        a, v = a[0], v[0]  # one slot: R and the strides within a slot
+        index_args = (index, a_slot.stride(0), 1)
+    else:
+        index, scales, a_slot, v_slot = constants["none_i32"], constants["none_f32"], None, None
+        index_args = (index, 0, 0)
     fused = a is not None and a.shape[0] > 0 and fuses_a(x.dtype, k % BK == 0)
     if a is not None and not fused:
         u = x @ a.to(x.dtype).t()
     r = a.shape[0] if fused else u.shape[1] if u is not None else 0
-    a_tiles = cdiv(r, 16) if fused else 0  # low-rank programs per slice (16 ranks each)
+    # low-rank programs per slice: 16 ranks each, for all rows (shared A) or for each row (bank)
+    a_tiles = cdiv(r, 16) * (m if bank is not None else 1) if fused else 0
     plan = _plan(m, n, k, x.dtype, x.device, weight.blocksize, weight.double_quant, split, a_tiles)
-    constants = _constants(x.device, x.dtype)
     # W's partial sums [split, M, N], then (fused) x @ A^T's [split, M, r]: one allocation
     partial = torch.empty(plan.split * m * (n + r * fused), dtype=torch.float32, device=x.device)
     nested = nested_pointers(weight)
-    a_args = (a, r, a.stride(0), a.stride(1)) if fused else (x, 0, 0, 0)  # x stands in: never read
+    a_args = (a_slot if bank is not None else a, r, a.stride(0), a.stride(1)) if fused else (x, 0, 0, 0)
     _nf4_gemv_kernel[plan.grid](
         x,
         weight.packed,
@@ -812,27 +1012,33 @@ def launch(x, weight, u, v, bias, lora_scale, split=None, a=None) -> torch.Tenso
         constants["code"],
         partial,
         a_args[0],
+        index_args[0],
         m,
         n,
         k,
         k // 2,
         x.stride(0),
         *plan.scalars,
-        *a_args[1:],
+        a_args[1],
+        index_args[1],
+        *a_args[2:],
+        index_args[2],
         **plan.meta,
     )
     if fused:
-        u, strides = x, (0, 0, v.stride(0), v.stride(1))  # u is read from `partial`
+        u, strides = x, (0, 0, v_slot.stride(0) if bank is not None else 0, v.stride(0), v.stride(1))
     elif r:
-        strides = (u.stride(0), u.stride(1), v.stride(0), v.stride(1))
+        strides = (u.stride(0), u.stride(1), 0, v.stride(0), v.stride(1))
     else:
         u = v = x  # never read: r = 0
-        strides = (0, 0, 0, 0)
+        strides = (0, 0, 0, 0, 0)
     _nf4_gemv_epilogue_kernel[plan.epilogue_grid](
         partial,
         u,
-        v,
+        v_slot if bank is not None else v,
         bias if bias is not None else constants["none_f32"],
+        index,
+        scales,
         out,
         m,
         n,
@@ -841,6 +1047,7 @@ def launch(x, weight, u, v, bias, lora_scale, split=None, a=None) -> torch.Tenso
         m * n,
         *strides,
         int(bias is not None),
+        int(bank is not None),
         float(lora_scale),
         FUSED_U=fused,
         **plan.epilogue_meta,

@@ -139,6 +139,17 @@ def loops(instructions: list[tuple[int, str]]) -> list[list[str]]:
     return found
 
 
+def innermost_loops(instructions: list[tuple[int, str]]) -> list[list[str]]:
+    """The bodies of `loops` that hold no other loop."""
+    spans = []
+    for addr, ins in instructions:
+        m = re.match(r"(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < addr:
+            spans.append((int(m.group(1), 16), addr))
+    inner = [(lo, hi) for lo, hi in spans if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in spans)]
+    return [[i for a, i in instructions if lo <= a <= hi] for lo, hi in inner]
+
+
 def hot_loop(instructions: list[tuple[int, str]]) -> list[str]:
     """The body of the largest loop."""
     return max(loops(instructions), key=len, default=[])
@@ -575,13 +586,16 @@ def epilogue_report(arch: int = 90) -> dict:
     """The split-K sum loop of `nf4_gemv`'s epilogue (bf16 activations, float32 B^T as a float32 adapter
     gives it, bf16 bias, u from the streaming kernel's slices): its 128-bit loads (issued together:
     SPLITS_PER_STEP slices x 2 per thread) and its barriers / shared-memory stores (a layout conversion
-    inside the loop would wait for each slice's load before issuing the next)."""
+    inside the loop would wait for each slice's load before issuing the next). Innermost loops only: the rank
+    loops hold u's sums over the slices (and `launch_adapters`' gathered one 128-bit loads of B^T)."""
     from nf4.kernels.gemv import EPILOGUE_BN, gemv_configs
 
     (cfg,) = [
         c for c in gemv_configs() if c.name == f"nf4_gemv[epilogue,bf16,v=fp32,bias=bf16,BN={EPILOGUE_BN},fused_u]"
     ]
-    body = max(loops(disassemble(compile_cubin(cfg, arch))), key=lambda b: sum(".128" in opcode(i) for i in b))
+    body = max(
+        innermost_loops(disassemble(compile_cubin(cfg, arch))), key=lambda b: sum(".128" in opcode(i) for i in b)
+    )
     ops = [opcode(i) for i in body]
     return {
         "name": cfg.name,
