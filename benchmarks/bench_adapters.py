@@ -13,8 +13,11 @@ the whole model's forward, and `generate` (`--new-tokens` greedy tokens; tokens/
 what the adapters add over a batch on one adapter (time at d minus time at d = 1; on the CPU the base
 forward dominates every stack), and those costs' ratio, bnb+peft over nf4 fused.
 
-    python benchmarks/bench_adapters.py                   # CPU: preset small, 16 x 32 tokens, 1/4/16 adapters
-    python benchmarks/bench_adapters.py --quick           # tiny preset, seconds
+    python benchmarks/bench_adapters.py        # 16 x 32 tokens, 1/4/16 adapters; preset small (GPU) / tiny (CPU)
+    python benchmarks/bench_adapters.py --quick             # 4 x 8 tokens, 1/4 adapters, seconds
+
+On the CPU, bf16 matmuls of the small preset take seconds a forward (no native bf16 there): the tiny one
+keeps the run to minutes.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def peft_loop(stack: str):
 
 
 def run(device, quick, results, preset, seqs, tokens, rank, distinct, new_tokens, adapters):
-    preset = "tiny" if quick else preset
+    preset = "tiny" if quick else preset or ("small" if device.type == "cuda" else "tiny")
     seqs, tokens, new_tokens = (4, 8, 2) if quick else (seqs, tokens, new_tokens)
     distinct = [d for d in distinct if d <= seqs]
     adapters = max(adapters, *distinct)
@@ -165,7 +168,7 @@ def table(rows: list[dict]) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", default="small", help="bench_model.py's presets (default small)")
+    parser.add_argument("--preset", default=None, help="default: small on a GPU, tiny on the CPU")
     parser.add_argument("--seqs", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)

@@ -5,7 +5,9 @@
 
 x [M, K]; a_bank [S, R, K], v_bank [S, R, N] (B^T per slot, ranks below R zero-padded); scales [S] fp32;
 index [M], values in [-1, S): the caller guarantees it (nothing reads index on the host; a value out of
-range reads another slot's memory or past the bank). Four steps, no host read (CUDA-graph capturable):
+range reads another slot's memory or past the bank). The steps, no host read (CUDA-graph capturable):
+0. decode (M <= 16, fp16/bf16 x, K % 32 == 0, aligned tensors): `nf4.kernels.gemv.launch_adapters`, the
+   W stream shared by the rows and each row's A and B^T gathered in the same two launches; else:
 1. the base, `nf4.kernels.matmul.nf4_matmul(x, W, bias=bias)` (its fused, GEMV or dequantize + GEMM path);
 2. `torch.sort(index)`: row positions grouped by slot (SGMV-style segments), base-only rows first;
 3. shrink: program (t, j, s) takes sorted positions [16 t, 16 t + 16), ranks [16 j, 16 j + 16), K slice s;
@@ -363,8 +365,16 @@ def nf4_matmul_adapters(
     x's dtype, contiguous; scales [S] float32; index [M] int32 or int64 with values in [-1, S) (not
     checked: that needs a host read); bias [N] float32 or x's dtype, or None. Returns [M, N], x's dtype."""
     _check(x, weight, a_bank, v_bank, scales, index, bias)
-    from nf4.kernels.matmul import nf4_matmul
+    from nf4.kernels import gemv
+    from nf4.kernels.matmul import gemv_applies, nf4_matmul
 
     x = x.contiguous()
+    if (
+        gemv_applies(x, weight, False, None)
+        and gemv.adapters_fuse(x.dtype, x.shape[1])
+        and min(a_bank.shape[:2]) >= 1
+        and all(t.data_ptr() % 16 == 0 for t in (a_bank, v_bank))
+    ):  # decode: the W stream shared by the rows, each row's A and B^T gathered in the same two launches
+        return gemv.launch_adapters(x, weight, a_bank, v_bank, scales, index, bias, split)
     y = nf4_matmul(x, weight, bias=bias)
     return add_adapter_rows_(y, x, a_bank, v_bank, scales, index.to(torch.int32), split)

@@ -144,23 +144,31 @@ def add_lora_and_bias_(y, u=None, v=None, bias=None, mask=None, lora_scale: floa
 
 
 def add_adapter_rows_(y, x2, a_bank, v_bank, scales, index) -> torch.Tensor:
-    """`y[m] += scales[i] * (x2[m] @ a_bank[i]^T) @ v_bank[i]`, i = index[m] >= 0, in place, in y's dtype.
+    """`y[m] += scales[i] * (x2[m] @ a_bank[i]^T) @ v_bank[i]`, i = index[m] >= 0, in place.
 
     A segmented gather-matmul (SGMV's order on the CPU): rows sorted by slot, each slot present padded to
-    the largest group, two batched matmuls, one scatter-add; the slots of no row are never read. Reads the
-    group sizes on the host (free on the CPU; on a GPU `nf4.kernels.adapters` runs instead)."""
-    rows = torch.nonzero(index >= 0).flatten()
-    if rows.numel() == 0:
+    the largest group, two batched matmuls, one scatter-add; the slots of no row are never read. The
+    products run in the wider of x's and the bank's dtypes (float32 for a float32 bank, as PEFT computes
+    in the adapter's dtype; the CPU has no fast bf16 matmul), then added to y in its dtype. Reads the group
+    sizes on the host (free on the CPU; on a GPU `nf4.kernels.adapters` runs instead)."""
+    order = torch.argsort(index, stable=True)  # base-only rows (-1) first, then by slot
+    slots, counts = torch.unique_consecutive(index[order], return_counts=True)
+    if slots.numel() and slots[0] < 0:
+        order, slots, counts = order[int(counts[0]) :], slots[1:], counts[1:]
+    if slots.numel() == 0:
         return y
-    slots, dense = torch.unique(index[rows], return_inverse=True)  # sorted slots; row -> its group
-    counts = torch.bincount(dense, minlength=slots.numel())
-    order = torch.argsort(dense, stable=True)
-    rows, dense = rows[order], dense[order]
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(rows.numel(), device=y.device) - starts[dense]  # the row's place within its group
-    grouped = y.new_zeros((slots.numel(), int(counts.max()), x2.shape[1]))
-    grouped[dense, pos] = x2[rows].to(y.dtype)
-    a = a_bank[slots].to(y.dtype)
-    u = torch.bmm(grouped, a.transpose(1, 2)).mul_(scales[slots].to(y.dtype)[:, None, None])
-    lora = torch.bmm(u, v_bank[slots].to(y.dtype))
-    return y.index_add_(0, rows, lora[dense, pos])
+    sizes = counts.tolist()
+    groups, longest, k = len(sizes), max(sizes), x2.shape[1]
+    dtype = torch.promote_types(x2.dtype, a_bank.dtype)
+    rows = x2[order].to(dtype)
+    if min(sizes) == longest:  # equal groups (sequences of one length): no padding
+        grouped = rows.view(groups, longest, k)
+    else:
+        group = torch.repeat_interleave(torch.arange(groups, device=y.device), counts)
+        pos = torch.arange(order.numel(), device=y.device) - (torch.cumsum(counts, 0) - counts)[group]
+        grouped = rows.new_zeros((groups, longest, k))
+        grouped[group, pos] = rows
+    u = torch.bmm(grouped, a_bank[slots].to(dtype).transpose(1, 2)).mul_(scales[slots].to(dtype)[:, None, None])
+    lora = torch.bmm(u, v_bank[slots].to(dtype))
+    lora = lora.view(-1, lora.shape[-1]) if min(sizes) == longest else lora[group, pos]
+    return y.index_add_(0, order, lora.to(y.dtype))

@@ -273,3 +273,23 @@ def test_cuda_graph_replays_a_new_index():
         index.copy_(new)
         graph.replay()
         assert torch.equal(y, nf4_matmul_adapters(x, q, a, v, scales, index, bias=b))
+
+
+@pytest.mark.parametrize("m, dtype, k, decode", [(16, torch.bfloat16, 64, True), (1, torch.float16, 96, True),
+                                                  (17, torch.bfloat16, 64, False), (4, torch.float32, 64, False),
+                                                  (4, torch.bfloat16, 48, False)])  # fmt: skip
+def test_decode_batches_take_the_gemv_pass_and_others_the_segmented_kernels(kernel_device, monkeypatch, m, dtype, k,
+                                                                            decode):  # fmt: skip
+    from nf4.kernels import gemv
+
+    calls = {"gemv": 0, "segmented": 0}
+    real_gemv, real_rows = gemv.launch_adapters, adapters.add_adapter_rows_
+    monkeypatch.setattr(gemv, "launch_adapters", lambda *a: calls.__setitem__("gemv", calls["gemv"] + 1)
+                        or real_gemv(*a))  # fmt: skip
+    monkeypatch.setattr(adapters, "add_adapter_rows_", lambda *a: calls.__setitem__("segmented", calls["segmented"] + 1)
+                        or real_rows(*a))  # fmt: skip
+    q, x, b = problem(m, 48, k, dtype, seed=m + k)
+    a, v, scales = bank(3, 5, k, 48, torch.float32, seed=k)
+    index = torch.tensor([i % 4 - 1 for i in range(m)])
+    run_and_check(kernel_device, q, x, a, v, scales, index, b)
+    assert calls == ({"gemv": 1, "segmented": 0} if decode else {"gemv": 0, "segmented": 1})

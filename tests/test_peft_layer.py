@@ -530,3 +530,20 @@ def test_4bit_markers_go_only_with_the_last_4bit_layer():
     bare.config = SimpleNamespace()  # a config without quantization_config: nothing to remove
     drop_4bit_markers(bare)
     assert vars(bare.config) == {} and not hasattr(bare, "is_quantized")
+
+
+def test_a_batch_on_one_adapter_runs_the_single_adapter_call(monkeypatch, x):
+    from nf4.lora import ops
+
+    ours, theirs = models()
+    ours.eval()
+    theirs.eval()
+    mine, ref = layers(ours, theirs)
+    calls = count_calls(monkeypatch, ops, ["matmul", "matmul_adapters"])
+    with torch.no_grad():
+        for names, expect in ((["other"] * 5, {"matmul": 1, "matmul_adapters": 0}),
+                              (["__base__"] * 5, {"matmul": 2, "matmul_adapters": 0}),
+                              (["other", "default"] * 2 + ["other"], {"matmul": 2, "matmul_adapters": 1})):  # fmt: skip
+            assert close(mine(x, adapter_names=names), ref(x, adapter_names=names)), names
+            assert calls == expect, names
+        assert torch.equal(mine(x, adapter_names=["__base__"] * 5), mine.base_layer(x))

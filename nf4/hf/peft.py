@@ -94,11 +94,19 @@ class PeftLinearNF4(nn.Module, LoraLayer):
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         """`adapter_names[i]` picks row i's adapter, as PEFT does ("__base__", or an adapter this layer lacks:
         the base alone). Inference: one fused call over an `AdapterBank` of this layer's adapters (built once,
-        rebuilt when an adapter's tensors change). Where a gradient is needed: PEFT's loop over adapters."""
+        rebuilt when an adapter's tensors change), or the one-adapter call when every row names the same.
+        Where a gradient is needed: PEFT's loop over adapters."""
         base = self.get_base_layer()
         params = [p for name in self.lora_A for p in (self.lora_A[name].weight, self.lora_B[name].weight)]
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, base.bias, *params)):
             return self._looped_mixed_batch(x, *args, adapter_names=adapter_names, **kwargs)
+        present = set(adapter_names)
+        if len(present) == 1:  # one adapter for the whole batch (or none here): the single-adapter call
+            name = present.pop()
+            if name not in self.lora_A:
+                return base(x, *args, **kwargs)
+            return lora_linear(x, base.nf4_weight, self.lora_A[name].weight, self.lora_B[name].weight, base.bias,
+                               self.scaling[name], where=type(self).__name__)  # fmt: skip
         bank = self._adapter_bank()
         index = self._adapter_index(adapter_names, bank, x.device)
         return multi_lora_linear(x, base.nf4_weight, bank.a, bank.v, bank.scales, index, base.bias,
