@@ -53,9 +53,14 @@ def check(y, q, x, a, v, scales, index, b):
         torch_y = torch_y + b.to(dtype)
     torch_err = (torch_y.double() - exact).abs().max().item() if exact.numel() else 0.0
     ulp = torch.finfo(dtype).eps * (exact.abs().max().item() if exact.numel() else 0.0)
+    # the low-rank term's own float32 sums (K for u, R for u @ v; torch_y's term is exact): at K = 2 the
+    # base's error alone is below them
+    size = reference.adapter_rows_ref(x.float().abs(), a.abs(), v.abs(), scales.abs(), index).double()
+    low_size = size.max().item() if size.numel() else 0.0
+    low_err = (x.shape[1] + a.shape[1] + 2) * torch.finfo(torch.float32).eps * low_size
     err = (y.double() - exact).abs().max().item() if exact.numel() else 0.0
     assert y.dtype == dtype and y.shape == exact.shape
-    assert err <= 2 * torch_err + 2 * ulp, (err, torch_err, ulp)
+    assert err <= 2 * torch_err + 2 * ulp + low_err, (err, torch_err, ulp, low_err)
 
 
 def run_and_check(device, q, x, a, v, scales, index, b, split=None):
