@@ -6,7 +6,9 @@ download) and gets LoRA adapters of the same rank on q/k/v/o/gate/up/down (dropo
 - nf4: the Linear layers quantized by nf4 (`nf4.lora.quantize_model`, the bytes `from_pretrained` with
   `NF4Config` gives) with PEFT's LoRA through `nf4.hf.lora_config`: one fused nf4 op per layer;
 - bnb+peft: bitsandbytes' `Linear4bit` (nf4, double quantization, compute dtype bf16) with PEFT's LoRA;
-- lora16: the 16-bit model with PEFT's LoRA (the reference).
+- lora16: the 16-bit model with PEFT's LoRA (the reference);
+- with `--dora`: nf4 (QLoRA), nf4+dora and bnb+peft+dora, the same stacks with PEFT's `use_dora=True`
+  (QDoRA; nf4's norm without a dense [out, in] matrix, lora/dora.py).
 
 Each (stack, gradient checkpointing) runs in its own process: forward + backward + AdamW on the adapters for
 `--warmup` steps, then `--steps` timed steps on random tokens. Reported: step time (median), tokens/s,
@@ -17,6 +19,7 @@ fast), and the ratios nf4 / bnb+peft.
     python benchmarks/bench_model.py --preset tiny                     # CPU, seconds
     python benchmarks/bench_model.py --preset small --seq 256          # CPU, a minute
     python benchmarks/bench_model.py --preset 8b --seq 2048 --batch 1  # a GPU (Llama-3-8B dimensions)
+    python benchmarks/bench_model.py --preset small --seq 256 --dora   # QDoRA: nf4 QLoRA, nf4 and PEFT DoRA
 
 Prints a table and JSON lines (each also appended to --out, if given, as soon as it is measured).
 """
@@ -43,7 +46,10 @@ PRESETS = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
 }  # fmt: skip
-STACKS = ("nf4", "bnb+peft", "lora16")
+STACKS = ("nf4", "bnb+peft", "lora16", "nf4+dora", "bnb+peft+dora")
+DORA_STACKS = ("nf4", "nf4+dora", "bnb+peft+dora")
+RATIOS = (("nf4", "bnb+peft"), ("nf4+dora", "bnb+peft+dora"), ("nf4+dora", "nf4"))
+"""(ours, theirs) pairs reported as ratios when both ran."""
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIB = 1 << 20
 
@@ -89,17 +95,19 @@ def prepare(stack: str, preset: str, seq: int, r: int, device):
     import peft
 
     model = build(preset, seq, device)
+    dora = stack.endswith("+dora")
+    stack = stack.removesuffix("+dora")
     if stack == "nf4":
         import nf4.hf
         from nf4.lora import quantize_model
 
         quantize_model(model, target_modules=TARGETS)
         model.is_loaded_in_4bit = True
-        config = nf4.hf.lora_config(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=TARGETS)
+        config = nf4.hf.lora_config(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=TARGETS, use_dora=dora)
     else:
         if stack == "bnb+peft":
             model = to_bitsandbytes(model, device)
-        config = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=TARGETS)
+        config = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=TARGETS, use_dora=dora)
     for p in model.parameters():
         p.requires_grad_(False)
     return peft.get_peft_model(model, config)
@@ -122,7 +130,7 @@ def run_one(args) -> dict:
 
     import nf4.hf  # noqa: F401
 
-    if args.stack == "bnb+peft":
+    if args.stack.startswith("bnb+peft"):
         import bitsandbytes  # noqa: F401
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -169,7 +177,16 @@ def main(argv=None) -> int:
     parser.add_argument("-r", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--stacks", default=",".join(STACKS), help="comma-separated subset of " + ", ".join(STACKS))
+    parser.add_argument(
+        "--stacks",
+        default=None,
+        help="comma-separated subset of "
+        + ", ".join(STACKS)
+        + " (default: the first three, or with --dora "
+        + ", ".join(DORA_STACKS)
+        + ")",
+    )
+    parser.add_argument("--dora", action="store_true", help="QDoRA: nf4 QLoRA against nf4 and PEFT DoRA")
     parser.add_argument("--checkpointing", choices=("on", "off", "both"), default="both")
     parser.add_argument("--out", type=Path, help="append the JSON records to this file")
     parser.add_argument("--largest-batch", type=int, metavar="LIMIT", default=0,
@@ -186,7 +203,7 @@ def main(argv=None) -> int:
         args.checkpointing = args.checkpointing == "on"
         print(json.dumps(run_one(args)))
         return 0
-    stacks = [s for s in args.stacks.split(",") if s]
+    stacks = [s for s in (args.stacks or ",".join(DORA_STACKS if args.dora else STACKS[:3])).split(",") if s]
     unknown = sorted(set(stacks) - set(STACKS))
     if unknown:
         parser.error(f"--stacks: unknown {unknown}; choose from {', '.join(STACKS)}")
@@ -223,26 +240,29 @@ def main(argv=None) -> int:
                     f.write(json.dumps(record) + "\n")
     print(f"QLoRA training step, preset {args.preset} ({args.device}), {args.batch} x {args.seq} tokens, r={args.r}, "
           f"median of {args.steps} steps after {args.warmup} warm-up")  # fmt: skip
-    print(f"{'stack':<10}{'checkpointing':>14}{'step':>10}{'tokens/s':>11}{'peak memory':>14}{'loss':>9}")
+    print(f"{'stack':<14}{'checkpointing':>14}{'step':>10}{'tokens/s':>11}{'peak memory':>14}{'loss':>9}")
     for rec in records:
         if "error" in rec:
-            print(f"{rec['stack']:<10}{str(rec['checkpointing']):>14}   failed: {rec['error']}")
+            print(f"{rec['stack']:<14}{str(rec['checkpointing']):>14}   failed: {rec['error']}")
             continue
-        print(f"{rec['stack']:<10}{str(rec['checkpointing']):>14}{rec['step_s'] * 1e3:>8.0f}ms"
+        print(f"{rec['stack']:<14}{str(rec['checkpointing']):>14}{rec['step_s'] * 1e3:>8.0f}ms"
               f"{rec['tokens_per_s']:>11.0f}{rec['peak_bytes'] / MIB:>10.0f} MiB{rec['loss']:>9.4f}")  # fmt: skip
     by = {(r["stack"], r["checkpointing"]): r for r in records if "error" not in r}
     for mode in modes:
-        ours, theirs = by.get(("nf4", mode == "on")), by.get(("bnb+peft", mode == "on"))
-        if ours and theirs:
-            ratio = dict(bench="model_step", stack="nf4 / bnb+peft", checkpointing=mode == "on",
+        for mine, other in RATIOS:
+            ours, theirs = by.get((mine, mode == "on")), by.get((other, mode == "on"))
+            if not (ours and theirs):
+                continue
+            ratio = dict(bench="model_step", stack=f"{mine} / {other}", checkpointing=mode == "on",
                          tokens_per_s=ours["tokens_per_s"] / theirs["tokens_per_s"],
-                         peak_bytes=ours["peak_bytes"] / theirs["peak_bytes"], commit=commit)  # fmt: skip
+                         step_s=ours["step_s"] / theirs["step_s"], peak_bytes=ours["peak_bytes"] / theirs["peak_bytes"],
+                         commit=commit)  # fmt: skip
             records.append(ratio)
             if args.out:
                 with args.out.open("a") as f:
                     f.write(json.dumps(ratio) + "\n")
-            print(f"nf4 / bnb+peft, checkpointing {mode}: {ratio['tokens_per_s']:.2f}x the tokens/s, "
-                  f"{ratio['peak_bytes']:.2f}x the peak memory")  # fmt: skip
+            print(f"{mine} / {other}, checkpointing {mode}: {ratio['tokens_per_s']:.2f}x the tokens/s, "
+                  f"{ratio['step_s']:.2f}x the step time, {ratio['peak_bytes']:.2f}x the peak memory")  # fmt: skip
     for record in records:
         print(json.dumps(record))
     return 0

@@ -10,8 +10,9 @@
 # (bench_kernels.py: the times a static speed model is scored on), the
 # table-lookup microbenchmark with the decode kernel of 2d550bfb5869 beside the current one 60 s
 # (bench_lookup.py: checks the L1 model of benchmarks/static/sass.py), a whole Llama-3-8B-shaped model's QLoRA step
-# at 2048 tokens 120 s (bench_model.py: nf4, bitsandbytes + PEFT and 16-bit LoRA at batch 1, then nf4 and
-# bitsandbytes + PEFT at the largest batch up to 8 that nf4 trains at), a mixed batch of 16 sequences over
+# at 2048 tokens (bench_model.py: nf4, bitsandbytes + PEFT and 16-bit LoRA at batch 1, then nf4 and
+# bitsandbytes + PEFT at the largest batch up to 8 that nf4 trains at; 70 + 40 s), QDoRA's step at batch 1
+# (nf4+dora, then PEFT DoRA on bitsandbytes; 40 s, what finishes), a mixed batch of 16 sequences over
 # 1/4/16 adapters 40 s (bench_adapters.py, preset small), static report 40 s. Cut to fit:
 # the model step runs with gradient checkpointing only (off is `bench_model.py --checkpointing both`) and
 # 3 timed steps; 16-bit LoRA is not rerun at the largest batch. Each step is stopped with SIGINT when over
@@ -121,8 +122,10 @@ limit 60 "$PY" "$REPO/benchmarks/bench_lookup.py" $QUICK --base "$BASE" --out "$
 
 step "a whole model's QLoRA training step (bench_model.py: nf4 / bitsandbytes + PEFT / 16-bit LoRA)"
 if [ $DRY = 1 ]; then MODEL="--preset tiny --warmup 1 --steps 1"; else MODEL="--preset 8b --seq 2048 --warmup 1 --steps 3"; fi
-limit 80 "$PY" "$REPO/benchmarks/bench_model.py" $MODEL --batch 1 --checkpointing on --out "$OUT/results.jsonl" \
+limit 70 "$PY" "$REPO/benchmarks/bench_model.py" $MODEL --batch 1 --checkpointing on --out "$OUT/results.jsonl" \
   || { echo "model benchmark (batch 1) failed or timed out"; status=1; }
+limit 40 "$PY" "$REPO/benchmarks/bench_model.py" $MODEL --batch 1 --checkpointing on --stacks nf4+dora,bnb+peft+dora \
+  --out "$OUT/results.jsonl" || { echo "QDoRA model benchmark failed or timed out"; status=1; }
 limit 40 "$PY" "$REPO/benchmarks/bench_model.py" $MODEL --largest-batch 8 --stacks nf4,bnb+peft --checkpointing on \
   --out "$OUT/results.jsonl" || { echo "model benchmark (largest batch) failed or timed out"; status=1; }
 

@@ -8,6 +8,7 @@ multi = MultiLoRALinearNF4.from_linear(linear, slots=8, max_rank=16)  # many ada
 from nf4.lora.adapter import load_adapter, save_adapter
 from nf4.lora.bank import AdapterBank
 from nf4.lora.convert import apply_lora, quantize_model
+from nf4.lora.dora import dora_linear
 from nf4.lora.functional import lora_linear, multi_lora_linear
 from nf4.lora.merge import merge_and_unload, merged_weight
 from nf4.lora.modules import LinearNF4, LoRALinearNF4, MultiLoRALinearNF4
@@ -18,6 +19,7 @@ __all__ = [
     "LoRALinearNF4",
     "MultiLoRALinearNF4",
     "apply_lora",
+    "dora_linear",
     "load_adapter",
     "lora_linear",
     "merge_and_unload",

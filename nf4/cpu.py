@@ -98,14 +98,16 @@ def _dequantize(packed, absmax, n, blocksize, dtype):
 def matmul_cpu(x, q, trans=False, u=None, v=None, bias=None, mask=None, lora_scale=1.0):
     """`matmul_ref` for a large W, products in x's dtype like F.linear; None for small W, fp64 x or no
     compiler. Forward: row chunks of W multiplied as decoded. `trans` sums over W's rows, so W is decoded
-    whole first: chunk-by-chunk bf16 sums would round at every chunk."""
+    whole first (as W^T, [K, N] contiguous: x @ W with W row-major is 20-30x slower in bf16 on the CPU,
+    benchmarks/results/2026-12-08-cpu-dora/README.md), since chunk-by-chunk bf16 sums would round at every
+    chunk."""
     n, k = q.shape
     if _disabled or n * k < MIN_NUMEL or x.dtype == torch.float64:
         return None
     absmax = decoded_absmax(q)
     step = q.blocksize // math.gcd(k, q.blocksize)  # rows per chunk must start on a block boundary
     rows = max(step, CHUNK // k // step * step)
-    w_all = torch.empty((n, k), dtype=x.dtype) if trans else None
+    w_t = torch.empty((k, n), dtype=x.dtype) if trans else None
     y = None if trans else torch.empty((x.shape[0], n), dtype=x.dtype)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -121,11 +123,11 @@ def matmul_cpu(x, q, trans=False, u=None, v=None, bias=None, mask=None, lora_sca
             return None
         w = w.view(r1 - r0, k)
         if trans:
-            w_all[r0:r1] = w
+            w_t[:, r0:r1] = w.t()
         else:
             y[:, r0:r1] = x @ w.t()
     if trans:
-        y = x @ w_all
+        y = x @ w_t.t()
     return add_lora_and_bias_(y, u, v, bias, mask, lora_scale)
 
 

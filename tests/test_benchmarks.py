@@ -42,8 +42,9 @@ def test_gpu_check_dry_run(tmp_path):
     decodes = ("decode_r0", "decode_r16", "decode_m16_r16", "decode_m16_bank16")
     assert set(kernels) == {"dequantize", "quantize", *decodes}
     assert all(kernels[c]["error_over_bound"] <= 1.0 for c in decodes)
-    steps = {(r["stack"], r["batch"]) for r in records if r["bench"] == "model_step" and "step_s" in r}
-    assert {("nf4", 1), ("bnb+peft", 1), ("lora16", 1)} <= steps and ("nf4", 8) in steps  # tiny fits batch 8
+    steps = {(r["stack"], r["batch"]) for r in records if r["bench"] == "model_step" and "trainable" in r}
+    assert {("nf4", 1), ("bnb+peft", 1), ("lora16", 1), ("nf4+dora", 1), ("bnb+peft+dora", 1)} <= steps
+    assert ("nf4", 8) in steps  # tiny fits batch 8
     lookups = {r["case"]: r for r in records if r["bench"] == "lookup"}
     assert set(lookups) == {"read", "global", "shared", "register"}
     assert all(r["checksum_agrees"] for case, r in lookups.items() if case != "read")
@@ -70,24 +71,29 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 def test_bench_model_tiny_runs_every_stack(tmp_path):
-    """The whole-model QLoRA step on the CPU, tiny preset: every stack trains (finite loss) and the ratio
-    line is written; speed is not asserted."""
+    """The whole-model QLoRA step on the CPU, tiny preset: every stack (QDoRA's too) trains (finite loss)
+    and the ratio lines are written; speed is not asserted."""
     out = tmp_path / "model.jsonl"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--preset", "tiny", "--checkpointing", "on",
-         "--warmup", "1", "--steps", "1", "--out", str(out)],
+         "--warmup", "1", "--steps", "1", "--out", str(out), "--stacks", "nf4,bnb+peft,lora16,nf4+dora,bnb+peft+dora"],
         env=clean_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    runs = {r["stack"]: r for r in records if "step_s" in r}
-    assert set(runs) == {"nf4", "bnb+peft", "lora16"}
+    runs = {r["stack"]: r for r in records if "trainable" in r}
+    assert set(runs) == {"nf4", "bnb+peft", "lora16", "nf4+dora", "bnb+peft+dora"}
+    assert runs["nf4+dora"]["trainable"] > runs["nf4"]["trainable"]  # the magnitudes
+    assert runs["nf4+dora"]["trainable"] == runs["bnb+peft+dora"]["trainable"]
     for r in runs.values():
         assert r["checkpointing"] and r["step_s"] > 0 and r["peak_bytes"] >= 0 and r["trainable"] > 0
         assert 0 < r["loss"] < 20  # random tokens over a 512-word vocabulary: about ln(512) = 6.2
     ratio = next(r for r in records if r["stack"] == "nf4 / bnb+peft")
     assert ratio["tokens_per_s"] > 0 and ratio["peak_bytes"] > 0
-    assert "nf4 / bnb+peft, checkpointing on:" in proc.stdout
+    for pair in ("nf4 / bnb+peft", "nf4+dora / bnb+peft+dora", "nf4+dora / nf4"):
+        ratio = next(r for r in records if r["stack"] == pair)
+        assert ratio["step_s"] == runs[pair.split(" / ")[0]]["step_s"] / runs[pair.split(" / ")[1]]["step_s"]
+        assert f"{pair}, checkpointing on:" in proc.stdout
 
 
 def test_the_mutation_list_is_current():

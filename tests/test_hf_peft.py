@@ -14,7 +14,7 @@ import json
 import peft
 import pytest
 import torch
-from hf_helpers import TARGETS, load_bnb, load_nf4, tiny_config, tiny_tokenizer
+from hf_helpers import TARGETS, close, load_bnb, load_nf4, tiny_config, tiny_tokenizer
 from torch import nn
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
@@ -32,11 +32,6 @@ def _reference(reference_path):
 @pytest.fixture
 def ids():
     return torch.randint(1, 128, (2, 11), generator=torch.Generator().manual_seed(0))
-
-
-def close(a, b):
-    scale = b.abs().max()
-    return (a - b).abs().max() <= 2 * 128 * torch.finfo(torch.float32).eps * scale + 1e-6
 
 
 def adapted(model, seed=1, make_config=peft.LoraConfig, **kwargs):
@@ -163,8 +158,8 @@ def test_config_errors_say_what_to_write(tiny32):
     with pytest.raises(ValueError, match=r"matches no module.*named \['down_proj', 'gate_proj', 'k_proj'"):
         nf4.hf.lora_config(model=model, target_modules=["qproj"])
     for make_config in (peft.LoraConfig, nf4.hf.lora_config):
-        with pytest.raises(ValueError, match="do not support use_dora=True"):
-            peft.get_peft_model(model, make_config(target_modules=["q_proj"], use_dora=True))
+        with pytest.raises(ValueError, match="do not support lora_bias=True"):
+            peft.get_peft_model(model, make_config(target_modules=["q_proj"], lora_bias=True))
 
 
 # -- bitsandbytes + PEFT models move to nf4 in place ---------------------------------------------

@@ -266,10 +266,10 @@ def test_adapters_are_float32_where_the_bytes_are():
     assert layer.lora_A["default"].weight.device == q.weight.device
 
 
-@pytest.mark.parametrize("option", ["use_dora", "lora_bias", "fan_in_fan_out"])
+@pytest.mark.parametrize("option", ["lora_bias", "fan_in_fan_out"])
 def test_unsupported_variants_are_refused_by_name(option):
     q = LinearNF4.from_linear(nn.Linear(K, N))
-    with pytest.raises(ValueError, match=rf"do not support {option}=True; use plain LoRA"):
+    with pytest.raises(ValueError, match=rf"do not support {option}=True; use plain LoRA or DoRA"):
         peft.get_peft_model(Net(q), nf4.hf.lora_config(r=2, target_modules=["proj"], **{option: True}))
 
 
@@ -343,9 +343,9 @@ def test_convert_peft_layer_refuses_merged_and_variant_layers_and_keeps_the_rest
     layer.merge()
     with pytest.raises(ValueError, match=r"merged into its base weight; unmerge\(\) them first"):
         convert_peft_layer(layer, LinearNF4.from_linear(layer.base_layer))
-    for variant in ({"use_dora": True}, {"lora_bias": True}):
+    for variant in ({"lora_bias": True},):
         other = peft.get_peft_model(Net(nn.Linear(K, N)), LoraConfig(r=2, target_modules=["proj"], **variant))
-        with pytest.raises(ValueError, match="plain LoRA only"):
+        with pytest.raises(ValueError, match="plain LoRA or DoRA only"):
             convert_peft_layer(other.base_model.model.block.proj, LinearNF4.from_linear(nn.Linear(K, N)))
 
 

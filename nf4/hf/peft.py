@@ -9,9 +9,15 @@ in `PeftLinearNF4`, which keeps PEFT's semantics and runs nf4's fused op.
   gradient is needed.
 - Numerics: the low-rank product runs in the activation dtype, the adapter cast to it (PEFT casts the
   activations instead). Adapters may be fp32 or bf16 (TRL); gradients come back in their dtype.
-- `merge()` requantizes `dequant(W) + scaling * B @ A`, like PEFT on bitsandbytes: lossy. `unmerge()`
-  restores the weight byte for byte. `nf4.hf.merge_and_unload(model)` merges exactly into 16 bits.
-- Refused with ValueError: DoRA, lora_bias, fan_in_fan_out, other LoRA variants (aLoRA, Arrow, ...).
+- DoRA (`use_dora=True`): `nf4.lora.dora.dora_linear` (the weight norm from ||W_j||^2, cached, and W A^T
+  from the same NF4 matmul: no dense [out, in] matrix); the magnitude in PEFT's `lora_magnitude_vector`
+  (its files load and save as PEFT's), initialised to the dequantized base's row norms. At inference the
+  norm is cached per adapter. Several active adapters and merging follow PEFT's DoRA formulas; mixed
+  batches (`adapter_names`) are refused with DoRA, as PEFT does.
+- `merge()` requantizes `dequant(W) + scaling * B @ A` (DoRA: `m / ||W + s B A|| * (W + s B A)`), like
+  PEFT on bitsandbytes: lossy. `unmerge()` restores the weight byte for byte. `nf4.hf.merge_and_unload(model)`
+  merges exactly into 16 bits.
+- Refused with ValueError: lora_bias, fan_in_fan_out, other LoRA variants (aLoRA, Arrow, ...).
 """
 
 from __future__ import annotations
@@ -23,10 +29,14 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.dora import DoraLinearLayer
+from peft.tuners.lora.layer import LoraVariant
+from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
-from nf4.api import quantize
+from nf4.api import dequantize, quantize
 from nf4.lora.bank import BASE, AdapterBank
+from nf4.lora.dora import dora_linear, dora_weight_norm, weight_norm_sq
 from nf4.lora.functional import lora_linear, multi_lora_linear
 from nf4.lora.modules import LinearNF4
 
@@ -48,7 +58,6 @@ class PeftLinearNF4(nn.Module, LoraLayer):
 
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
         unsupported = {
-            "use_dora": config.use_dora,
             "lora_bias": config.lora_bias,
             "fan_in_fan_out": config.fan_in_fan_out,
             "alora_invocation_tokens": getattr(config, "alora_invocation_tokens", None),
@@ -56,7 +65,11 @@ class PeftLinearNF4(nn.Module, LoraLayer):
         }
         bad = [f"{k}={v!r}" for k, v in unsupported.items() if v not in (None, False)]
         if bad:
-            raise ValueError(f"nf4's LoRA layers do not support {', '.join(bad)}; use plain LoRA (rsLoRA is fine)")
+            raise ValueError(
+                f"nf4's LoRA layers do not support {', '.join(bad)}; use plain LoRA or DoRA (rsLoRA is fine)"
+            )
+        if config.use_dora:
+            return NF4DoraVariant()
         return super().resolve_lora_variant(config=config, **kwargs)
 
     def _get_base_layer_device_and_dtype(self, base_layer):
@@ -82,14 +95,61 @@ class PeftLinearNF4(nn.Module, LoraLayer):
             lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
             dropout = self.lora_dropout[name]
             p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            if name in self.lora_variant:
+                magnitude = self.lora_magnitude_vector[name].weight
+                grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B, magnitude))
+                norm = None if grad or (self.training and p) else self._dora_norm(name)
+                return dora_linear(x, base.nf4_weight, lora_A, lora_B, magnitude, base.bias, self.scaling[name], p,
+                                   self.training, weight_sq=self._weight_sq(), norm=norm,
+                                   where=type(self).__name__)  # fmt: skip
             return lora_linear(x, base.nf4_weight, lora_A, lora_B, base.bias, self.scaling[name], p, self.training,
                                where=type(self).__name__)  # fmt: skip
         result = base(x, *args, **kwargs)
         for name in active:
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             x_a = self._cast_input_dtype(x, lora_A.weight.dtype)
+            if name in self.lora_variant:
+                result = result + self._dora_term(name, x_a, result).to(result.dtype)
+                continue
             result = result + (lora_B(lora_A(self.lora_dropout[name](x_a))) * self.scaling[name]).to(result.dtype)
         return result
+
+    # -- DoRA ----------------------------------------------------------------------------------
+    def _weight_sq(self) -> torch.Tensor:
+        """||W_j||^2 of the base's NF4 weight (float64), computed once per weight."""
+        base = self.get_base_layer()
+        key = (base.weight.data_ptr(), base.weight._version, base.weight_absmax.data_ptr(), base.weight.device)
+        cached = self.__dict__.get("_nf4_weight_sq")
+        if cached is None or cached[0] != key:
+            cached = (key, weight_norm_sq(base.nf4_weight))
+            self.__dict__["_nf4_weight_sq"] = cached
+        return cached[1]
+
+    def _dora_norm(self, name: str) -> torch.Tensor:
+        """||W + s B A|| per row for adapter `name` (detached, float32): cached until A, B, the scaling or the
+        weight change (inference: one fused matmul per call, no W A^T)."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        weight_sq = self._weight_sq()
+        key = (float(self.scaling[name]), a.data_ptr(), a._version, b.data_ptr(), b._version, id(weight_sq))
+        cache = self.__dict__.setdefault("_nf4_dora_norm", {})
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, dora_weight_norm(self.get_base_layer().nf4_weight, a, b, self.scaling[name], weight_sq))
+        return cache[name][1]
+
+    def _dora_term(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA term added to `result` with several active adapters: `(g - 1) * base_result + g * s *
+        lora(dropout(x))`, g = m / ||W + s B A|| (detached), base_result = `result` less the bias (PEFT's
+        compounding), or dequant(W) applied to the dropped input in training with dropout."""
+        base = self.get_base_layer()
+        lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        norm = dora_weight_norm(base.nf4_weight, lora_A.weight, lora_B.weight, self.scaling[name], self._weight_sq())
+        g = self.lora_magnitude_vector[name].weight / norm.to(x.device)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_result = result if base.bias is None else result - base.bias
+        else:
+            x = dropout(x)
+            base_result = lora_linear(x, base.nf4_weight, where=type(self).__name__)
+        return (g - 1) * base_result + g * lora_B(lora_A(x)) * self.scaling[name]
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         """`adapter_names[i]` picks row i's adapter, as PEFT does ("__base__", or an adapter this layer lacks:
@@ -163,6 +223,16 @@ class PeftLinearNF4(nn.Module, LoraLayer):
         a, b = self.lora_A[adapter].weight.detach().float(), self.lora_B[adapter].weight.detach().float()
         return self.scaling[adapter] * (b @ a)
 
+    def merged_weight(self, weight: torch.Tensor, adapter: str, unmerged: torch.Tensor) -> torch.Tensor:
+        """`weight` (float32, may hold earlier merges) with `adapter` merged: `+ delta`, or for DoRA PEFT's
+        `m / ||unmerged + delta|| * (weight + delta)` (the norm from the weight before any merge)."""
+        delta = self.get_delta_weight(adapter)
+        if adapter not in self.lora_variant:
+            return weight + delta
+        norm = torch.linalg.norm(unmerged + delta, dim=1)
+        factor = self.lora_magnitude_vector[adapter].weight.detach().float() / norm
+        return factor[:, None] * (weight + delta)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         from peft.tuners.tuners_utils import check_adapters_to_merge
 
@@ -177,7 +247,8 @@ class PeftLinearNF4(nn.Module, LoraLayer):
                 stacklevel=2,
             )
             q = base.nf4_weight
-            target = base.dequantize_weight(torch.float32) + self.get_delta_weight(name)
+            unmerged = dequantize(q if self._nf4_before_merge is None else self._nf4_before_merge, torch.float32)
+            target = self.merged_weight(base.dequantize_weight(torch.float32), name, unmerged)
             if safe_merge and not torch.isfinite(target).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             if self._nf4_before_merge is None:
@@ -196,6 +267,23 @@ class PeftLinearNF4(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+class NF4DoraVariant(LoraVariant):
+    """PEFT's DoRA on a `PeftLinearNF4`: `init` adds the magnitude (PEFT's `lora_magnitude_vector` entry,
+    a `DoraLinearLayer` holding it) set to ||W + s B A|| per row, from the NF4 weight without a dense matrix.
+    The layer's own forward and merge run DoRA; PEFT never calls this variant's other methods there."""
+
+    @staticmethod
+    def init(module: PeftLinearNF4, adapter_name: str, **kwargs) -> None:
+        if not module.lora_magnitude_vector:
+            module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
+        a, b = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        norm = dora_weight_norm(module.get_base_layer().nf4_weight, a, b, module.scaling[adapter_name],
+                                module._weight_sq())  # fmt: skip
+        holder = DoraLinearLayer(fan_in_fan_out=False)
+        holder.weight = nn.Parameter(norm.to(a.dtype), requires_grad=True)
+        module.lora_magnitude_vector[adapter_name] = holder
 
 
 def _dispatch_mapping() -> dict:
@@ -256,10 +344,10 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         inner = layer.get_base_layer()
         if layer.merged:
             layer.unmerge()
-        w = inner.dequantize_weight(torch.float32)
+        w = unmerged = inner.dequantize_weight(torch.float32)
         for adapter in layer.active_adapters:
             if adapter in layer.lora_A:
-                w = w + layer.get_delta_weight(adapter)
+                w = layer.merged_weight(w, adapter, unmerged)
         base.set_submodule(name, dense_layer(inner, w, dtype))
     if isinstance(model, PeftModel):  # PEFT's own layers (on 16-bit layers), modules_to_save: PEFT merges them
         base = model.merge_and_unload()
@@ -314,13 +402,13 @@ def drop_4bit_markers(model: nn.Module) -> None:
 
 def convert_peft_layer(layer: nn.Module, base: LinearNF4) -> PeftLinearNF4:
     """PEFT's `layer` as a `PeftLinearNF4` over `base`, with the same Parameter objects (optimizer state
-    stays). ValueError if merged or not plain LoRA."""
+    stays, DoRA's magnitude too). ValueError if merged or neither plain LoRA nor DoRA."""
     if layer.merged:
         raise ValueError("this PEFT layer has adapters merged into its base weight; unmerge() them first")
     variants = getattr(layer, "lora_variant", {})
     bias = getattr(layer, "lora_bias", {})
-    if variants or any(bias.values()):
-        raise ValueError("nf4's LoRA layers support plain LoRA only (no DoRA, lora_bias or other variants)")
+    if any(not isinstance(v, (DoraLinearVariant, NF4DoraVariant)) for v in variants.values()) or any(bias.values()):
+        raise ValueError("nf4's LoRA layers support plain LoRA or DoRA only (no lora_bias or other variants)")
     new = PeftLinearNF4.__new__(PeftLinearNF4)
     new.__dict__.update(layer.__dict__)
     new._modules = dict(layer._modules)
