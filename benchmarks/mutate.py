@@ -44,6 +44,7 @@ SUITES = {
     "lora/convert.py": ["tests/test_convert.py"],
     "nf4/checkpoint.py": ["tests/test_checkpoint.py"],
     "lora/bank.py": ["tests/test_adapters.py"],
+    "lora/dora.py": ["tests/test_dora.py"],
 }
 """Module -> the test files that guard it (the narrowest selection; `--all` runs these)."""
 FIRST = {"lora/distributed.py": ["-m", "not slow"], "lora/bank.py": ["-k", "not kernels"]}

@@ -22,6 +22,8 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_MAGNITUDE_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<part>lora_magnitude_vector)(?:\.[^.]+\.weight)?$")
+"""DoRA's magnitude as PEFT writes it (`<module>.lora_magnitude_vector`)."""
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinearNF4]:
@@ -43,6 +45,9 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     rslora = {m.use_rslora for m in layers.values()}
     if len(rslora) > 1:
         raise ValueError("PEFT stores one use_rslora flag per adapter, but these layers mix both settings")
+    dora = {m.use_dora for m in layers.values()}
+    if len(dora) > 1:
+        raise ValueError("PEFT stores one use_dora flag per adapter, but these layers mix DoRA and plain LoRA")
     r = Counter(m.r for m in layers.values()).most_common(1)[0][0]
     alpha = Counter(m.lora_alpha for m in layers.values()).most_common(1)[0][0]
     dropout = Counter(m.lora_dropout for m in layers.values()).most_common(1)[0][0]
@@ -59,7 +64,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
         "use_rslora": rslora.pop(),
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": dora.pop(),
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -70,6 +75,8 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     for name, m in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = _full(m.lora_A).to("cpu").contiguous().clone()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = _full(m.lora_B).to("cpu").contiguous().clone()
+        if m.use_dora:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = _full(m.lora_magnitude).to("cpu").contiguous().clone()
     directory = Path(directory)
     if not is_main_process():
         return directory  # every rank gathered the adapter above (FSDP2); rank 0 writes it
@@ -99,7 +106,6 @@ def _read_config(directory: Path) -> dict:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: expected a LoRA adapter (peft_type 'LORA'), got {config.get('peft_type')!r}")
     unsupported = {
-        "use_dora": False,
         "fan_in_fan_out": False,
         "lora_bias": False,
         "modules_to_save": None,
@@ -153,17 +159,20 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     errors = []
+    dora = bool(config.get("use_dora"))
     for key, value in tensors.items():
-        m = _KEY.match(key)
+        m = _KEY.match(key) or (_MAGNITUDE_KEY.match(key) if dora else None)
         if m is None:
-            errors.append(f"{key}: not a LoRA weight key (expected {PREFIX}<module>.lora_A.weight / lora_B.weight)")
+            errors.append(f"{key}: not a LoRA weight key (expected {PREFIX}<module>.lora_A.weight / lora_B.weight"
+                          + (" / lora_magnitude_vector)" if dora else ")"))  # fmt: skip
             continue
         pairs.setdefault(m.group("path"), {})[m.group("part")] = value
     modules = dict(model.named_modules())
     plan = []
+    needed = {"lora_A", "lora_B", "lora_magnitude_vector"} if dora else {"lora_A", "lora_B"}
     for path, parts in sorted(pairs.items()):
-        if set(parts) != {"lora_A", "lora_B"}:
-            errors.append(f"{path}: has {sorted(parts)} but needs both lora_A and lora_B")
+        if set(parts) != needed:
+            errors.append(f"{path}: has {sorted(parts)} but needs {' and '.join(sorted(needed))}")
             continue
         module = modules.get(path)
         if module is None:
@@ -175,34 +184,45 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         r = int(_pattern(config.get("rank_pattern"), path, config["r"]))
         a, b = parts["lora_A"], parts["lora_B"]
         want_a, want_b = (r, module.in_features), (module.out_features, r)
+        magnitude = parts.get("lora_magnitude_vector")
+        if magnitude is not None and tuple(magnitude.shape) != (module.out_features,):
+            errors.append(f"{path}: lora_magnitude_vector {list(magnitude.shape)} does not fit [{module.out_features}]")
+            continue
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             errors.append(
                 f"{path}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit this layer "
                 f"(expected {list(want_a)} / {list(want_b)} for r={r})"
             )
             continue
-        plan.append((path, module, r, _pattern(config.get("alpha_pattern"), path, config["lora_alpha"]), a, b))
+        plan.append(
+            (path, module, r, _pattern(config.get("alpha_pattern"), path, config["lora_alpha"]), a, b, magnitude)
+        )
     if errors:
         raise ValueError(f"the adapter in {directory} does not fit this model:\n  " + "\n  ".join(errors))
     if not plan:
         raise ValueError(f"the adapter in {directory} holds no LoRA weights")
 
-    for path, module, r, alpha, a, b in plan:
+    for path, module, r, alpha, a, b, magnitude in plan:
         layer = _with_adapter(
-            module, r, alpha, float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora"))
+            module, r, alpha, float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora")), dora
         )
         with torch.no_grad():
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
+            if dora:
+                layer.lora_magnitude.copy_(magnitude)
+                layer._fresh_magnitude = False
         if layer is not module:
             model.set_submodule(path, layer)
     return model
 
 
-def _with_adapter(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> LoRALinearNF4:
-    """`module` as a LoRALinearNF4 with a rank-r adapter."""
+def _with_adapter(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False
+                  ) -> LoRALinearNF4:  # fmt: skip
+    """`module` as a LoRALinearNF4 with a rank-r adapter (DoRA's magnitude with `dora`)."""
     if type(module) is nn.Linear:
-        return LoRALinearNF4.from_linear(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora)
+        return LoRALinearNF4.from_linear(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
+                                         use_dora=dora)  # fmt: skip
     q = module.nf4_weight
     layer = LoRALinearNF4(
         module.in_features,
@@ -212,6 +232,7 @@ def _with_adapter(module: nn.Module, r: int, alpha: float, dropout: float, rslor
         lora_alpha=alpha,
         lora_dropout=dropout,
         use_rslora=rslora,
+        use_dora=dora,
         blocksize=q.blocksize,
         double_quant=q.double_quant,
         dtype=q.dtype,

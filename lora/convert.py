@@ -202,11 +202,12 @@ def apply_lora(
     blocksize: int = 64,
     double_quant: bool = True,
     progress: bool | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Replace matching layers (module docstring) by `LoRALinearNF4` in place, freezing all but adapters;
     returns `model`. Arguments as `LoRALinearNF4` (PEFT layers keep theirs); `progress` as `nf4.progress`.
     ValueError if nothing matches or already FSDP2-sharded; RuntimeError for PEFT without `nf4.hf`."""
-    lora = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+    lora = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora)
     return _replace(model, target_modules, LoRALinearNF4, "apply_lora", progress, blocksize, double_quant, **lora)
 
 

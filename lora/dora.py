@@ -171,3 +171,32 @@ def dora_linear(
     weight_sq = weight_norm_sq(weight) if weight_sq is None else weight_sq
     return DoRALinearFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, float(scaling), mask, keep_scale,
                                     weight_sq)  # fmt: skip
+
+
+def cached_weight_sq(weight: NF4Tensor, cache: dict) -> Tensor:
+    """`weight_norm_sq(weight)`, kept in `cache` until the weight's bytes change (a layer's own dict)."""
+    key = (weight.packed.data_ptr(), weight.packed._version, weight.absmax.data_ptr(), weight.absmax._version)
+    if cache.get("weight_sq", (None,))[0] != key:
+        cache["weight_sq"] = (key, weight_norm_sq(weight))
+    return cache["weight_sq"][1]
+
+
+def cached_norm(
+    weight: NF4Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, cache: dict, name: str = ""
+) -> Tensor:
+    """`dora_weight_norm` of adapter `name`, kept in `cache` until A, B, the scaling or the weight change."""
+    weight_sq = cached_weight_sq(weight, cache)
+    key = (float(scaling), lora_A.data_ptr(), lora_A._version, lora_B.data_ptr(), lora_B._version, id(weight_sq))
+    if cache.get(("norm", name), (None,))[0] != key:
+        cache[("norm", name)] = (key, dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq))
+    return cache[("norm", name)][1]
+
+
+def dora_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout, training, cache: dict, name: str = "",
+                 where: str = "dora_linear") -> Tensor:  # fmt: skip
+    """`dora_linear` for a layer holding `cache`: ||W_j||^2 computed once, and where no gradient is needed
+    and no dropout runs (inference) the norm too."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B, magnitude))
+    norm = None if grad or (training and dropout) else cached_norm(weight, lora_A, lora_B, scaling, cache, name)
+    return dora_linear(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout, training,
+                       weight_sq=cached_weight_sq(weight, cache), norm=norm, where=where)  # fmt: skip

@@ -1,4 +1,5 @@
-"""Exact merge for export: `dequant(W) + scaling * B @ A` in fp32, rounded once into nn.Linear.
+"""Exact merge for export: `dequant(W) + scaling * B @ A` (DoRA: PEFT's `m / ||.|| * (...)`) in fp32,
+rounded once into nn.Linear.
 (`LoRALinearNF4.merge()` requantizes to 4 bits instead, losing much of the update.)
 """
 
@@ -16,7 +17,7 @@ def merged_weight(layer: LinearNF4, dtype: torch.dtype | None = None) -> torch.T
     weight = layer.nf4_weight
     w = dequantize(weight, torch.float32)
     if isinstance(layer, LoRALinearNF4) and not layer.merged:
-        w = w + layer.delta_weight()
+        w = layer.adapted_weight(w)
     return w.to(dtype or weight.dtype)
 
 

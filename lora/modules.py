@@ -24,6 +24,7 @@ from nf4.api import dequantize, quantize
 from nf4.codebook import dynamic_map
 from nf4.format import FLOAT_DTYPES, NF4Meta
 from nf4.lora.bank import AdapterBank
+from nf4.lora.dora import dora_forward, dora_weight_norm
 from nf4.lora.functional import lora_linear, multi_lora_linear
 from nf4.tensor import NF4Tensor
 
@@ -261,7 +262,9 @@ class LinearNF4(nn.Module):
 
 class LoRALinearNF4(LinearNF4):
     """`y = x @ dequant(W)^T + scaling * (dropout(x) @ A^T) @ B^T + bias`: W frozen, A [r, in_features]
-    and B [out_features, r] trainable (PEFT's conventions)."""
+    and B [out_features, r] trainable (PEFT's conventions). With `use_dora`, DoRA as PEFT's `use_dora=True`
+    (`nf4.lora.dora`): a trainable magnitude `lora_magnitude` [out_features], set to ||W + s B A|| per row
+    whenever the weight is set until the adapter is trained, loaded or merged."""
 
     def __init__(
         self,
@@ -274,12 +277,14 @@ class LoRALinearNF4(LinearNF4):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         adapter_dtype: torch.dtype = torch.float32,
+        use_dora: bool = False,
         **kwargs,
     ):
         """
         Args:
             r: rank (positive int). lora_alpha: `scaling = lora_alpha / r` (`/ sqrt(r)` with `use_rslora`).
-            lora_dropout: in [0, 1), on the adapter's input in training. adapter_dtype: of lora_A, lora_B.
+            lora_dropout: in [0, 1), on the adapter's input in training. adapter_dtype: of lora_A, lora_B
+            (and the DoRA magnitude). use_dora: DoRA (class docstring).
             in_features, out_features, bias, **kwargs (blocksize, double_quant, dtype, device): as `LinearNF4`.
         Raises ValueError for a bad r or lora_dropout.
         """
@@ -296,13 +301,37 @@ class LoRALinearNF4(LinearNF4):
         device = self.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=adapter_dtype, device=device))
+        self.use_dora = bool(use_dora)
+        self._fresh_magnitude = self.use_dora  # follows the weight until trained, loaded or merged
+        if self.use_dora:
+            self.lora_magnitude = nn.Parameter(torch.zeros(out_features, dtype=adapter_dtype, device=device))
         self.reset_lora_parameters()
         self._unmerged: NF4Tensor | None = None  # the weight before `merge`, for `unmerge`
+        self._dora_cache: dict = {}  # ||W_j||^2 and the inference norm (nf4.lora.dora.DoraCache)
 
     def reset_lora_parameters(self) -> None:
         """PEFT's: A kaiming-uniform (a = sqrt(5)), B zero."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.use_dora:
+            self._init_magnitude()
+
+    def set_weight(self, q: NF4Tensor) -> None:
+        super().set_weight(q)
+        if getattr(self, "_fresh_magnitude", False):
+            self._init_magnitude()
+
+    def _init_magnitude(self) -> None:
+        """PEFT's DoRA initialisation: the magnitude = ||dequant(W) + s B A|| per row (no dense matrix)."""
+        if self.weight.device.type == "meta":
+            return
+        with torch.no_grad():
+            self.lora_magnitude.copy_(dora_weight_norm(self.nf4_weight, self.lora_A, self.lora_B, self.scaling))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.use_dora and prefix + "lora_magnitude" in state_dict:
+            self._fresh_magnitude = False  # the loaded magnitude stays when the weight arrives after it
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_linear(
@@ -332,6 +361,11 @@ class LoRALinearNF4(LinearNF4):
         """One fused op; dropout in training mode only; no adapter once merged."""
         if self.merged:
             return super().forward(x)
+        if self.use_dora:
+            self._fresh_magnitude = False
+            return dora_forward(x, self.nf4_weight, self.lora_A, self.lora_B, self.lora_magnitude, self.bias,
+                                self.scaling, self.lora_dropout, self.training, self._dora_cache,
+                                where=type(self).__name__)  # fmt: skip
         return lora_linear(x, self.nf4_weight, self.lora_A, self.lora_B, self.bias, self.scaling, self.lora_dropout,
                            self.training, where=type(self).__name__)  # fmt: skip
 
@@ -345,19 +379,29 @@ class LoRALinearNF4(LinearNF4):
         """`scaling * lora_B @ lora_A`, float32 [out_features, in_features]."""
         return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
+    def adapted_weight(self, base: torch.Tensor) -> torch.Tensor:
+        """The weight the adapted layer computes with, from `base` = dequant(W) in float32: `base + dW`, or
+        with DoRA `m / ||base + dW|| * (base + dW)` per row (PEFT's merge)."""
+        target = base + self.delta_weight()
+        if not self.use_dora:
+            return target
+        return (self.lora_magnitude.detach().float() / torch.linalg.norm(target, dim=1))[:, None] * target
+
     def merge(self) -> dict[str, float]:
-        """`W' = quantize(dequant(W) + dW)`, dW = scaling * B @ A; lossy (dW is often below the NF4 step).
+        """`W' = quantize(dequant(W) + dW)`, dW = scaling * B @ A (DoRA: `adapted_weight` - dequant(W)); lossy
+        (dW is often below the NF4 step).
         Returns `update_norm` ||dW||, `error_norm` ||dequant(W') - dequant(W) - dW||, `update_lost` (ratio).
         RuntimeError if merged."""
         if self.merged:
             raise RuntimeError("this layer is already merged; unmerge() first")
         q = self.nf4_weight
         base = dequantize(q, torch.float32)
-        delta = self.delta_weight()
-        target = base + delta
+        target = self.adapted_weight(base)
+        delta = target - base
         merged = quantize(target.to(q.dtype), q.blocksize, q.double_quant)
         error = dequantize(merged, torch.float32) - target
         self._unmerged = q
+        self._fresh_magnitude = False
         self.set_weight(merged)
         update, err = float(delta.norm()), float(error.norm())
         return {"update_norm": update, "error_norm": err, "update_lost": err / update if update else 0.0}
@@ -372,7 +416,9 @@ class LoRALinearNF4(LinearNF4):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
-            f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}" + (", merged=True" if self.merged else "")
+            f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}"
+            + (", use_dora=True" if self.use_dora else "")
+            + (", merged=True" if self.merged else "")
         )
 
 

@@ -193,7 +193,7 @@ def test_mismatched_adapter_is_refused_listing_every_problem(tmp_path):
     assert "model.layers.0.self_attn.q_proj: lora_A [4, 65] / lora_B [64, 4] do not fit" in message
     assert "model.layers.9.self_attn.q_proj: no such module" in message
     assert "model.norm: is a LlamaRMSNorm, not a Linear layer" in message
-    assert "model.layers.1.self_attn.v_proj: has ['lora_A'] but needs both" in message
+    assert "model.layers.1.self_attn.v_proj: has ['lora_A'] but needs lora_A and lora_B" in message
     after = target.state_dict()  # nothing was changed
     assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
 
@@ -216,7 +216,7 @@ def test_damaged_files_are_refused(tmp_path, damage):
     message = {
         "truncate": "not a readable safetensors file", "garbage": "not a readable safetensors file",
         "no_weights": "has neither adapter_model.safetensors", "bad_json": "is not valid JSON",
-        "dora": "not supported here: use_dora=True",
+        "dora": "needs lora_A and lora_B and lora_magnitude_vector",  # a DoRA config without magnitudes
     }[damage]  # fmt: skip
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_adapter(tiny_llama(), tmp_path)

@@ -78,9 +78,9 @@ def test_magnitude_starts_at_the_row_norms_of_the_dequantized_base(tiny32):
 @pytest.mark.parametrize("dtype", [torch.float32], ids=["fp32"])
 def test_outputs_and_gradients_agree_with_peft_dora_on_bitsandbytes(monkeypatch, tiny32, ids, dtype):
     ours, theirs = pair(tiny32)
-    calls = count_calls(monkeypatch, nf4_peft, ["dora_linear", "lora_linear"])
+    calls = count_calls(monkeypatch, nf4_peft, ["dora_forward", "lora_linear"])
     a, b = ours(ids).logits, theirs(ids).logits
-    assert calls == {"dora_linear": 6, "lora_linear": 0}  # one DoRA call per adapted layer
+    assert calls == {"dora_forward": 6, "lora_linear": 0}  # one DoRA call per adapted layer
     assert close(a, b)
     a.square().mean().backward()
     b.square().mean().backward()
@@ -98,14 +98,14 @@ def test_inference_caches_the_norm_until_the_adapter_changes(tiny32, ids):
     layer = next(iter(layers(ours).values()))
     with torch.no_grad():
         assert close(ours(ids).logits, expect)
-        cached = layer._nf4_dora_norm["default"][1]
-        assert close(ours(ids).logits, expect) and layer._nf4_dora_norm["default"][1] is cached  # reused
+        cached = layer._nf4_dora_cache[("norm", "default")][1]
+        assert close(ours(ids).logits, expect) and layer._nf4_dora_cache[("norm", "default")][1] is cached  # reused
         layer.lora_B["default"].weight.mul_(3)  # in place: the cache sees the version change
         ours.train()
         changed = ours(ids).logits
         ours.eval()
         assert close(ours(ids).logits, changed) and not close(changed, expect)
-        assert layer._nf4_dora_norm["default"][1] is not cached
+        assert layer._nf4_dora_cache[("norm", "default")][1] is not cached
 
 
 def test_dora_and_lora_adapters_active_together_match_peft(tiny32):

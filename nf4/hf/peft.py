@@ -36,7 +36,7 @@ from torch import nn
 
 from nf4.api import dequantize, quantize
 from nf4.lora.bank import BASE, AdapterBank
-from nf4.lora.dora import dora_linear, dora_weight_norm, weight_norm_sq
+from nf4.lora.dora import cached_weight_sq, dora_forward, dora_weight_norm
 from nf4.lora.functional import lora_linear, multi_lora_linear
 from nf4.lora.modules import LinearNF4
 
@@ -96,12 +96,9 @@ class PeftLinearNF4(nn.Module, LoraLayer):
             dropout = self.lora_dropout[name]
             p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
             if name in self.lora_variant:
-                magnitude = self.lora_magnitude_vector[name].weight
-                grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B, magnitude))
-                norm = None if grad or (self.training and p) else self._dora_norm(name)
-                return dora_linear(x, base.nf4_weight, lora_A, lora_B, magnitude, base.bias, self.scaling[name], p,
-                                   self.training, weight_sq=self._weight_sq(), norm=norm,
-                                   where=type(self).__name__)  # fmt: skip
+                return dora_forward(x, base.nf4_weight, lora_A, lora_B, self.lora_magnitude_vector[name].weight,
+                                    base.bias, self.scaling[name], p, self.training, self._dora_cache(), name,
+                                    where=type(self).__name__)  # fmt: skip
             return lora_linear(x, base.nf4_weight, lora_A, lora_B, base.bias, self.scaling[name], p, self.training,
                                where=type(self).__name__)  # fmt: skip
         result = base(x, *args, **kwargs)
@@ -115,26 +112,9 @@ class PeftLinearNF4(nn.Module, LoraLayer):
         return result
 
     # -- DoRA ----------------------------------------------------------------------------------
-    def _weight_sq(self) -> torch.Tensor:
-        """||W_j||^2 of the base's NF4 weight (float64), computed once per weight."""
-        base = self.get_base_layer()
-        key = (base.weight.data_ptr(), base.weight._version, base.weight_absmax.data_ptr(), base.weight.device)
-        cached = self.__dict__.get("_nf4_weight_sq")
-        if cached is None or cached[0] != key:
-            cached = (key, weight_norm_sq(base.nf4_weight))
-            self.__dict__["_nf4_weight_sq"] = cached
-        return cached[1]
-
-    def _dora_norm(self, name: str) -> torch.Tensor:
-        """||W + s B A|| per row for adapter `name` (detached, float32): cached until A, B, the scaling or the
-        weight change (inference: one fused matmul per call, no W A^T)."""
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        weight_sq = self._weight_sq()
-        key = (float(self.scaling[name]), a.data_ptr(), a._version, b.data_ptr(), b._version, id(weight_sq))
-        cache = self.__dict__.setdefault("_nf4_dora_norm", {})
-        if name not in cache or cache[name][0] != key:
-            cache[name] = (key, dora_weight_norm(self.get_base_layer().nf4_weight, a, b, self.scaling[name], weight_sq))
-        return cache[name][1]
+    def _dora_cache(self) -> dict:
+        """||W_j||^2 and the inference norms (`nf4.lora.dora.cached_norm`): not state, not a submodule."""
+        return self.__dict__.setdefault("_nf4_dora_cache", {})
 
     def _dora_term(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """PEFT's DoRA term added to `result` with several active adapters: `(g - 1) * base_result + g * s *
@@ -142,7 +122,8 @@ class PeftLinearNF4(nn.Module, LoraLayer):
         compounding), or dequant(W) applied to the dropped input in training with dropout."""
         base = self.get_base_layer()
         lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        norm = dora_weight_norm(base.nf4_weight, lora_A.weight, lora_B.weight, self.scaling[name], self._weight_sq())
+        weight_sq = cached_weight_sq(base.nf4_weight, self._dora_cache())
+        norm = dora_weight_norm(base.nf4_weight, lora_A.weight, lora_B.weight, self.scaling[name], weight_sq)
         g = self.lora_magnitude_vector[name].weight / norm.to(x.device)
         if isinstance(dropout, nn.Identity) or not self.training:
             base_result = result if base.bias is None else result - base.bias
@@ -279,8 +260,10 @@ class NF4DoraVariant(LoraVariant):
         if not module.lora_magnitude_vector:
             module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
         a, b = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
-        norm = dora_weight_norm(module.get_base_layer().nf4_weight, a, b, module.scaling[adapter_name],
-                                module._weight_sq())  # fmt: skip
+        weight = module.get_base_layer().nf4_weight
+        norm = dora_weight_norm(
+            weight, a, b, module.scaling[adapter_name], cached_weight_sq(weight, module._dora_cache())
+        )
         holder = DoraLinearLayer(fan_in_fan_out=False)
         holder.weight = nn.Parameter(norm.to(a.dtype), requires_grad=True)
         module.lora_magnitude_vector[adapter_name] = holder
