@@ -167,8 +167,9 @@ def test_gradcheck_float64_reference_path(reference_path):
     assert torch.autograd.gradcheck(run(None, 1.0), (x, m, bias))
 
 
-def test_inference_with_a_cached_norm_equals_the_training_forward(kernel_device):
-    """`norm=` (the layer's cache at inference) takes the one-matmul path; it gives the Function's output."""
+def test_inference_with_a_cached_norm_equals_the_training_forward(kernel_device, monkeypatch):
+    """`norm=` (the layer's cache at inference) takes the one-matmul path where nothing needs a gradient
+    (grad mode on or off) and no dropout runs; it gives the Function's output."""
     g = torch.Generator().manual_seed(1)
     q = nf4.quantize(torch.randn(24, 32, generator=g), 64).to(kernel_device)
     x = torch.randn(3, 32, generator=g).to(kernel_device)
@@ -178,8 +179,15 @@ def test_inference_with_a_cached_norm_equals_the_training_forward(kernel_device)
     bias = torch.randn(24, generator=g).to(kernel_device)
     norm = dora_weight_norm(q, a, b, 0.5)
     with torch.no_grad():
-        cached = dora_linear(x, q, a, b, m, bias, 0.5, norm=norm)
         full = dora_linear(x, q, a, b, m, bias, 0.5)
+
+    def refuse(*args):
+        raise AssertionError("the Function ran: the cached norm was not used")
+
+    monkeypatch.setattr(DoRALinearFunction, "apply", refuse)
+    cached = dora_linear(x, q, a, b, m, bias, 0.5, 0.3, training=False, norm=norm)  # grad mode on, none needed
+    with torch.no_grad():
+        assert torch.equal(dora_linear(x, q, a, b, m, bias, 0.5, norm=norm), cached)
     assert torch.allclose(cached, full, rtol=1e-5, atol=1e-5)
     w = nf4.dequantize(q.cpu(), torch.float32).double()
     want = (m.cpu().double() / dense_norm(w, a.cpu(), b.cpu(), 0.5)) * (
@@ -210,9 +218,9 @@ def test_dropout_runs_in_training_only_and_eval_is_deterministic(reference_path)
 @pytest.mark.parametrize(
     "change, message",
     [
-        ("magnitude_shape", r"expected a floating-point magnitude \[6\], got \[5\]"),
-        ("magnitude_int", r"expected a floating-point magnitude \[6\]"),
-        ("lora_shape", r"expected lora_A \[r, 8\] and lora_B \[6, r\]"),
+        ("magnitude_shape", r"^dora_linear: expected a floating-point magnitude \[6\], got \[5\]"),
+        ("magnitude_int", r"^dora_linear: expected a floating-point magnitude \[6\]"),
+        ("lora_shape", r"^dora_linear: expected lora_A \[r, 8\] and lora_B \[6, r\]"),
     ],
 )
 def test_bad_input_raises_with_the_expected_shape(reference_path, change, message):
@@ -264,3 +272,24 @@ def test_forward_and_backward_read_nothing_back(kernel_device):
         with torch.no_grad():
             dora_linear(x, q, a, b, m, None, 0.5, norm=norm)
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (x, a, b, m))
+
+
+def test_defaults_are_scaling_1_without_dropout(reference_path):
+    g = torch.Generator().manual_seed(6)
+    q = nf4.quantize(torch.randn(16, 32, generator=g), 64)
+    x, a, b = torch.randn(4, 32, generator=g), torch.randn(2, 32, generator=g) / 6, torch.randn(16, 2, generator=g)
+    m = torch.rand(16, generator=g) + 1
+    assert torch.equal(dora_linear(x, q, a, b, m), dora_linear(x, q, a, b, m, None, 1.0, 0.0, False))
+    assert not torch.equal(dora_linear(x, q, a, b, m), dora_linear(x, q, a, b, m, None, 2.0))
+
+
+def test_a_cached_norm_is_not_used_where_a_gradient_is_needed(reference_path):
+    """`norm=` takes the inference path only without gradients: with them the Function runs and A, B and the
+    magnitude get their gradients (the cached path has no graph)."""
+    g = torch.Generator().manual_seed(8)
+    q = nf4.quantize(torch.randn(16, 32, generator=g), 64)
+    x = torch.randn(4, 32, generator=g)
+    a, b = (torch.randn(2, 32, generator=g) / 6).requires_grad_(), torch.randn(16, 2, generator=g).requires_grad_()
+    m = (torch.rand(16, generator=g) + 1).requires_grad_()
+    dora_linear(x, q, a, b, m, norm=dora_weight_norm(q, a, b, 1.0)).sum().backward()
+    assert all(t.grad is not None and t.grad.abs().max() > 0 for t in (a, b, m))
