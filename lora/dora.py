@@ -173,6 +173,14 @@ def dora_linear(
                                     weight_sq)  # fmt: skip
 
 
+def dora_merged(weight: Tensor, delta: Tensor, magnitude: Tensor, unmerged: Tensor | None = None) -> Tensor:
+    """PEFT's DoRA merge in float32: `m / ||unmerged + delta|| * (weight + delta)` per row; `weight` may hold
+    earlier merges, the norm comes from the weight before any (`unmerged`, default `weight`)."""
+    target = weight + delta
+    norm = torch.linalg.norm(target if unmerged is None else unmerged + delta, dim=1)
+    return (magnitude.detach().float() / norm)[:, None] * target
+
+
 def cached_weight_sq(weight: NF4Tensor, cache: dict) -> Tensor:
     """`weight_norm_sq(weight)`, kept in `cache` until the weight's bytes change (a layer's own dict)."""
     key = (weight.packed.data_ptr(), weight.packed._version, weight.absmax.data_ptr(), weight.absmax._version)

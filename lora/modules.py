@@ -24,7 +24,7 @@ from nf4.api import dequantize, quantize
 from nf4.codebook import dynamic_map
 from nf4.format import FLOAT_DTYPES, NF4Meta
 from nf4.lora.bank import AdapterBank
-from nf4.lora.dora import dora_forward, dora_weight_norm
+from nf4.lora.dora import dora_forward, dora_merged, dora_weight_norm
 from nf4.lora.functional import lora_linear, multi_lora_linear
 from nf4.tensor import NF4Tensor
 
@@ -307,7 +307,7 @@ class LoRALinearNF4(LinearNF4):
             self.lora_magnitude = nn.Parameter(torch.zeros(out_features, dtype=adapter_dtype, device=device))
         self.reset_lora_parameters()
         self._unmerged: NF4Tensor | None = None  # the weight before `merge`, for `unmerge`
-        self._dora_cache: dict = {}  # ||W_j||^2 and the inference norm (nf4.lora.dora.DoraCache)
+        self._dora_cache: dict = {}  # ||W_j||^2 and the inference norm (nf4.lora.dora.cached_norm)
 
     def reset_lora_parameters(self) -> None:
         """PEFT's: A kaiming-uniform (a = sqrt(5)), B zero."""
@@ -382,10 +382,9 @@ class LoRALinearNF4(LinearNF4):
     def adapted_weight(self, base: torch.Tensor) -> torch.Tensor:
         """The weight the adapted layer computes with, from `base` = dequant(W) in float32: `base + dW`, or
         with DoRA `m / ||base + dW|| * (base + dW)` per row (PEFT's merge)."""
-        target = base + self.delta_weight()
         if not self.use_dora:
-            return target
-        return (self.lora_magnitude.detach().float() / torch.linalg.norm(target, dim=1))[:, None] * target
+            return base + self.delta_weight()
+        return dora_merged(base, self.delta_weight(), self.lora_magnitude)
 
     def merge(self) -> dict[str, float]:
         """`W' = quantize(dequant(W) + dW)`, dW = scaling * B @ A (DoRA: `adapted_weight` - dequant(W)); lossy

@@ -36,7 +36,7 @@ from torch import nn
 
 from nf4.api import dequantize, quantize
 from nf4.lora.bank import BASE, AdapterBank
-from nf4.lora.dora import cached_weight_sq, dora_forward, dora_weight_norm
+from nf4.lora.dora import cached_weight_sq, dora_forward, dora_merged, dora_weight_norm
 from nf4.lora.functional import lora_linear, multi_lora_linear
 from nf4.lora.modules import LinearNF4
 
@@ -210,9 +210,7 @@ class PeftLinearNF4(nn.Module, LoraLayer):
         delta = self.get_delta_weight(adapter)
         if adapter not in self.lora_variant:
             return weight + delta
-        norm = torch.linalg.norm(unmerged + delta, dim=1)
-        factor = self.lora_magnitude_vector[adapter].weight.detach().float() / norm
-        return factor[:, None] * (weight + delta)
+        return dora_merged(weight, delta, self.lora_magnitude_vector[adapter].weight, unmerged)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         from peft.tuners.tuners_utils import check_adapters_to_merge
