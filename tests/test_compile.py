@@ -5,12 +5,19 @@ The compiles run in subprocesses without TRITON_INTERPRET (interpreted kernels c
 Triton 3.6 is installed with pip into a folder of its own inside the virtual environment on first use
 and put first on PYTHONPATH for its subprocess only; where that cannot be done (no registry) its tests
 are skipped, except in CI, where they fail.
+
+A job whose inputs are unchanged since its committed compile record (`benchmarks/static/aot.py`: keyed
+by Triton's own cache key) is read from the record; every other job compiles, and so does a random
+`AUDIT` fraction of the recorded ones, which must reproduce their records. `NF4_COMPILE_AUDIT=1`
+compiles every job.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -31,6 +38,8 @@ RUNS = {"installed": (("aligned", "ones"), ARCHS), SIDE_TRITON: (("aligned", "on
 """What each triton compiles here: (variants, archs). The "plain" variant (nothing known about the sizes)
 and sm_80 under 3.6 are in `python benchmarks/static_report.py` (about 3x the compile time: the whole
 report takes too long for the suite on 2 cores)."""
+AUDIT = float(os.environ.get("NF4_COMPILE_AUDIT", "0.05"))
+"""The fraction of recorded jobs compiled again (at least one): 1 compiles everything."""
 
 
 def side_triton() -> Path:
@@ -68,8 +77,9 @@ def reports(request):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(side_triton()), env.get("PYTHONPATH")]))
     variants, archs = RUNS[request.param]
     arch_args = ["--arch", *map(str, archs)]
+    records = ["--records", "--audit", str(AUDIT)]
     proc = subprocess.run(
-        [sys.executable, str(STATIC / "aot.py"), "--json", "--variant", *variants, *arch_args],
+        [sys.executable, str(STATIC / "aot.py"), "--json", "--variant", *variants, *arch_args, *records],
         capture_output=True,
         text=True,
         env=env,
@@ -79,6 +89,13 @@ def reports(request):
     assert lines, f"no report; stderr:\n{proc.stderr[-3000:]}"
     if request.param != "installed":
         assert {r["triton"] for r in lines} == {SIDE_TRITON}
+    missing = sum(r["source"] == "compiled" for r in lines)
+    if missing:
+        warnings.warn(
+            f"triton {lines[0]['triton']}: {missing} of {len(lines)} jobs have no compile record and were "
+            "compiled; refresh the records with `python benchmarks/static/aot.py --write-records` (see its docs)",
+            stacklevel=1,
+        )
     return request.param, lines
 
 
@@ -98,6 +115,68 @@ def test_every_configuration_compiles_for_every_arch_and_specialisation(reports)
     assert {r["name"] for r in reports if r["variant"] == "aligned"} == launched
     bad = [r for r in reports if r["error"]]
     assert not bad, describe(bad)
+
+
+def test_recorded_jobs_are_audited(reports):
+    """The report says where each job's numbers come from. At least `AUDIT` of the recorded jobs
+    compiled again, and an audited job whose compile differs from its record is an error (checked by
+    the test above; `test_a_record_that_differs_from_its_compile_fails_the_audit` plants one)."""
+    _, reports = reports
+    assert {r["source"] for r in reports} <= {"compiled", "record", "audit"}
+    keys = lambda source: {r["key"] for r in reports if r["source"] == source}  # noqa: E731
+    recorded = keys("record") | keys("audit")
+    assert not keys("compiled") & recorded, "a key both compiled as unrecorded and read from a record"
+    if recorded:
+        assert len(keys("audit")) >= max(1, math.ceil(AUDIT * len(recorded)))
+    assert all(len(r["key"]) == 64 for r in reports)
+
+
+def test_a_record_that_differs_from_its_compile_fails_the_audit(tmp_path):
+    """A record is read back as it was written, and a record whose numbers a compile does not give
+    again is reported as an error by the audit."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    records = tmp_path / "records.jsonl"
+    job = ["--json", "--match", "quantize_absmax", "--arch", "90", "--variant", "aligned", "--records", str(records)]
+
+    def run(*extra: str) -> dict:
+        proc = subprocess.run(
+            [sys.executable, str(STATIC / "aot.py"), *job, *extra], capture_output=True, text=True, env=env, timeout=300
+        )
+        (line,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        return line
+
+    compiled = run("--write-records", str(records))
+    assert compiled["source"] == "compiled" and not compiled["error"]
+    (record,) = map(json.loads, records.read_text().splitlines())
+    assert record["key"] == compiled["key"] and record["registers"] == compiled["registers"] > 0
+    read = run("--audit", "0")
+    assert read["source"] == "record" and read == {**compiled, "source": "record"}
+    records.write_text(json.dumps({**record, "registers": record["registers"] + 1, "mma": ["wgmma"]}) + "\n")
+    audited = run("--audit", "1")
+    assert audited["source"] == "audit" and not audited["ok"]
+    assert "registers" in audited["error"] and "mma" in audited["error"], audited["error"]
+
+
+def test_records_are_written_read_and_pruned(tmp_path):
+    """Only successful compiles are recorded; a refresh keeps the records of current jobs and drops the
+    others; a record read back gives the report it was written from; an audit names each field that
+    differs and leaves a matching compile without error."""
+    cfg = all_configs()[0]
+    made = aot.CompileReport(cfg.name, 90, "aligned", 4, 40, 0, 0, 1024, ("mma.sync",), ("code_ptr",), key="a" * 64)
+    failed = aot.CompileReport(cfg.name, 80, "aligned", 4, 0, 0, 0, 0, (), (), error="boom", key="b" * 64)
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps({"key": "c" * 64, "registers": 1}) + "\n" + json.dumps({"key": "d" * 64}) + "\n")
+    assert aot.write_records(path, [made, failed], keep={"c" * 64}) == 2
+    records = aot.load_records(path)
+    assert set(records) == {"a" * 64, "c" * 64} and records["c" * 64]["registers"] == 1
+    back = aot.from_record(cfg, 90, "aligned", "a" * 64, records["a" * 64])
+    assert back == aot.replace(made, source="record", large_m=cfg.large_m, stack_ok=cfg.stack_ok)
+    assert aot.audit(made, records["a" * 64]).error == "" and aot.audit(made, records["a" * 64]).source == "audit"
+    changed = aot.replace(made, shared_bytes=2048, i32_indexed=())
+    error = aot.audit(changed, records["a" * 64]).error
+    assert "shared_bytes 1024 on record, 2048 compiled" in error and "i32_indexed" in error
+    assert "registers" not in error
+    assert aot.load_records(tmp_path / "absent.jsonl") == {}
 
 
 def test_an_argument_equal_to_one_is_compiled_for_every_code_path(reports):

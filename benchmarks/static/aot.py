@@ -10,22 +10,42 @@ every integer argument equal to 1 into a compile-time constant (unless the kerne
 `do_not_specialize`) and marks integers and pointers divisible by 16. The interpreter does neither, so
 code such as `M.to(tl.int64)` passes every CPU test and fails to compile on a GPU when M = 1
 (benchmarks/results/2026-11-29-h200/README.md, finding 1); the "ones" variant catches that class of bug here.
+
+Compile records (`fixtures/compile-records-<triton version>.jsonl`) carry a compile's resource usage
+over to a later run whose inputs are the same. Each record is keyed by `compile_key`: Triton's own cache
+key (the hash of Triton's compiler sources and libtriton, of the kernel's source and every function and
+global constant it reads, of the specialisation, of ptxas' version and the arch, and of the options)
+joined with the hash of this module's analysis. A job whose key has no record is compiled; a random
+sample of the recorded ones (`--audit`) is compiled again and must give its record's numbers exactly.
+`--write-records` refreshes the file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
+import math
 import os
+import random
 import re
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
-import triton
+# As tests/conftest.py sets it: every kernel sets `enable_fp_fusion`, so this default changes no compile,
+# but it is one of Triton's cache-invalidating variables, part of `compile_key`: records written from a
+# shell and read by the suite agree only where both processes see the same value.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
+
+import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource  # noqa: E402
 
-from nf4.kernels.common import LaunchConfig
+from nf4.kernels.common import LaunchConfig  # noqa: E402
 
 ARCHS = (80, 90)
 TABLE_ARGS = frozenset({"code_ptr", "nested_code_ptr", "pairs_ptr", "thresholds_ptr", "table_ptr", "lut_ptr"})
@@ -92,6 +112,8 @@ class CompileReport:
     stack_ok: int = 0  # stack bytes this configuration may use (`nf4.kernels.common.IEEE_DIV_STACK`)
     error: str = ""  # the compiler's message where compilation failed
     triton: str = triton.__version__
+    key: str = ""  # `compile_key` of this job
+    source: str = "compiled"  # "compiled", "record" (read from the records) or "audit" (compiled, checked against them)
 
     @property
     def ok(self) -> bool:
@@ -167,6 +189,87 @@ def compile_config(cfg: LaunchConfig, arch: int, variant: str = "aligned") -> Co
     )
 
 
+RECORD_FIELDS = ("registers", "spill_bytes", "stack_bytes", "shared_bytes", "mma", "i32_indexed")
+"""What a compile record keeps: everything a report holds that the compile, not the configuration, decides."""
+
+RECORDS = Path(__file__).resolve().parent / "fixtures"
+
+
+def records_path(version: str = triton.__version__) -> Path:
+    """The committed compile records of triton `version`."""
+    return RECORDS / f"compile-records-{version}.jsonl"
+
+
+def compile_key(cfg: LaunchConfig, arch: int, variant: str) -> str:
+    """The key of one compile: Triton's cache key for it (as `triton.compile` computes it, without
+    compiling) and the hash of the analysis that turns the compiled kernel into a report."""
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.cache import get_cache_key
+
+    signature, constexprs, attrs = specialize(cfg, variant)
+    src = ASTSource(fn=cfg.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    options = backend.parse_options(dict(cfg.options or {}, **src.parse_options()))
+    key = get_cache_key(src, backend, options, env_vars=get_cache_invalidating_env_vars())
+    return hashlib.sha256(f"{key}-{_ANALYSIS}".encode()).hexdigest()
+
+
+def load_records(path: Path) -> dict[str, dict]:
+    """{key: record} from a records file (none if it does not exist)."""
+    if not Path(path).exists():
+        return {}
+    records = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[record["key"]] = record
+    return records
+
+
+def record_of(report: CompileReport) -> dict:
+    """The record of a successful compile: its key, what it compiled (for readers) and `RECORD_FIELDS`."""
+    fields = asdict(report)
+    return {"key": report.key, "name": report.name, "arch": report.arch, "variant": report.variant} | {
+        f: list(fields[f]) if isinstance(fields[f], tuple) else fields[f] for f in RECORD_FIELDS
+    }
+
+
+def write_records(path: Path, reports: list[CompileReport], keep: set[str] | None = None) -> int:
+    """Write the records of the successful `reports` to `path`, with the records already there whose key
+    is in `keep` (the keys of every job the package has now: stale ones go). Returns how many it wrote."""
+    records = {k: r for k, r in load_records(path).items() if keep is None or k in keep}
+    records |= {r.key: record_of(r) for r in reports if r.key and not r.error}
+    lines = sorted((json.dumps(r, sort_keys=True) for r in records.values()), key=lambda line: json.loads(line)["key"])
+    Path(path).write_text("".join(line + "\n" for line in lines))
+    return len(records)
+
+
+def from_record(cfg: LaunchConfig, arch: int, variant: str, key: str, record: dict) -> CompileReport:
+    """The report of a job whose compile is on record."""
+    fields = {f: tuple(record[f]) if isinstance(record[f], list) else record[f] for f in RECORD_FIELDS}
+    return CompileReport(
+        name=cfg.name,
+        arch=arch,
+        variant=variant,
+        num_warps=cfg.options.get("num_warps", 4),
+        large_m=cfg.large_m,
+        stack_ok=cfg.stack_ok,
+        key=key,
+        source="record",
+        **fields,
+    )
+
+
+def audit(report: CompileReport, record: dict) -> CompileReport:
+    """`report` (a fresh compile) marked as an audit of `record`, with an error naming every field that
+    differs."""
+    fresh = record_of(report)
+    differ = [f"{f} {record[f]} on record, {fresh[f]} compiled" for f in RECORD_FIELDS if record[f] != fresh[f]]
+    error = report.error or ("record differs from this compile: " + "; ".join(differ) if differ else "")
+    return replace(report, source="audit", error=error)
+
+
 def i32_indexed_args(ttir: str) -> tuple[str, ...]:
     """Kernel arguments (pointers) whose first offset is a 32-bit integer.
 
@@ -234,15 +337,49 @@ def compile_all(
     workers: int | None = None,
     match: str = "",
     variants: tuple[str, ...] = ("aligned", "ones"),
+    records: dict[str, dict] | None = None,
+    audit_fraction: float = 0.0,
+    seed: int = 0,
 ) -> list[CompileReport]:
     """Compile every configuration (whose name contains `match`) for every arch and variant, `workers`
-    processes at a time (default: one per CPU)."""
+    processes at a time (default: one per CPU). Jobs of the same key compile once. With `records`, a job
+    whose key is on record is read from it, except `audit_fraction` of them (at least one where any is on
+    record), drawn with `seed`, which compile and are compared with their record."""
+    configs = all_configs()
     jobs = jobs_for(variants, archs, match)
+    keys = [compile_key(configs[i], arch, variant) for i, arch, variant in jobs]
+    records = records or {}
+    recorded = sorted({k for k in keys if k in records})
+    audited = set()
+    if recorded and audit_fraction > 0:
+        audited = set(random.Random(seed).sample(recorded, max(1, math.ceil(audit_fraction * len(recorded)))))
+    first = {}  # key -> the first job that compiles it
+    for job, key in zip(jobs, keys, strict=True):
+        if (key not in records or key in audited) and key not in first:
+            first[key] = job
     workers = workers or os.cpu_count() or 1
-    if workers == 1:
-        return [_compile_indexed(job) for job in jobs]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(_compile_indexed, jobs))
+    if workers == 1 or len(first) <= 1:
+        compiled = [_compile_indexed(job) for job in first.values()]
+    else:
+        with ProcessPoolExecutor(min(workers, len(first))) as pool:
+            compiled = list(pool.map(_compile_indexed, first.values()))
+    fresh = dict(zip(first, compiled, strict=True))
+    reports = []
+    for (i, arch, variant), key in zip(jobs, keys, strict=True):
+        cfg = configs[i]
+        if key in fresh:
+            job = dict(name=cfg.name, arch=arch, variant=variant, large_m=cfg.large_m, stack_ok=cfg.stack_ok)
+            r = replace(fresh[key], **job, key=key)
+            reports.append(audit(r, records[key]) if key in audited else r)
+        else:
+            reports.append(from_record(cfg, arch, variant, key, records[key]))
+    return reports
+
+
+def every_key() -> set[str]:
+    """The keys of every job the package has now, every variant on every arch."""
+    configs = all_configs()
+    return {compile_key(configs[i], arch, variant) for i, arch, variant in jobs_for(VARIANTS, ARCHS)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,8 +390,6 @@ def main(argv: list[str] | None = None) -> int:
     Python functions that cannot be compiled).
     """
     import argparse
-    import json
-    from dataclasses import asdict
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration")
@@ -262,10 +397,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", nargs="+", default=["aligned", "ones"], choices=VARIANTS)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--match", default="", help="only configurations whose name contains this")
+    parser.add_argument(
+        "--records",
+        nargs="?",
+        const=str(records_path()),
+        default=None,
+        help="read compile records from this file (default: this triton's committed records)",
+    )
+    parser.add_argument(
+        "--audit", type=float, default=0.05, help="fraction of the recorded jobs compiled again and compared"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="draws the audited jobs (default: random)")
+    parser.add_argument(
+        "--write-records",
+        nargs="?",
+        const=str(records_path()),
+        default=None,
+        help="write the records of this run there, keeping those of other current jobs and dropping stale ones",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    reports = compile_all(tuple(args.arch), args.workers, args.match, tuple(args.variant))
+    if not 0 <= args.audit <= 1:
+        parser.error(f"--audit must be a fraction in [0, 1], got {args.audit}")
+    seed = random.SystemRandom().randrange(2**32) if args.seed is None else args.seed
+    records = load_records(Path(args.records)) if args.records else None
+    reports = compile_all(tuple(args.arch), args.workers, args.match, tuple(args.variant), records, args.audit, seed)
+    if args.write_records:
+        written = write_records(Path(args.write_records), reports, keep=every_key())
+        print(f"{written} records in {args.write_records}", file=sys.stderr)
+    counts = {s: sum(r.source == s for r in reports) for s in ("compiled", "record", "audit")}
+    print(f"audit seed {seed}: {counts}", file=sys.stderr)
     if args.json:
         for r in reports:
             print(json.dumps({**asdict(r), "ok": r.ok}))
@@ -287,6 +449,12 @@ def format_table(reports: list[CompileReport]) -> str:
         if r.error:
             rows.append(f"    compile error: {r.error}")
     return "\n".join(rows)
+
+
+_ANALYSIS = hashlib.sha256(
+    "".join(inspect.getsource(f) for f in (compile_config, i32_indexed_args, specialize)).encode()
+).hexdigest()
+"""The hash of the code that compiles a job and reads its report: records of another version of it are stale."""
 
 
 if __name__ == "__main__":
