@@ -11,6 +11,9 @@ paper's section 4.3).
   low-rank input is zero), so W is read once. A A^T is r x r. The combination runs in float64 on [N, r].
 - Backward: dy' = g * dy; dx, dA, dB as LoRA's with dy' (plus the dropout's extra term); dm = sum_rows(dy * z) / n,
   z = the output before `g` (saved, [M, N]: the one activation DoRA adds to LoRA's; PEFT keeps two).
+- The elementwise passes (y = g * z + bias forward; dy' and dm's products backward) are one kernel each on a
+  GPU in eager mode (`nf4.kernels.dora`), bit-identical to torch's passes but for the order of dm's sum;
+  torch's passes elsewhere (CPU; under torch.compile, which fuses them itself).
 - Near cancellation (B A ~ -W / s in a row) loses float64 digits relative to ||W_j||^2; n^2 < 0 from rounding
   is taken as 0, where `g` is inf as PEFT's dense norm would give.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nf4 import dispatch
 from nf4.lora import ops
 from nf4.lora.functional import _dropped, _unviewed, check_inputs, dropout_mask
 from nf4.tensor import NF4Tensor
@@ -41,9 +45,9 @@ def norm_from_parts(weight_sq: Tensor, wa: Tensor, lora_A: Tensor, lora_B: Tenso
     """||W_j + scaling (B A)_j|| per row, float32 [N], from ||W_j||^2 [N], W A^T [N, r], A [r, K], B [N, r]
     (the identity in the module docstring; float64 inside, detached)."""
     a, b = lora_A.detach().double(), lora_B.detach().double()
-    cross = (b * wa.detach().double()).sum(1)
-    quad = ((b @ (a @ a.t())) * b).sum(1)
-    n2 = weight_sq.to(device=b.device, dtype=torch.float64) + 2.0 * scaling * cross + scaling * scaling * quad
+    # n^2 = ||W_j||^2 + s sum_i B_ji (2 (W A^T)_ji + s (B A A^T)_ji): 11 ops (GPU kernels), not 17
+    inner = torch.addmm(wa.detach().double(), b, a @ a.t(), beta=2.0, alpha=scaling)
+    n2 = torch.add(weight_sq.to(device=b.device, dtype=torch.float64), (b * inner).sum(1), alpha=scaling)
     return n2.clamp_min(0.0).sqrt().float()
 
 
@@ -58,6 +62,31 @@ def dora_weight_norm(weight: NF4Tensor, lora_A: Tensor, lora_B: Tensor, scaling:
         dtype = a.dtype if a.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
         wa = ops.matmul(a.to(dtype), weight).t()
     return norm_from_parts(weight_sq, wa, lora_A, lora_B, scaling)
+
+
+def _fused(z: Tensor, g: Tensor) -> bool:
+    """Whether the elementwise passes over z run as one kernel (`nf4.kernels.dora`)."""
+    return ops.eager(z) and dispatch.dora_kernels(z, g)
+
+
+def scale_columns(z: Tensor, g: Tensor, bias: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
+    """`z * g + extra + bias` in g's dtype, in that order, rounded once to z's dtype: z, extra [M, N]; g [N]."""
+    if _fused(z, g) and (bias is None or bias.dtype in dispatch.KERNEL_DTYPES):
+        return dispatch.dora_scale(z, g, bias, extra)
+    y = z.to(g.dtype) * g
+    if extra is not None:
+        y += extra
+    if bias is not None:
+        y += bias
+    return y.to(z.dtype)
+
+
+def magnitude_grad_parts(dy: Tensor, z: Tensor, g: Tensor, dm: bool) -> tuple[Tensor, Tensor | None]:
+    """(`dy * g` rounded to z's dtype, `sum_rows dy * z` in g's dtype where `dm`, else None): dy, z [M, N]."""
+    if dy.dtype == z.dtype and _fused(z, g):
+        return dispatch.dora_grad(dy, z, g) if dm else (dispatch.dora_scale(dy, g), None)
+    dyg = (dy.to(g.dtype) * g).to(z.dtype)
+    return dyg, (dy.to(g.dtype) * z.to(g.dtype)).sum(0) if dm else None
 
 
 class DoRALinearFunction(torch.autograd.Function):
@@ -81,17 +110,13 @@ class DoRALinearFunction(torch.autograd.Function):
         ct = torch.promote_types(x.dtype, torch.float32)  # the epilogue's dtype
         g = magnitude.detach().to(ct) / norm
         z = out[:rows] if mask is None else out[:rows].clone()  # a view would keep the other rows alive
-        y = z.to(ct) * g
-        if mask is not None:
-            y += out[rows:-r]
-        if bias is not None:
-            y += bias
+        y = scale_columns(z, g, bias, None if mask is None else out[rows:-r])
         ctx.save_for_backward(x, lora_A, lora_B, mask, xa, z, g, norm)
         ctx.weight = weight  # frozen pieces: not saved tensors (see LoRALinearFunction)
         ctx.scaling, ctx.keep_scale = scaling, keep_scale
         ctx.magnitude_dtype = magnitude.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _unviewed(y.to(x.dtype), x)
+        return _unviewed(y, x)
 
     @staticmethod
     def backward(ctx, dy):
@@ -100,7 +125,7 @@ class DoRALinearFunction(torch.autograd.Function):
         out_features, k = ctx.weight.shape
         dy2 = dy.reshape(-1, out_features)
         x2 = x.reshape(-1, k)
-        dyg = (dy2.to(g.dtype) * g).to(x.dtype)  # dy' = g * dy
+        dyg, dz = magnitude_grad_parts(dy2, z, g, needs_m)  # dy' = g * dy; sum_rows dy * z
         a = lora_A.to(x.dtype)
         gu = (dyg @ lora_B.to(x.dtype)).mul_(ctx.scaling)
         dx = d_a = d_b = d_m = d_bias = None
@@ -109,7 +134,7 @@ class DoRALinearFunction(torch.autograd.Function):
         if needs_b:
             d_b = (dyg.t() @ xa).mul_(ctx.scaling).to(lora_B.dtype)
         if needs_m:
-            d_m = ((dy2.to(g.dtype) * z.to(g.dtype)).sum(0) / norm).to(ctx.magnitude_dtype)
+            d_m = (dz / norm).to(ctx.magnitude_dtype)
         if needs_x:
             if mask is None:
                 dx = ops.matmul(dyg, ctx.weight, True, gu, a)
@@ -164,10 +189,7 @@ def dora_linear(
         z = ops.matmul(x.reshape(-1, x.shape[-1]), weight, False, None, lora_B.t(), None, None, float(scaling),
                        a=lora_A)  # fmt: skip
         ct = torch.promote_types(x.dtype, torch.float32)
-        y = z.to(ct) * (magnitude.to(ct) / norm.to(z.device))
-        if bias is not None:
-            y += bias
-        return _unviewed(y.to(x.dtype), x)
+        return _unviewed(scale_columns(z, magnitude.to(ct) / norm.to(device=z.device, dtype=ct), bias), x)
     weight_sq = weight_norm_sq(weight) if weight_sq is None else weight_sq
     return DoRALinearFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, float(scaling), mask, keep_scale,
                                     weight_sq)  # fmt: skip

@@ -108,3 +108,25 @@ def matmul_adapters(x2, q, a_bank, v_bank, scales, index, bias=None) -> torch.Te
     from nf4.cpu import add_adapter_rows_
 
     return add_adapter_rows_(matmul(x2, q, bias=bias), x2, a_bank, v_bank, scales, index)
+
+
+def dora_kernels(z: torch.Tensor, g: torch.Tensor) -> bool:
+    """True where DoRA's elementwise passes over `z` [M, N] (scale `g` [N]) run fused
+    (`nf4.kernels.dora`): the kernel device and dtypes, float32 g."""
+    return use_kernels(z.device) and z.dtype in KERNEL_DTYPES and g.dtype == torch.float32 and z.dim() == 2
+
+
+def dora_scale(z, g, bias=None, extra=None) -> torch.Tensor:
+    """`nf4.kernels.dora.dora_scale` (`dora_kernels` must hold): round(z * g + extra + bias), one pass."""
+    from nf4.kernels.dora import dora_scale as fused
+
+    return fused(
+        z.contiguous(), g, None if bias is None else bias.float(), None if extra is None else extra.contiguous()
+    )
+
+
+def dora_grad(dy, z, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nf4.kernels.dora.dora_grad` (`dora_kernels` must hold): (round(dy * g), float32 sum_m dy * z)."""
+    from nf4.kernels.dora import dora_grad as fused
+
+    return fused(dy.contiguous(), z.contiguous(), g)

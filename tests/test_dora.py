@@ -293,3 +293,101 @@ def test_a_cached_norm_is_not_used_where_a_gradient_is_needed(reference_path):
     m = (torch.rand(16, generator=g) + 1).requires_grad_()
     dora_linear(x, q, a, b, m, norm=dora_weight_norm(q, a, b, 1.0)).sum().backward()
     assert all(t.grad is not None and t.grad.abs().max() > 0 for t in (a, b, m))
+
+
+def _torch_passes(monkeypatch):
+    """Make `nf4.lora.dora` take torch's elementwise passes instead of `nf4.kernels.dora`."""
+    import nf4.dispatch
+
+    monkeypatch.setattr(nf4.dispatch, "dora_kernels", lambda z, g: False)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    m=st.integers(1, 300),
+    n=st.integers(1, 600),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    bias=st.booleans(),
+    extra=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_dora_passes_match_torchs(kernel_device, m, n, dtype, bias, extra, seed):
+    """`nf4.kernels.dora` (tiles of 8 x 256 and 32 x 256: the shapes cross both) gives
+    torch's passes bit for bit, and dm = sum_m dy * z within float32's summation bound of float64's."""
+    from nf4.kernels.dora import dora_grad, dora_scale
+    from nf4.lora.dora import magnitude_grad_parts, scale_columns
+
+    gen = torch.Generator().manual_seed(seed)
+    z, dy, e = (torch.randn(m, n, generator=gen).to(kernel_device, dtype) for _ in range(3))
+    g = (torch.rand(n, generator=gen) + 0.5).to(kernel_device)
+    b = torch.randn(n, generator=gen).to(kernel_device) if bias else None
+    want = (z.float() * g + (e.float() if extra else 0)) + (b if bias else 0)
+    got = dora_scale(z, g, b, e if extra else None)
+    assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+    with pytest.MonkeyPatch.context() as mp:
+        _torch_passes(mp)
+        assert torch.equal(scale_columns(z, g, b, e if extra else None), got)
+        dyg_torch, dm_torch = magnitude_grad_parts(dy, z, g, True)
+    dyg, dm = dora_grad(dy, z, g)
+    assert torch.equal(dyg, (dy.float() * g).to(dtype)) and torch.equal(dyg, dyg_torch)
+    exact = (dy.double() * z.double()).sum(0)
+    bound = 2 * m * 2.0**-24 * (dy.double() * z.double()).abs().sum(0) + 1e-30
+    assert dm.dtype == torch.float32 and ((dm.double() - exact).abs() <= bound).all()
+    assert ((dm_torch.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("needs_m", [True, False])
+def test_the_layer_runs_one_fused_pass_each_way_and_equals_torchs_passes(kernel_device, monkeypatch, needs_m):
+    """Forward: one `dora_scale` launch (the bias in it). Backward: one `dora_grad` where the magnitude
+    needs a gradient, else one `dora_scale` for dy * g. Outputs and gradients equal those of torch's
+    passes (dm within float32 summation rounding)."""
+    import nf4.dispatch
+
+    calls = []
+    for name in ("dora_scale", "dora_grad"):
+        real = getattr(nf4.dispatch, name)
+        monkeypatch.setattr(nf4.dispatch, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    gen = torch.Generator().manual_seed(3)
+    q = nf4.quantize(torch.randn(40, 64, generator=gen), 64).to(kernel_device)
+    wsq = weight_norm_sq(q)
+    inputs = [torch.randn(*s, generator=gen) for s in ((6, 64), (4, 64), (40, 4), (40,), (40,))]
+    dy = torch.randn(6, 40, generator=gen).to(kernel_device, torch.bfloat16)
+
+    def run():
+        x, a, b, m, bias = (leaf(t, kernel_device) for t in inputs)
+        x = leaf(inputs[0], kernel_device, torch.bfloat16)
+        m.requires_grad_(needs_m)
+        y = DoRALinearFunction.apply(x, q, a, b, m, bias, 2.0, None, 1.0, wsq)
+        y.backward(dy)
+        return y, x.grad, a.grad, b.grad, m.grad, bias.grad
+
+    fused = run()
+    assert calls == ["dora_scale", "dora_grad" if needs_m else "dora_scale"]
+    _torch_passes(monkeypatch)
+    plain = run()
+    assert len(calls) == 2
+    for i, (f, p) in enumerate(zip(fused, plain, strict=True)):
+        if i == 4:
+            assert (f is None) == (not needs_m) and (f is None or torch.allclose(f, p, rtol=1e-5, atol=1e-6))
+        else:
+            assert torch.equal(f, p), i
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda k, z, g: k.dora_scale(z.t(), g), "contiguous"),
+        (lambda k, z, g: k.dora_scale(z, g.double()), "float32 g of shape \\[8\\]"),
+        (lambda k, z, g: k.dora_scale(z, g[:4]), "float32 g of shape \\[8\\]"),
+        (lambda k, z, g: k.dora_scale(z, g, bias=g[:3]), "float32 bias of shape \\[8\\]"),
+        (lambda k, z, g: k.dora_scale(z.double(), g), "float32/float16/bfloat16"),
+        (lambda k, z, g: k.dora_grad(z, z.half(), g), "contiguous torch.float32 \\[8, 8\\]"),
+        (lambda k, z, g: k.dora_scale(z, g, extra=z[:2]), "every \\[M, N\\] operand"),
+    ],
+)
+def test_fused_passes_refuse_what_they_cannot_read(kernel_device, call, message):
+    import nf4.kernels.dora as k
+
+    z, g = torch.randn(8, 8, device=kernel_device), torch.ones(8, device=kernel_device)
+    with pytest.raises(ValueError, match=message):
+        call(k, z, g)

@@ -178,3 +178,28 @@ def test_todays_low_rank_programs_chain_no_longer_binds_the_decode_call():
     assert got["a_loop_trips"] == got["a_steps"] and got["w_loop_trips"] == got["chunks"], got
     assert got["a_rts"] <= got["a_steps"] + 2, got  # one round trip per A_BK-column step, not per 16 columns
     assert got["a_chain"] < got["w_dram"] and got["a_chain"] < got["w_chain"] == got["both_chain"], got
+
+
+@pytest.mark.slow  # compiles two kernels for sm_90 (~10 s on the CPU machine)
+def test_doras_fused_passes_are_bound_by_dram_alone():
+    """`nf4.kernels.dora` at 4096 x 4096 bf16 (benchmarks/static/dora_step.py's rows): under the model both
+    kernels are bound by their bytes at the copy bandwidth, every other term (issue, pipes, L1, Little's
+    law, the chain) below it. A grad kernel whose programs walk 128 rows in 8-row steps was Little's-law
+    bound at 3x its DRAM time (256 bytes a warp in flight); one 32 x 256 tile a program keeps 8 KB."""
+    import json
+
+    out = without_interpreter(
+        "import json, model, today\n"
+        "m = n = 4096\n"
+        "for cfg, values, grid, moved in (\n"
+        "    ('dora_scale[bfloat16]', dict(M=m, N=n, has_extra=0, has_bias=0), (m // 8) * (n // 256), 4 * m * n),\n"
+        "    ('dora_grad[bfloat16]', dict(M=m, N=n), (m // 32) * (n // 256), 6 * m * n + 4 * (m // 32) * n)):\n"
+        "    t = model.analyze(today._launch(cfg, cfg, values, grid, moved, 1))\n"
+        "    print(json.dumps(dict(name=cfg, bound=t.bound[0], dram=t.dram_us, little=t.littles_us,\n"
+        "        chain=t.chain_us, issue=t.issue_us, l1=t.l1_us)))\n"
+    )
+    rows = [json.loads(line) for line in out.strip().splitlines() if line.startswith("{")]
+    assert [r["name"] for r in rows] == ["dora_scale[bfloat16]", "dora_grad[bfloat16]"]
+    for r in rows:
+        assert r["bound"] == "DRAM" and max(r["little"], r["chain"], r["issue"], r["l1"]) <= r["dram"], r
+        assert abs(r["dram"] - (4 if "scale" in r["name"] else 6.125) * 4096**2 / 4.1e12 * 1e6) < 0.1, r

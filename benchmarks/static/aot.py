@@ -133,6 +133,7 @@ def all_configs() -> list[LaunchConfig]:
     """Every kernel configuration the package can launch."""
     from nf4.kernels.adapters import adapter_configs
     from nf4.kernels.dequantize import dequantize_configs, dequantize_lora_configs
+    from nf4.kernels.dora import dora_configs
     from nf4.kernels.gemv import gemv_configs
     from nf4.kernels.matmul import matmul_configs
     from nf4.kernels.quantize import quantize_configs
@@ -144,6 +145,7 @@ def all_configs() -> list[LaunchConfig]:
         + matmul_configs()
         + gemv_configs()
         + adapter_configs()
+        + dora_configs()
     )
 
 
