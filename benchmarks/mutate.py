@@ -45,9 +45,14 @@ SUITES = {
     "nf4/checkpoint.py": ["tests/test_checkpoint.py"],
     "lora/bank.py": ["tests/test_adapters.py"],
     "lora/dora.py": ["tests/test_dora.py"],
+    "kernels/dora.py": ["tests/test_dora.py"],
 }
 """Module -> the test files that guard it (the narrowest selection; `--all` runs these)."""
-FIRST = {"lora/distributed.py": ["-m", "not slow"], "lora/bank.py": ["-k", "not kernels"]}
+FIRST = {
+    "lora/distributed.py": ["-m", "not slow"],
+    "lora/bank.py": ["-k", "not kernels"],
+    "kernels/dora.py": ["-k", "fused"],
+}
 """Module -> pytest arguments of a quicker first run: a mutant it kills costs no more (the gloo ranks
 of test_fsdp_helpers.py take ~50 s to start); one it leaves is run against the whole selection."""
 

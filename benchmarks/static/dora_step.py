@@ -14,6 +14,8 @@ small preset's 1024 x 2816 at M = 512. Each row is one pass over memory or one G
   that run): bytes read + written;
 - plus `model.LAUNCH_US` (2 µs) per kernel (`LAUNCHES`): the gap between dependent kernels of one
   stream. The float64 norm of `norm_from_parts` is ops on [N, r] values, charged as launches only.
+At 8192 x 8192 a last block estimates PEFT's DoRA on bitsandbytes (`peft_dora`: its extra passes as
+bytes, its base from the measured forward; an estimate with an assumption, said there).
 Rows "torch passes" are the same layer with the elementwise passes in torch (what the CPU runs, and what
 the GPU ran before the kernels): 20 bytes an element forward and 48 backward, against 4 and 6 fused.
 Not modelled: L2 hits between passes (a pass that rereads a just-written [M, N] tile may find it in L2:
@@ -114,6 +116,32 @@ def dora_extra(n: int, k: int, m: int, fused: bool) -> list[tuple[str, float]]:
     return rows
 
 
+BNB_PEFT_FORWARD_US = 1240.0
+"""bitsandbytes + PEFT LoRA layer forward at 8192 x 8192, M = 4096, bf16, r = 16, measured on the H200
+(benchmarks/results/2026-11-29-h200/README.md, speed table: 1.24 ms, CUDA-graph GPU time)."""
+BNB_DEQUANT_FRACTION = 0.5
+"""bitsandbytes' dequantize ran at 47-55 % of the copy bandwidth in that run (same README)."""
+
+
+def peft_dora(n: int, k: int, m: int) -> list[tuple[str, float]]:
+    """PEFT's DoRA on bitsandbytes (peft/tuners/lora/dora.py, `DoraLinearLayer.forward`, every step in
+    training: its caches hold only outside training), float32 adapter, bf16 x, as bytes at the copy
+    bandwidth. The base: the measured LoRA forward times 2 (a backward costing what the forward does: one
+    dequantize and one GEMM-sized product, dx, as in `qlora`; an assumption, not a measurement; only
+    8192 x 8192 M = 4096 was measured)."""
+    return [
+        (
+            "LoRA step on bitsandbytes (2 x the measured forward)",
+            2 * BNB_PEFT_FORWARD_US * (n * k * m) / 8192**2 / 4096,
+        ),
+        ("fwd: B(A(eye(K))) in float32, then to bf16", passes(8 * k * k + 10 * n * k)),
+        ("fwd: dequantize W again (bitsandbytes)", passes(2.5 * n * k) / BNB_DEQUANT_FRACTION),
+        ("fwd: ||W + s B A|| (scale, add, norm)", passes(12 * n * k)),
+        ("fwd: (g - 1) base + g s lora, added, cast (float32 [M, N])", passes(48 * m * n)),
+        ("bwd: the same products' gradients and dm's sums", passes(70 * m * n)),
+    ]
+
+
 LAUNCHES = {"qlora": 14, "fused": 19, "torch": 27}
 """Kernels per layer step, counted as the aten and nf4 ops other than views that one forward + backward
 dispatches (a `TorchDispatchMode` over `LoRALinearFunction` / `DoRALinearFunction` on the CPU, toy
@@ -143,6 +171,16 @@ def main() -> None:
             total = base_us + sum(us for _, us in extra) + gaps
             print(f"  +DoRA ({label}) {'launch gaps':40} {gaps:8.1f} µs")
             print(f"  QDoRA ({label}) step {total:8.1f} µs = {total / base_us:.2f}x QLoRA's")
+            if fused:
+                ours = total
+        if (n, k, m) == (8192, 8192, 4096):
+            rows = peft_dora(n, k, m)
+            for name, us in rows:
+                print(f"  PEFT DoRA (estimate) {name:56} {us:8.1f} µs")
+            theirs = sum(us for _, us in rows)
+            print(
+                f"  PEFT DoRA on bitsandbytes (estimate) step {theirs:8.1f} µs: nf4 QDoRA {theirs / ours:.2f}x faster"
+            )
 
 
 if __name__ == "__main__":
