@@ -376,12 +376,12 @@ def test_the_layer_runs_one_fused_pass_each_way_and_equals_torchs_passes(kernel_
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda k, z, g: k.dora_scale(z.t(), g), "contiguous"),
-        (lambda k, z, g: k.dora_scale(z, g.double()), "float32 g of shape \\[8\\]"),
+        (lambda k, z, g: k.dora_scale(z.t(), g), "^dora_scale: .*contiguous"),
+        (lambda k, z, g: k.dora_scale(z, g.double()), "^dora_scale: .*float32 g of shape \\[8\\]"),
         (lambda k, z, g: k.dora_scale(z, g[:4]), "float32 g of shape \\[8\\]"),
-        (lambda k, z, g: k.dora_scale(z, g, bias=g[:3]), "float32 bias of shape \\[8\\]"),
+        (lambda k, z, g: k.dora_scale(z, g, bias=g[:3]), "^dora_scale: .*float32 bias of shape \\[8\\]"),
         (lambda k, z, g: k.dora_scale(z.double(), g), "float32/float16/bfloat16"),
-        (lambda k, z, g: k.dora_grad(z, z.half(), g), "contiguous torch.float32 \\[8, 8\\]"),
+        (lambda k, z, g: k.dora_grad(z, z.half(), g), "^dora_grad: .*contiguous torch.float32 \\[8, 8\\]"),
         (lambda k, z, g: k.dora_scale(z, g, extra=z[:2]), "every \\[M, N\\] operand"),
     ],
 )
@@ -391,3 +391,49 @@ def test_fused_passes_refuse_what_they_cannot_read(kernel_device, call, message)
     z, g = torch.randn(8, 8, device=kernel_device), torch.ones(8, device=kernel_device)
     with pytest.raises(ValueError, match=message):
         call(k, z, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_compiled_configurations_are_the_launches_made(monkeypatch, dtype):
+    """`dora_configs` (what tests/test_compile.py compiles for sm_80 / sm_90) describes the launches
+    `dora_scale` and `dora_grad` make: the same kernel, argument types, compile-time constants (but
+    SOFT_BF16, the interpreter's) and options."""
+    import nf4.kernels.dora as k
+    from nf4.kernels.common import ptr_type
+
+    launches, configs = {}, {c.name: c for c in k.dora_configs()}
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches[self.kernel] = (args, kwargs)
+
+            return launch
+
+    for name in ("_dora_scale_kernel", "_dora_grad_kernel"):
+        monkeypatch.setattr(k, name, Recorder(getattr(k, name)))
+    z, g = torch.zeros(4, 8, dtype=dtype), torch.ones(8)
+    k.dora_scale(z, g, torch.ones(8), z)
+    k.dora_grad(z, z, g)
+    assert len(configs) == 6
+    dname = str(dtype).removeprefix("torch.")
+    for kernel, cfg in ((k._dora_scale_kernel.kernel, configs[f"dora_scale[{dname}]"]),
+                        (k._dora_grad_kernel.kernel, configs[f"dora_grad[{dname}]"])):  # fmt: skip
+        args, kwargs = launches[kernel]
+        assert cfg.kernel is kernel
+        names = getattr(kernel, "arg_names", None) or [p.name for p in kernel.params]  # interpreted or JIT
+        runtime = [n for n in names if n not in cfg.constexprs]
+        assert list(cfg.signature) == runtime and len(args) == len(runtime)
+        for name, value in zip(runtime, args, strict=True):
+            want = ptr_type(value.dtype) if isinstance(value, torch.Tensor) else "i32"
+            assert cfg.signature[name] == want, name
+        assert {n: kwargs[n] for n in cfg.constexprs if n != "SOFT_BF16"} == {
+            n: v for n, v in cfg.constexprs.items() if n != "SOFT_BF16"
+        }
+        assert cfg.constexprs["SOFT_BF16"] is False
+        assert {n: kwargs[n] for n in cfg.options} == cfg.options and set(kwargs) == set(cfg.constexprs) | set(
+            cfg.options
+        )
