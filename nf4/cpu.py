@@ -145,6 +145,35 @@ def add_lora_and_bias_(y, u=None, v=None, bias=None, mask=None, lora_scale: floa
     return y
 
 
+def _equal_runs(index) -> int | None:
+    """The length T of the runs of `index` [M] where it is made of M / T runs of T equal values, T > 1
+    (one slot per sequence of T rows); None otherwise (per-row slots)."""
+    m = index.numel()
+    change = (index[1:] != index[:-1]).nonzero()
+    t = int(change[0]) + 1 if change.numel() else m
+    if t < 2 or m % t or (t < m and not bool((index.view(-1, t) == index[::t, None]).all())):
+        return None
+    return t
+
+
+def _add_runs_(y, x2, a_bank, v_bank, scales, index, t: int) -> torch.Tensor:
+    """`add_adapter_rows_` for runs of `t` rows on one slot: the runs' adapters gathered (one per run,
+    a slot of -1 scaled by 0), two batched matmuls over [M / t, t, ...], one add into y's view."""
+    slots = index[::t]
+    present = slots >= 0
+    if not bool(present.any()):
+        return y
+    safe = slots.clamp_min(0)  # a run of -1 reads slot 0, then `where` drops it (NaN there stays out)
+    dtype = torch.promote_types(x2.dtype, a_bank.dtype)
+    zero = torch.zeros((), dtype=dtype)
+    scale = torch.where(present, scales[safe].to(dtype), zero)[:, None, None]
+    a = torch.where(present[:, None, None], a_bank[safe].to(dtype), zero)
+    v = torch.where(present[:, None, None], v_bank[safe].to(dtype), zero)
+    u = torch.bmm(x2.reshape(-1, t, x2.shape[1]).to(dtype), a.transpose(1, 2)).mul_(scale)
+    y.view(-1, t, y.shape[1]).add_(torch.bmm(u, v).to(y.dtype))
+    return y
+
+
 def add_adapter_rows_(y, x2, a_bank, v_bank, scales, index) -> torch.Tensor:
     """`y[m] += scales[i] * (x2[m] @ a_bank[i]^T) @ v_bank[i]`, i = index[m] >= 0, in place.
 
@@ -152,7 +181,13 @@ def add_adapter_rows_(y, x2, a_bank, v_bank, scales, index) -> torch.Tensor:
     the largest group, two batched matmuls, one scatter-add; the slots of no row are never read. The
     products run in the wider of x's and the bank's dtypes (float32 for a float32 bank, as PEFT computes
     in the adapter's dtype; the CPU has no fast bf16 matmul), then added to y in its dtype. Reads the group
-    sizes on the host (free on the CPU; on a GPU `nf4.kernels.adapters` runs instead)."""
+    sizes on the host (free on the CPU; on a GPU `nf4.kernels.adapters` runs instead).
+
+    Rows in equal runs of one slot each (a batch of equal-length sequences, one adapter per sequence, in
+    any order, repeats allowed) take `_add_runs_` instead: no sort, gather or scatter of rows."""
+    runs = _equal_runs(index)
+    if runs is not None:
+        return _add_runs_(y, x2, a_bank, v_bank, scales, index, runs)
     order = torch.argsort(index, stable=True)  # base-only rows (-1) first, then by slot
     slots, counts = torch.unique_consecutive(index[order], return_counts=True)
     if slots.numel() and slots[0] < 0:

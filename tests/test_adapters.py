@@ -325,3 +325,52 @@ def test_the_kernel_path_reads_nothing_back(kernel_device):
         expect = layer(x, index)
         with no_host_reads():
             assert torch.equal(layer(x, index), expect)
+
+
+@given(
+    seqs=st.integers(1, 6),
+    t=st.integers(2, 7),
+    slots=st.integers(1, 5),
+    rank=st.integers(1, 9),
+    steps=st.lists(st.integers(1, 5), min_size=6, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_one_slot_per_sequence_runs_without_sorting_and_equals_the_reference(seqs, t, slots, rank, steps, seed):
+    """Sequences of t rows, one slot each (-1: base only), neighbours on different slots, in any order
+    and repeated: `_equal_runs` finds t, the batched path equals the per-row definition, and a -1 run
+    never reads the slot it stands in with (slot 0 holds NaN where no sequence uses it)."""
+    from nf4.cpu import _equal_runs
+
+    g = torch.Generator().manual_seed(seed)
+    m = seqs * t
+    x, y0 = torch.randn(m, K, generator=g), torch.randn(m, N, generator=g)
+    a, v = torch.randn(slots, rank, K, generator=g), torch.randn(slots, rank, N, generator=g)
+    scales = torch.rand(slots, generator=g) * 4 - 2
+    per_seq = torch.tensor([(sum(steps[: i + 1]) % (slots + 1)) - 1 for i in range(seqs)])
+    per_seq[1:][per_seq[1:] == per_seq[:-1]] = -2  # made distinct from the previous neighbour below
+    for i in range(1, seqs):
+        if per_seq[i] == -2:
+            per_seq[i] = (per_seq[i - 1] + 2) % (slots + 1) - 1
+    if slots == 1 and (per_seq[1:] == per_seq[:-1]).any():
+        per_seq = torch.tensor([(-1, 0)[i % 2] for i in range(seqs)])
+    index = per_seq.repeat_interleave(t)
+    assert _equal_runs(index) == (t if seqs > 1 else m)
+    if not (per_seq == 0).any():
+        a[0] = float("nan")
+    got = add_adapter_rows_(y0.clone(), x, a, v, scales, index)
+    expect = y0.double() + adapter_rows_ref(x.double(), a.double(), v.double(), scales.double(), index)
+    size = (x.abs() @ a.nan_to_num().abs().transpose(1, 2)).amax() * v.abs().amax() * rank * scales.abs().max()
+    assert torch.isfinite(got).all() and torch.isfinite(expect).all()
+    bound = (K + rank + 2) * torch.finfo(torch.float32).eps * (size + y0.abs())
+    assert torch.all((got.double() - expect).abs() <= bound)
+
+
+def test_runs_are_found_only_where_every_run_has_one_length():
+    from nf4.cpu import _equal_runs
+
+    runs = lambda *v: _equal_runs(torch.tensor(v))  # noqa: E731
+    assert runs(3, 3, 1, 1, 3, 3) == 2 and runs(0, 0, 0, 0) == 4 and runs(-1, -1, 2, 2) == 2
+    assert runs(0, 0, 1, 1, 1, 2) is None  # unequal runs
+    assert runs(0, 1, 0, 1) is None and runs(5) is None  # runs of one row: the sorted path
+    assert runs(0, 0, 1, 1, 0) is None  # the length does not divide M
+    assert runs(0, 0, 1, 2) is None  # the first run's length, not every run's
