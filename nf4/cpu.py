@@ -165,10 +165,10 @@ def _add_runs_(y, x2, a_bank, v_bank, scales, index, t: int) -> torch.Tensor:
         return y
     safe = slots.clamp_min(0)  # a run of -1 reads slot 0, then `where` drops it (NaN there stays out)
     dtype = torch.promote_types(x2.dtype, a_bank.dtype)
-    zero = torch.zeros((), dtype=dtype)
-    scale = torch.where(present, scales[safe].to(dtype), zero)[:, None, None]
-    a = torch.where(present[:, None, None], a_bank[safe].to(dtype), zero)
-    v = torch.where(present[:, None, None], v_bank[safe].to(dtype), zero)
+    scale, a, v = scales[safe].to(dtype)[:, None, None], a_bank[safe].to(dtype), v_bank[safe].to(dtype)
+    if not bool(present.all()):
+        zero = torch.zeros((), dtype=dtype)
+        scale, a, v = (torch.where(present[:, None, None], t, zero) for t in (scale, a, v))
     u = torch.bmm(x2.reshape(-1, t, x2.shape[1]).to(dtype), a.transpose(1, 2)).mul_(scale)
     y.view(-1, t, y.shape[1]).add_(torch.bmm(u, v).to(y.dtype))
     return y
