@@ -151,7 +151,7 @@ def _equal_runs(index) -> int | None:
     m = index.numel()
     change = (index[1:] != index[:-1]).nonzero()
     t = int(change[0]) + 1 if change.numel() else m
-    if t < 2 or m % t or (t < m and not bool((index.view(-1, t) == index[::t, None]).all())):
+    if t < 2 or m % t or (t < m and not bool((index.reshape(-1, t) == index[::t, None]).all())):
         return None
     return t
 

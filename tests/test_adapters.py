@@ -374,3 +374,4 @@ def test_runs_are_found_only_where_every_run_has_one_length():
     assert runs(0, 1, 0, 1) is None and runs(5) is None  # runs of one row: the sorted path
     assert runs(0, 0, 1, 1, 0) is None  # the length does not divide M
     assert runs(0, 0, 1, 2) is None  # the first run's length, not every run's
+    assert _equal_runs(torch.tensor([0, 9, 0, 9, 1, 9, 1, 9])[::2]) == 2  # a strided index
