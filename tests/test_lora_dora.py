@@ -114,3 +114,41 @@ def test_a_model_mixing_dora_and_plain_layers_is_refused_by_save(tmp_path):
     model.model.layers[0].mlp.down_proj = LoRALinearNF4.from_linear(model.model.layers[0].mlp.down_proj, r=2)
     with pytest.raises(ValueError, match="mix DoRA and plain LoRA"):
         save_adapter(model, tmp_path)
+
+
+def test_inference_computes_the_weight_norms_once_and_training_never_reuses_the_norm(monkeypatch):
+    """||W_j||^2 once per weight and the adapter's norm once per (A, B) under no_grad in eval; a step
+    with gradients, or dropout in training, recomputes the norm from the current A and B; an in-place
+    change of B invalidates the cached norm."""
+    import nf4.lora.dora as dora
+
+    calls = {"weight_sq": 0, "norm": 0}
+    sq, norm = dora.weight_norm_sq, dora.dora_weight_norm
+
+    def counted_sq(*a, **k):
+        calls["weight_sq"] += 1
+        return sq(*a, **k)
+
+    def counted_norm(*a, **k):
+        calls["norm"] += 1
+        return norm(*a, **k)
+
+    monkeypatch.setattr(dora, "weight_norm_sq", counted_sq)
+    monkeypatch.setattr(dora, "dora_weight_norm", counted_norm)
+    layer = dora_trained(LoRALinearNF4.from_linear(nn.Linear(32, 12), r=4, use_dora=True, lora_dropout=0.25))
+    x = torch.randn(3, 32)
+    calls.update(weight_sq=0, norm=0)
+    layer.eval()
+    with torch.no_grad():
+        y1, y2 = layer(x), layer(x)
+    assert torch.equal(y1, y2) and calls == {"weight_sq": 1, "norm": 1}
+    with torch.no_grad():
+        layer.lora_B.mul_(2)
+        y3 = layer(x)
+    assert calls == {"weight_sq": 1, "norm": 2} and not torch.equal(y3, y1)
+    layer(x).sum().backward()  # gradients: the norm comes from this call's A and B, not the cache
+    layer.train()
+    with torch.no_grad():
+        layer(x)  # dropout runs in training
+    assert calls == {"weight_sq": 1, "norm": 2}
+    assert layer.lora_magnitude.grad is not None
