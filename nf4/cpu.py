@@ -168,7 +168,7 @@ def _add_runs_(y, x2, a_bank, v_bank, scales, index, t: int) -> torch.Tensor:
     scale, a, v = scales[safe].to(dtype)[:, None, None], a_bank[safe].to(dtype), v_bank[safe].to(dtype)
     if not bool(present.all()):
         zero = torch.zeros((), dtype=dtype)
-        scale, a, v = (torch.where(present[:, None, None], t, zero) for t in (scale, a, v))
+        scale, a, v = (torch.where(present[:, None, None], part, zero) for part in (scale, a, v))
     u = torch.bmm(x2.reshape(-1, t, x2.shape[1]).to(dtype), a.transpose(1, 2)).mul_(scale)
     y.view(-1, t, y.shape[1]).add_(torch.bmm(u, v).to(y.dtype))
     return y
